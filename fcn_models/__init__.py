@@ -1,0 +1,1 @@
+"""Fully Convolutional Networks for semantic segmentation, in plain PyTorch."""

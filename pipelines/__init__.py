@@ -1,0 +1,1 @@
+"""The workflow around fcn_models: DVC stages, Ray training, MLflow tracking."""

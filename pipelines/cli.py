@@ -1,0 +1,41 @@
+"""The `fcn` command.
+
+Each subcommand lives in its own module with a `main(argv) -> int` that parses its
+own arguments, so `fcn fetch ...` and `python -m pipelines.fetch ...` are the same
+thing. Modules are imported only when their subcommand runs: `fcn summary` must
+not pay for importing Ray or MLflow.
+"""
+import importlib
+import sys
+
+COMMANDS = {
+    "summary": ("fcn_models.summary", "per-layer table of a trunk, and the paper's Table 1"),
+    "demo-data": ("pipelines.demo_data", "write a generated VOC2012/SBD-format mirror"),
+    "fetch": ("pipelines.fetch", "download, verify and extract VOC2012 and SBD"),
+    "preprocess": ("pipelines.preprocess", "convert the raw datasets into Parquet shards"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: fcn <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "`fcn <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"fcn: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
