@@ -78,8 +78,126 @@ class DataParams:
 
 
 @dataclass(frozen=True)
+class ModelParams:
+    backbone: Literal["vgg16", "alexnet", "googlenet"] = "vgg16"
+    # Scales every channel count of the trunk and fc layers: 1.0 is the paper's net.
+    width: float = 1.0
+    num_classes: int = 21
+    # ImageNet classifier weights in torchvision's state-dict format. When the file is
+    # absent, FCN-32s starts from random weights, says so loudly and records it.
+    imagenet_weights: Optional[str] = "models/imagenet/vgg16.pth"
+    # Input normalisation the weights expect: torchvision-rgb or caffe-bgr.
+    input_norm: Literal["torchvision-rgb", "caffe-bgr"] = "torchvision-rgb"
+
+    def __post_init__(self):
+        _check(0 < self.width <= 4, "model.width", self.width, "must be in (0, 4]")
+        _check(self.num_classes >= 2, "model.num_classes", self.num_classes, "must be >= 2")
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    # Random rescale of the whole image by a factor in [scale_min, scale_max].
+    scale_min: float = 1.0
+    scale_max: float = 1.0
+    # Crop side for batch mode "crops"; images smaller than this are padded
+    # (image with the mean colour, label with 255 so padding is ignored).
+    crop_size: int = 512
+    hflip: float = 0.5
+
+    def __post_init__(self):
+        _check(0 < self.scale_min <= self.scale_max, "augment.scale_min", self.scale_min,
+               "must be > 0 and <= augment.scale_max")
+        _check(self.crop_size >= 1, "augment.crop_size", self.crop_size, "must be >= 1")
+        _check(0.0 <= self.hflip <= 1.0, "augment.hflip", self.hflip, "must be a probability in [0, 1]")
+
+
+@dataclass(frozen=True)
+class StageParams:
+    # Where the stage's weights start: "imagenet" or the name of an earlier stage.
+    init: str
+    lr: float
+    iterations: int
+    # Only the score layer learns (the paper's FCN-32s-fixed row).
+    fixed: bool = False
+
+    def __post_init__(self):
+        _check(self.lr > 0, "lr", self.lr, "must be > 0")
+        _check(self.iterations >= 1, "iterations", self.iterations, "must be >= 1")
+
+
+def _reference_stages() -> dict:
+    # The reference's learning rates are for a loss summed over pixels, batch 1.
+    return {
+        "fcn32s": StageParams(init="imagenet", lr=1e-10, iterations=100_000),
+        "fcn16s": StageParams(init="fcn32s", lr=1e-12, iterations=100_000),
+        "fcn8s": StageParams(init="fcn16s", lr=1e-14, iterations=100_000),
+        "fcn8s-atonce": StageParams(init="imagenet", lr=1e-10, iterations=100_000),
+        "fcn32s-fixed": StageParams(init="imagenet", lr=1e-10, iterations=100_000, fixed=True),
+    }
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    seed: int = 0
+    # "whole": the reference's batch 1 of whole images, any size; "crops": fixed-size
+    # crops (augment.crop_size) in batches of batch_size, for throughput.
+    batch_mode: Literal["whole", "crops"] = "whole"
+    batch_size: int = 1
+    # "sum" over valid pixels as the reference, or "mean"; the learning rates must match.
+    loss: Literal["sum", "mean"] = "sum"
+    momentum: float = 0.99
+    weight_decay: float = 5e-4
+    # Mixed precision, used only when training on a GPU.
+    amp: bool = True
+    val_every: int = 4000
+    checkpoints_to_keep: int = 2
+    models_dir: str = "models"
+    reports_dir: str = "reports"
+    stages: dict[str, StageParams] = field(default_factory=_reference_stages)
+
+    def __post_init__(self):
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
+        _check(self.batch_mode == "crops" or self.batch_size == 1, "train.batch_size", self.batch_size,
+               "whole images of different sizes cannot be batched: use batch_size 1 or batch_mode crops")
+        _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "must be in [0, 1)")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.val_every >= 1, "train.val_every", self.val_every, "must be >= 1")
+        _check(self.checkpoints_to_keep >= 1, "train.checkpoints_to_keep", self.checkpoints_to_keep, "must be >= 1")
+        known = {"imagenet", *self.stages}
+        for name, stage in self.stages.items():
+            _check(stage.init in known, f"train.stages.{name}.init", stage.init,
+                   f"must be 'imagenet' or one of the stages ({', '.join(self.stages)})")
+
+
+@dataclass(frozen=True)
+class RayParams:
+    # Cluster to join; null means RAY_ADDRESS if set, else start a local one.
+    address: Optional[str] = None
+    num_workers: int = 2
+    use_gpu: bool = False
+    # CPUs each training worker reserves. Leave some of the machine to Ray Data's
+    # decode/augment tasks, or they wait forever for a free CPU.
+    cpus_per_worker: float = 1.0
+    # Upper bound on CPUs Ray Data may use for decoding and augmentation.
+    data_cpus: float = 1.0
+    max_failures: int = 2
+    # Where Ray Train keeps run state and checkpoints; every node must reach it.
+    storage_path: str = "ray_results"
+
+    def __post_init__(self):
+        _check(self.num_workers >= 1, "ray.num_workers", self.num_workers, "must be >= 1")
+        _check(self.cpus_per_worker > 0, "ray.cpus_per_worker", self.cpus_per_worker, "must be > 0")
+        _check(self.data_cpus > 0, "ray.data_cpus", self.data_cpus, "must be > 0")
+        _check(self.max_failures >= 0, "ray.max_failures", self.max_failures, "must be >= 0")
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    augment: AugmentParams = field(default_factory=AugmentParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    ray: RayParams = field(default_factory=RayParams)
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -151,7 +269,12 @@ def _build(cls: type, mapping: Any, prefix: str) -> Any:
     ]
     if missing:
         raise ParamsError(f"{where}: missing key {', '.join(missing)}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ParamsError as err:
+        # Checks inside a nested section know their field, not where the section sits.
+        message = str(err)
+        raise ParamsError(message if not prefix or message.startswith(prefix) else f"{prefix}.{message}") from None
 
 
 def parse_params(mapping: Any, source: str = "params") -> Params:
