@@ -1,0 +1,109 @@
+"""Checkpoints: a directory holding model.pt (a plain state dict) and meta.json.
+
+meta.json says how to rebuild the model (variant, backbone, width, num_classes)
+and how to feed it (input_norm), plus whatever the caller adds (the stage it
+came from, val scores, ...). A checkpoint is written into a temporary directory
+next to the target and renamed into place, so a reader sees either the old
+checkpoint or the complete new one, never half of one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from .fcn import FCN, build_fcn
+from .preprocess import InputNorm
+
+MODEL_FILE = "model.pt"
+META_FILE = "meta.json"
+MODEL_KEYS = ("variant", "backbone", "width", "num_classes", "input_norm")
+
+
+def model_meta(model: FCN) -> dict:
+    return {
+        "variant": model.variant,
+        "backbone": model.backbone_name,
+        "width": model.width,
+        "num_classes": model.num_classes,
+        "input_norm": model.input_norm.to_dict(),
+    }
+
+
+def save_checkpoint(directory: Union[str, os.PathLike], model: FCN, meta: dict | None = None) -> Path:
+    """Write model.pt and meta.json into `directory` (replacing an existing checkpoint there)."""
+    directory = Path(directory)
+    info = model_meta(model)
+    for key, value in (meta or {}).items():
+        if key in info and value != info[key]:
+            raise ValueError(f"meta[{key!r}] = {value!r} contradicts the model's own {info[key]!r}")
+    info = {**(meta or {}), **info}
+    text = json.dumps(info, indent=2, sort_keys=True)  # fails here, before anything is written, if not JSON
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        torch.save(state, tmp / MODEL_FILE)
+        (tmp / META_FILE).write_text(text + "\n")
+        if directory.exists():
+            # A directory cannot be renamed over a non-empty one: move the old one aside first.
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+            os.replace(directory, old / directory.name)
+            os.replace(tmp, directory)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_meta(directory: Union[str, os.PathLike]) -> dict:
+    """meta.json of a checkpoint directory, checked for the keys needed to rebuild the model."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    for name in (MODEL_FILE, META_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(
+                f"checkpoint {directory} is incomplete: {name} is missing (a checkpoint needs {MODEL_FILE} "
+                f"and {META_FILE}; write it with fcn_models.checkpoint.save_checkpoint)"
+            )
+    try:
+        meta = json.loads((directory / META_FILE).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{directory / META_FILE} is not valid JSON: {err}") from None
+    missing = [k for k in MODEL_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"{directory / META_FILE} lacks {', '.join(missing)}: cannot rebuild the model")
+    return meta
+
+
+def load_checkpoint(directory: Union[str, os.PathLike], map_location="cpu") -> tuple[FCN, dict]:
+    """Rebuild the model described by meta.json and load model.pt into it: (model, meta)."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    try:
+        model = build_fcn(meta["variant"], meta["backbone"], int(meta["num_classes"]), float(meta["width"]),
+                          InputNorm.from_dict(meta["input_norm"]))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{directory / META_FILE}: {err}") from None
+    state = torch.load(directory / MODEL_FILE, map_location=map_location, weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{directory / MODEL_FILE} does not match the model described by {META_FILE} "
+            f"({meta['variant']}, {meta['backbone']}, width {meta['width']}, {meta['num_classes']} classes): {err}"
+        ) from None
+    return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model, meta
+
+
+__all__ = ["save_checkpoint", "load_checkpoint", "read_meta", "model_meta"]

@@ -1,0 +1,93 @@
+"""Checkpoint directories: model.pt + meta.json, written atomically, rebuilt from meta."""
+import json
+
+import pytest
+import torch
+
+from fcn_models import CAFFE_BGR, build_fcn, load_checkpoint, save_checkpoint
+
+NARROW = 1 / 16
+
+
+def _perturbed(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def test_round_trip_rebuilds_the_same_model(tmp_path):
+    model = _perturbed(build_fcn("fcn16s", "alexnet", num_classes=5, width=NARROW, input_norm=CAFFE_BGR)).eval()
+    target = tmp_path / "models" / "fcn16s"
+    save_checkpoint(target, model, {"stage": "fcn16s", "val": {"mean_iu": 0.5}})
+
+    meta = json.loads((target / "meta.json").read_text())
+    assert meta["variant"] == "fcn16s" and meta["backbone"] == "alexnet" and meta["num_classes"] == 5
+    assert meta["width"] == NARROW and meta["input_norm"]["name"] == "caffe-bgr"
+    assert meta["stage"] == "fcn16s" and meta["val"] == {"mean_iu": 0.5}
+    plain = torch.load(target / "model.pt", weights_only=True)
+    assert set(plain) == set(model.state_dict())
+
+    loaded, loaded_meta = load_checkpoint(target)
+    assert loaded_meta == meta
+    assert loaded.input_norm == CAFFE_BGR and loaded.variant == "fcn16s" and loaded.num_classes == 5
+    loaded.eval()
+    x = torch.randn(1, 3, 41, 37)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert not loaded.upscore16.weight.requires_grad
+
+
+def test_overwrite_replaces_and_leaves_no_temporaries(tmp_path):
+    target = tmp_path / "ckpt"
+    save_checkpoint(target, build_fcn("fcn32s", width=NARROW), {"stage": "first"})
+    save_checkpoint(target, build_fcn("fcn8s", width=NARROW), {"stage": "second"})
+    _, meta = load_checkpoint(target)
+    assert meta["stage"] == "second" and meta["variant"] == "fcn8s"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert sorted(p.name for p in target.iterdir()) == ["meta.json", "model.pt"]
+
+
+def test_failed_save_leaves_nothing(tmp_path):
+    target = tmp_path / "ckpt"
+    with pytest.raises(TypeError):
+        save_checkpoint(target, build_fcn(width=NARROW), {"not_json": object()})
+    with pytest.raises(ValueError, match="variant"):
+        save_checkpoint(target, build_fcn(width=NARROW), {"variant": "fcn8s"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_and_incomplete_checkpoints_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_checkpoint(tmp_path / "nope")
+    target = tmp_path / "ckpt"
+    save_checkpoint(target, build_fcn(width=NARROW), {})
+    (target / "model.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="model.pt is missing"):
+        load_checkpoint(target)
+
+    save_checkpoint(target, build_fcn(width=NARROW), {})
+    meta = json.loads((target / "meta.json").read_text())
+    del meta["backbone"]
+    (target / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="lacks backbone"):
+        load_checkpoint(target)
+
+    (target / "meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_checkpoint(target)
+
+
+def test_weights_that_do_not_match_meta_are_refused(tmp_path):
+    target = tmp_path / "ckpt"
+    save_checkpoint(target, build_fcn("fcn32s", width=NARROW), {})
+    meta = json.loads((target / "meta.json").read_text())
+    meta["variant"] = "fcn8s"
+    (target / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"model\.pt does not match.*fcn8s"):
+        load_checkpoint(target)
+    meta["variant"] = "fcn2s"
+    (target / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"meta\.json.*fcn2s"):
+        load_checkpoint(target)
