@@ -1,0 +1,257 @@
+"""Data pipeline throughput: Parquet shards -> Ray Data -> torch batches, against a torch DataLoader.
+
+    .venv/bin/python bench/bench_data.py             # prints the table, updates docs/BENCHMARKS.md
+    .venv/bin/python bench/bench_data.py --no-write  # prints only
+
+Both sides do the same work per image: decode the JPEG and PNG label, the full
+training augmentation of pipelines/dataset.py (random rescale, pad, 512 x 512 random
+crop, flip; the same albumentations pipeline and per-sample seeds), batches of
+uint8 crops, then normalisation to float32 N x 3 x H x W in the consuming process.
+
+  ray         build_datasets -> iter_train_batches, as a training worker consumes it;
+              ray.data_cpus = workers, so `workers` decode actors.
+  dataloader  the baseline: a map-style torch Dataset reading the same JPEG/PNG
+              bytes from files in a directory, DataLoader(num_workers=workers, shuffle).
+
+The images are VOC-like (a generated mirror, longer side 500, through
+pipelines.preprocess). Pass 0 of every run is warm-up and not counted; each later
+pass is one epoch (for Ray: a new execution, new actors, a new shuffle).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fcn_models.preprocess import normalize  # noqa: E402
+from pipelines.dataset import DecodeAugment, build_datasets, iter_train_batches, shard_files  # noqa: E402
+from pipelines.params import parse_params  # noqa: E402
+
+DOC = ROOT / "docs" / "BENCHMARKS.md"
+SECTION = "## Data pipeline (bench/bench_data.py)"
+BEGIN, END = "<!-- bench_data:begin -->", "<!-- bench_data:end -->"
+GOAL_PER_CORE = 25.0
+
+
+def bench_params(shards_dir: Path, workers: int, batch_size: int):
+    return parse_params({
+        "data": {"shards_dir": str(shards_dir)},
+        "model": {"input_norm": "torchvision-rgb"},
+        "augment": {"scale_min": 0.5, "scale_max": 2.0, "crop_size": 512, "hflip": 0.5},
+        "train": {"seed": 0, "batch_mode": "crops", "batch_size": batch_size},
+        "ray": {"num_workers": 1, "cpus_per_worker": 1.0, "data_cpus": float(workers)},
+    }, "bench params")
+
+
+# --------------------------------------------------------------------------- data
+
+def make_shards(work: Path, n_images: int) -> Path:
+    """A generated VOC-like mirror of n_images training images, preprocessed into shards (cached in work)."""
+    from pipelines.demo_data import write_mirror
+    from pipelines.fetch import safe_extract
+    from pipelines.preprocess import preprocess
+
+    shards = work / f"shards-{n_images}"
+    if (shards / "train").is_dir():
+        return shards
+    mirror = write_mirror(work / f"mirror-{n_images}", n_train=n_images, n_val=10, seed=0, max_side=500)
+    raw = work / f"raw-{n_images}"
+    for key in ("voc", "sbd"):
+        safe_extract(mirror[key], raw)
+    preprocess(raw, shards, work / f"stats-{n_images}.json", work / f"rejected-{n_images}.json")
+    return shards
+
+
+def export_files(shards: Path) -> Path:
+    """The train shards' JPEG and PNG bytes as files, <id>.jpg and <id>.png, for the baseline."""
+    out = shards.parent / (shards.name + "-files")
+    if out.is_dir():
+        return out
+    tmp = shards.parent / (shards.name + "-files.tmp")
+    tmp.mkdir(exist_ok=True)
+    for part in shard_files(shards, "train"):
+        table = pq.read_table(part, columns=["id", "image", "label"])
+        for sample_id, image, label in zip(*(table[c].to_pylist() for c in ("id", "image", "label"))):
+            (tmp / f"{sample_id}.jpg").write_bytes(image)
+            (tmp / f"{sample_id}.png").write_bytes(label)
+    os.replace(tmp, out)
+    return out
+
+
+class FileDataset(torch.utils.data.Dataset):
+    """The baseline: one sample per JPEG/PNG pair in a directory, same decode and augmentation."""
+
+    def __init__(self, files: Path, params, epoch: int):
+        self.files = files
+        self.ids = sorted(p.stem for p in files.glob("*.jpg"))
+        self.transform = DecodeAugment(params, augment=True, epoch=epoch)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        sample_id = self.ids[index]
+        row = {"id": np.array([sample_id], dtype=object),
+               "image": np.array([(self.files / f"{sample_id}.jpg").read_bytes()], dtype=object),
+               "label": np.array([(self.files / f"{sample_id}.png").read_bytes()], dtype=object)}
+        out = self.transform(row)
+        return torch.from_numpy(out["image"][0]), torch.from_numpy(out["label"][0])
+
+
+# --------------------------------------------------------------------------- runs
+
+def time_passes(epoch_batches, passes: int) -> list[tuple[int, float, float, int]]:
+    """(images, seconds, seconds to the first batch, images in it) of each pass after the warm-up pass 0."""
+    timed = []
+    for epoch in range(passes + 1):
+        images, first, start = 0, None, time.perf_counter()
+        for batch, _ in epoch_batches(epoch):
+            if first is None:
+                first = (time.perf_counter() - start, batch.shape[0])
+            images += batch.shape[0]
+        if epoch > 0:
+            timed.append((images, time.perf_counter() - start, *first))
+    return timed
+
+
+def run_ray(shards: Path, workers: int, batch_size: int, passes: int):
+    params = bench_params(shards, workers, batch_size)
+    train = build_datasets(params, ROOT)["train"]
+    return time_passes(lambda epoch: iter_train_batches(train.iterator(), params, epoch), passes)
+
+
+def run_dataloader(files: Path, shards: Path, workers: int, batch_size: int, passes: int):
+    params = bench_params(shards, workers, batch_size)
+
+    def epoch_batches(epoch):
+        loader = torch.utils.data.DataLoader(
+            FileDataset(files, params, epoch), batch_size=batch_size, shuffle=True, drop_last=True,
+            num_workers=workers, generator=torch.Generator().manual_seed(epoch))
+        for images, labels in loader:
+            yield normalize(images.permute(0, 3, 1, 2), params.model.input_norm), labels.long()
+
+    return time_passes(epoch_batches, passes)
+
+
+def fastest(timed: list[tuple]) -> tuple[int, float, float, int]:
+    return max(timed, key=lambda t: t[0] / t[1])
+
+
+def steady_rate(images: int, seconds: float, first: float, first_images: int) -> float:
+    # Images/s once the first batch is out: a pass's start-up (for Ray: new decode
+    # actors importing torch and albumentations, the shuffle) is a fixed cost per epoch.
+    return (images - first_images) / max(seconds - first, 1e-9)
+
+
+# --------------------------------------------------------------------------- report
+
+def machine() -> str:
+    cpu = platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    import albumentations
+    import cv2
+    import ray
+    return (f"{cpu}, {len(os.sched_getaffinity(0))} cores; Ray {ray.__version__}, torch {torch.__version__}, "
+            f"albumentations {albumentations.__version__}, OpenCV {cv2.__version__}")
+
+
+def load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"{one:.1f} / {five:.1f}"
+
+
+def format_report(rows, args, loads) -> str:
+    lines = [
+        f"Machine: {machine()}.",
+        f"{args.images} VOC-like training images (longer side 500), batches of {args.batch_size} 512 x 512 "
+        f"crops, random scale 0.5-2.0, pad, crop, flip, normalise; {args.passes} timed passes after a warm-up "
+        f"pass, the fastest pass of {args.repeat} runs counts. Load average (1 / 5 min) before and after: "
+        f"{loads[0]}, {loads[1]}.",
+        "",
+        "| pipeline | workers | images | seconds | images/s | images/s per core | ratio vs DataLoader "
+        "| first batch s | after it, images/s | after it, ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, workers, (images, seconds, first, first_images), baseline, steady_baseline in rows:
+        rate, steady = images / seconds, steady_rate(images, seconds, first, first_images)
+        lines.append(f"| {name} | {workers} | {images} | {seconds:.2f} | {rate:.1f} | {rate / workers:.1f} | "
+                     f"{rate / baseline:.2f} | {first:.2f} | {steady:.1f} | {steady / steady_baseline:.2f} |")
+    return "\n".join(lines)
+
+
+def write_section(report: str, path: Path = DOC) -> None:
+    """Put the report between this benchmark's markers, leaving the rest of the file as it is."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{BEGIN}\n{report}\n{END}"
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    elif SECTION in text:
+        at = text.index(SECTION) + len(SECTION)
+        text = f"{text[:at]}\n\n{block}\n{text[at:]}"
+    else:
+        text = f"{text.rstrip()}\n\n{SECTION}\n\n{block}\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=400, help="training images (default: %(default)s)")
+    parser.add_argument("--passes", type=int, default=2, help="timed passes after the warm-up (default: %(default)s)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="decode processes on each side (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per setting; the fastest pass counts")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/fcn-bench-data"),
+                        help="generated images and shards are kept here (default: %(default)s)")
+    parser.add_argument("--no-write", action="store_true", help=f"do not update {DOC.relative_to(ROOT)}")
+    args = parser.parse_args(argv)
+
+    import ray
+    from ray.data import DataContext
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    shards = make_shards(args.workdir, args.images)
+    files = export_files(shards)
+    ray.init(num_cpus=max(max(args.workers), os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    DataContext.get_current().enable_progress_bars = False
+    loads = [load()]
+    results = {}
+    for _ in range(args.repeat):
+        # Interleaved, so a burst of load from elsewhere hits both sides alike.
+        for workers in args.workers:
+            for name, run in (("dataloader", lambda w: run_dataloader(files, shards, w, args.batch_size, args.passes)),
+                              ("ray", lambda w: run_ray(shards, w, args.batch_size, args.passes))):
+                results.setdefault((name, workers), []).extend(run(workers))
+    loads.append(load())
+    ray.shutdown()
+
+    rows = []
+    for workers in args.workers:
+        base = fastest(results[("dataloader", workers)])
+        for name in ("ray", "dataloader"):
+            rows.append((name, workers, fastest(results[(name, workers)]), base[0] / base[1], steady_rate(*base)))
+    report = format_report(rows, args, loads)
+    print(report)
+    if not args.no_write:
+        write_section(report)
+        print(f"\nwritten to {DOC.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""The Ray Data input pipeline: decoding, augmentation, seeding, batching, CPU sizing.
+
+The shards are written here by a small fixture (JPEG/PNG pairs made with numpy and
+Pillow, stored with pyarrow as the shard contract says). Ray starts once for the module.
+"""
+import io
+import json
+import sys
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from ray import cloudpickle
+
+from fcn_models.preprocess import CAFFE_BGR, TORCHVISION_RGB, normalize
+from pipelines.dataset import (
+    DatasetError, DecodeAugment, ToTensors, build_datasets, check_cpu_budget, data_config, data_resources,
+    decode_sample, iter_train_batches, iter_val_batches, sample_seed, shard_files, shard_rows,
+)
+from pipelines.params import parse_params
+
+N_TRAIN, N_VAL = 24, 10
+CROP = 64
+CLASSES = (0, 3, 7, 15)
+
+
+def make_params(shards_dir, **sections):
+    mapping = {
+        "data": {"shards_dir": str(shards_dir)},
+        "model": {"input_norm": "torchvision-rgb"},
+        "augment": {"scale_min": 0.75, "scale_max": 1.5, "crop_size": CROP, "hflip": 0.5},
+        "train": {"seed": 7, "batch_mode": "crops", "batch_size": 4},
+        "ray": {"num_workers": 2, "cpus_per_worker": 0.75, "data_cpus": 0.5},
+    }
+    for name, values in sections.items():
+        mapping[name] = {**mapping[name], **values}
+    return parse_params(mapping, "test params")
+
+
+def jpeg_bytes(rgb):
+    buffer = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def png_bytes(label):
+    buffer = io.BytesIO()
+    Image.fromarray(label, "L").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def make_sample(rng, height, width):
+    """A smooth random image and a label of class rectangles with a void outline."""
+    label = np.zeros((height, width), np.uint8)
+    for _ in range(3):
+        y0, x0 = rng.integers(0, height - 8), rng.integers(0, width - 8)
+        y1, x1 = y0 + rng.integers(6, height - y0 + 1), x0 + rng.integers(6, width - x0 + 1)
+        label[y0:y1, x0:x1] = rng.choice(CLASSES[1:])
+        label[y0, x0:x1] = 255
+    small = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    image = cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
+    return image, label
+
+
+def write_split(split_dir, ids, rng, rows_per_file=7):
+    split_dir.mkdir(parents=True)
+    rows = []
+    for i, sample_id in enumerate(ids):
+        # Every third image is smaller than the crop on one side, so crops need padding.
+        height, width = (40, 90) if i % 3 == 0 else (int(rng.integers(70, 110)), int(rng.integers(70, 110)))
+        image, label = make_sample(rng, height, width)
+        rows.append({"id": sample_id, "source": "sbd", "image": jpeg_bytes(image), "label": png_bytes(label),
+                     "height": height, "width": width})
+    schema = pa.schema([("id", pa.string()), ("source", pa.string()), ("image", pa.binary()),
+                        ("label", pa.binary()), ("height", pa.int32()), ("width", pa.int32())])
+    for part, start in enumerate(range(0, len(rows), rows_per_file)):
+        chunk = rows[start:start + rows_per_file]
+        table = pa.table({name: [r[name] for r in chunk] for name in schema.names}, schema=schema)
+        pq.write_table(table, split_dir / f"part-{part:05d}.parquet")
+    return rows
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    rows = {"train": write_split(root / "train", [f"2008_{i:06d}" for i in range(N_TRAIN)], rng),
+            "val": write_split(root / "val", [f"2007_{i:06d}" for i in range(N_VAL)], rng)}
+    return root, rows
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+    from ray.data import DataContext
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def as_batch(rows):
+    return {"id": np.array([r["id"] for r in rows], dtype=object),
+            "image": np.array([r["image"] for r in rows], dtype=object),
+            "label": np.array([r["label"] for r in rows], dtype=object)}
+
+
+# --------------------------------------------------------------------------- decode and augment
+
+def test_decode_keeps_label_exact_and_image_size(shards):
+    root, rows = shards
+    row = rows["val"][1]
+    image, label = decode_sample(row["id"], row["image"], row["label"])
+    assert image.shape == (row["height"], row["width"], 3) and image.dtype == np.uint8
+    assert np.array_equal(label, np.array(Image.open(io.BytesIO(row["label"]))))
+    reference = np.array(Image.open(io.BytesIO(row["image"])).convert("RGB"), dtype=np.int16)
+    # Same JPEG through another decoder: equal up to rounding, and RGB (not BGR) order.
+    assert np.abs(image.astype(np.int16) - reference).mean() < 2.0
+
+
+def test_validation_is_decoded_only(shards):
+    root, rows = shards
+    params = make_params(root)
+    out = DecodeAugment(params, augment=False)(as_batch(rows["val"][:3]))
+    for i, row in enumerate(rows["val"][:3]):
+        assert out["image"][i].shape == (row["height"], row["width"], 3)
+        assert np.array_equal(out["label"][i], np.array(Image.open(io.BytesIO(row["label"]))))
+
+
+@pytest.mark.parametrize("norm, mean_rgb", [(TORCHVISION_RGB, (124, 116, 104)), (CAFFE_BGR, (123, 117, 104))])
+def test_padding_fills_label_with_void_and_image_with_mean(shards, norm, mean_rgb):
+    root, rows = shards
+    params = make_params(root, model={"input_norm": norm.name},
+                         augment={"scale_min": 1.0, "scale_max": 1.0, "crop_size": 96, "hflip": 0.0})
+    row = rows["train"][0]  # 40 x 90: padded to 96 x 96 below and to the right
+    source_image, source_label = decode_sample(row["id"], row["image"], row["label"])
+    out = DecodeAugment(params, augment=True, epoch=0)(as_batch([row]))
+    image, label = out["image"][0], out["label"][0]
+    assert image.shape == (96, 96, 3) and label.shape == (96, 96)
+    assert np.array_equal(label[:40, :90], source_label)
+    assert np.array_equal(image[:40, :90], source_image)
+    assert (label[40:] == 255).all() and (label[:, 90:] == 255).all()
+    assert (image[40:] == mean_rgb).all() and (image[:, 90:] == mean_rgb).all()
+    # The mean colour is what the network sees as (almost) zero.
+    x = normalize(image, norm)
+    assert x[:, 40:].abs().max() < 0.5 * norm.scale / min(norm.std)
+
+
+def test_rescale_resizes_labels_nearest_and_by_the_factor(shards):
+    root, rows = shards
+    row = rows["train"][1]
+    source_image, source_label = decode_sample(row["id"], row["image"], row["label"])
+    half = make_params(root, augment={"scale_min": 0.5, "scale_max": 0.5, "hflip": 0.0}, train={"batch_mode": "whole",
+                                                                                                "batch_size": 1})
+    out = DecodeAugment(half, augment=True, epoch=0)(as_batch([row]))
+    height, width = out["image"][0].shape[:2]
+    assert abs(height - row["height"] / 2) <= 1 and abs(width - row["width"] / 2) <= 1
+    assert np.array_equal(out["label"][0], cv2.resize(source_label, out["label"][0].shape[::-1],
+                                                      interpolation=cv2.INTER_NEAREST))
+    # Any factor, any crop: only the source's class values, never a blend of two of them.
+    wide = make_params(root, augment={"scale_min": 0.4, "scale_max": 2.5})
+    present = set(np.unique(source_label).tolist())
+    for epoch in range(6):
+        label = DecodeAugment(wide, augment=True, epoch=epoch)(as_batch([row]))["label"][0]
+        assert set(np.unique(label).tolist()) <= present | {255}
+
+
+def test_augmentation_reproducible_from_seed_epoch_and_id(shards):
+    root, rows = shards
+    params = make_params(root)
+    batch = as_batch(rows["train"][:8])
+    first = DecodeAugment(params, augment=True, epoch=2)(batch)
+    again = DecodeAugment(make_params(root), augment=True, epoch=2)(batch)
+    assert np.array_equal(first["image"], again["image"]) and np.array_equal(first["label"], again["label"])
+    # A sample's augmentation does not depend on its batch-mates or position.
+    alone = DecodeAugment(params, augment=True, epoch=2)(as_batch(rows["train"][5:6]))
+    assert np.array_equal(alone["image"][0], first["image"][5])
+    other_epoch = DecodeAugment(params, augment=True, epoch=3)(batch)
+    other_seed = DecodeAugment(make_params(root, train={"seed": 8}), augment=True, epoch=2)(batch)
+    assert not np.array_equal(first["image"], other_epoch["image"])
+    assert not np.array_equal(first["image"], other_seed["image"])
+
+
+def test_samples_in_one_batch_get_their_own_crops_and_flips(shards):
+    root, rows = shards
+    params = make_params(root, augment={"scale_min": 1.0, "scale_max": 1.0})
+    # The same pixels under 12 ids: a shared random state would crop and flip them alike.
+    twins = [{**rows["train"][1], "id": f"twin_{i}"} for i in range(12)]
+    out = DecodeAugment(params, augment=True, epoch=0)(as_batch(twins))
+    distinct = {out["image"][i].tobytes() for i in range(12)}
+    assert len(distinct) >= 10
+    assert len({sample_seed(7, 0, t["id"]) for t in twins}) == 12
+    assert sample_seed(7, 0, "a") == sample_seed(7, 0, "a") != sample_seed(7, 1, "a")
+
+
+def test_bad_shards_fail_with_the_path_or_id(tmp_path, shards):
+    root, rows = shards
+    with pytest.raises(DatasetError, match=r"val: no part-\*\.parquet shards .*fcn preprocess"):
+        shard_files(tmp_path, "val")
+    with pytest.raises(DatasetError, match="sample 2008_x: image bytes are not a decodable JPEG"):
+        decode_sample("2008_x", b"not a jpeg", rows["train"][0]["label"])
+    with pytest.raises(DatasetError, match="sample 2008_y: label is not a single-channel"):
+        decode_sample("2008_y", rows["train"][0]["image"], rows["train"][0]["image"])
+    assert shard_rows(make_params(root), root) == {"train": N_TRAIN, "val": N_VAL}
+
+
+def test_collate_makes_tensors_and_warns_once_on_an_epoch_mismatch(caplog):
+    ragged = np.empty(2, dtype=object)
+    ragged[0], ragged[1] = np.zeros((1, 2, 3), np.uint8), np.zeros((1, 2, 3), np.uint8)
+    batch = {"epoch": np.array([2, 2]), "image": ragged,
+             "label": np.arange(4, dtype=np.uint8).reshape(2, 1, 2)}
+    collate = ToTensors(expected_epoch=3)
+    with caplog.at_level("WARNING", logger="pipelines.dataset"):
+        out = collate(batch)
+        collate(batch)
+    assert out["image"].shape == (2, 1, 2, 3) and out["label"].tolist() == [[[0, 1]], [[2, 3]]]
+    assert [r.getMessage() for r in caplog.records].count(
+        "the data pipeline is on epoch 2 while training is on epoch 3 (a restarted worker group, or the train "
+        "dataset executed outside training): augmentation follows the pipeline's count") == 1
+    caplog.clear()
+    ToTensors(expected_epoch=2)(batch)
+    assert not caplog.records
+
+
+def test_cpu_budget_names_the_params():
+    params = make_params("unused", ray={"num_workers": 2, "cpus_per_worker": 1.0, "data_cpus": 1.0})
+    with pytest.raises(DatasetError, match=r"ray.cpus_per_worker \(1.0\).*= 3 CPUs, but the Ray cluster has 2"):
+        check_cpu_budget(params, 2.0)
+    check_cpu_budget(make_params("unused"), 2.0)  # 2 x 0.75 + 0.5 fits
+    for data_cpus, actors in ((0.5, 1), (2.0, 2), (3.0, 3)):
+        plan = data_resources(make_params("unused", ray={"data_cpus": data_cpus}).ray)
+        # Every decode actor and task of both pipelines at once stays within ray.data_cpus.
+        total = sum(p["actors"] * p["actor_cpus"] + p["io_cpus"] for p in plan.values())
+        assert abs(total - data_cpus) < 1e-9
+        assert all(p["actors"] == actors and p["actor_cpus"] > 0 and p["io_cpus"] > 0 for p in plan.values())
+
+
+# --------------------------------------------------------------------------- through Ray
+
+def test_pipeline_epochs_shuffle_and_match_local_augmentation(shards, ray_local):
+    root, rows = shards
+    params = make_params(root)
+    train = build_datasets(params, root)["train"]
+    by_id = {r["id"]: r for r in rows["train"]}
+    orders = []
+    for epoch in range(2):
+        batches = list(train.iter_batches(batch_size=None, batch_format="numpy"))
+        ids = [i for b in batches for i in b["id"]]
+        orders.append(ids)
+        assert sorted(ids) == sorted(by_id) and all((b["epoch"] == epoch).all() for b in batches)
+        # The actor's output for an id equals the same augmentation done here.
+        sample_id, image = batches[0]["id"][0], batches[0]["image"][0]
+        local = DecodeAugment(params, augment=True, epoch=epoch)(as_batch([by_id[sample_id]]))
+        assert np.array_equal(image, local["image"][0])
+    assert orders[0] != orders[1]
+    # A second build with the same seed replays the same orders.
+    rebuilt = build_datasets(make_params(root), root)["train"]
+    assert [i for b in rebuilt.iter_batches(batch_size=None) for i in b["id"]] == orders[0]
+
+
+def test_crop_and_whole_image_batches(shards, ray_local):
+    root, rows = shards
+    params = make_params(root)
+    datasets = build_datasets(params, root)
+    batches = list(iter_train_batches(datasets["train"].iterator(), params, epoch=0))
+    assert len(batches) == N_TRAIN // 4
+    for images, labels in batches:
+        assert images.dtype == torch.float32 and images.shape == (4, 3, CROP, CROP)
+        assert labels.dtype == torch.int64 and labels.shape == (4, CROP, CROP)
+        assert set(labels.unique().tolist()) <= set(CLASSES) | {255}
+    # Normalised for torchvision weights: pixel 0 -> -0.485/0.229, pixel 255 -> (1-0.485)/0.229 (red).
+    reds = torch.cat([images[:, 0].flatten() for images, _ in batches])
+    assert reds.min() >= -0.485 / 0.229 - 1e-5 and reds.max() <= (1 - 0.485) / 0.229 + 1e-5
+
+    sizes = sorted((labels.shape[1], labels.shape[2]) for _, labels in iter_val_batches(datasets["val"].iterator(),
+                                                                                          params))
+    assert sizes == sorted((r["height"], r["width"]) for r in rows["val"])
+
+    whole = make_params(root, train={"batch_mode": "whole", "batch_size": 1},
+                        augment={"scale_min": 1.0, "scale_max": 1.0, "hflip": 1.0})
+    shapes = [(images.shape, labels.shape) for images, labels in
+              iter_train_batches(build_datasets(whole, root)["train"].iterator(), whole, epoch=0)]
+    assert sorted((s[1][1], s[1][2]) for s in shapes) == sorted((r["height"], r["width"]) for r in rows["train"])
+    assert all(i[0] == 1 and i[1] == 3 and i[2:] == l[1:] for i, l in shapes)
+
+
+def train_loop(config):
+    """Two epochs of batches, a validation pass mid-epoch; writes what this worker saw."""
+    import ray.train
+    params = config["params"]
+    counts = {"train": [], "val": 0}
+    for epoch in range(2):
+        seen = 0
+        for step, (images, labels) in enumerate(iter_train_batches(ray.train.get_dataset_shard("train"), params,
+                                                                    epoch)):
+            assert images.shape[1:] == (3, CROP, CROP) and labels.shape[1:] == (CROP, CROP)
+            seen += images.shape[0]
+            if epoch == 1 and step == 1:
+                # Validation in the middle of an epoch, as training does: both pipelines run at once.
+                for val_images, _ in iter_val_batches(ray.train.get_dataset_shard("val"), params):
+                    counts["val"] += val_images.shape[0]
+        counts["train"].append(seen)
+    rank = ray.train.get_context().get_world_rank()
+    (Path(config["out"]) / f"counts-{rank}.json").write_text(json.dumps(counts))
+    ray.train.report({"rank": rank, **counts})
+
+
+def test_two_training_workers_holding_most_cpus_do_not_starve_the_pipeline(shards, ray_local, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    root, rows = shards
+    params = make_params(root)  # 2 workers x 0.75 CPU + 0.5 CPU for Ray Data = the machine's 2
+    assert ray_local.cluster_resources()["CPU"] == 2
+    datasets = build_datasets(params, root)
+    trainer = TorchTrainer(
+        train_loop, train_loop_config={"params": params, "out": str(tmp_path)}, datasets=datasets,
+        dataset_config=data_config(params),
+        scaling_config=ScalingConfig(num_workers=params.ray.num_workers,
+                                     resources_per_worker={"CPU": params.ray.cpus_per_worker}),
+        run_config=RunConfig(name="dataset-test", storage_path=str(tmp_path / "ray_results")),
+    )
+    outcome = {}
+
+    def fit():
+        try:
+            outcome["result"] = trainer.fit()
+        except Exception as err:  # reported below, in the test's thread
+            outcome["error"] = err
+
+    # pytest imports this file under a name Ray's workers cannot import: send the loop by value.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    runner = threading.Thread(target=fit, daemon=True)
+    runner.start()
+    runner.join(timeout=300)
+    assert not runner.is_alive(), "training did not finish in 300 s: the data pipeline is starved of CPUs"
+    assert "error" not in outcome, outcome.get("error")
+    counts = [json.loads((tmp_path / f"counts-{rank}.json").read_text()) for rank in range(2)]
+    # train: split equally, 12 rows a worker, 3 full batches of 4 each epoch; val: every image, once.
+    assert [c["train"] for c in counts] == [[12, 12], [12, 12]]
+    assert sum(c["val"] for c in counts) == N_VAL
+    assert outcome["result"].error is None
