@@ -13,6 +13,7 @@ COMMANDS = {
     "demo-data": ("pipelines.demo_data", "write a generated VOC2012/SBD-format mirror"),
     "fetch": ("pipelines.fetch", "download, verify and extract VOC2012 and SBD"),
     "preprocess": ("pipelines.preprocess", "convert the raw datasets into Parquet shards"),
+    "train": ("pipelines.train", "train one FCN stage on Ray Train"),
 }
 
 

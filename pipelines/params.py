@@ -150,6 +150,8 @@ class TrainParams:
     # Mixed precision, used only when training on a GPU.
     amp: bool = True
     val_every: int = 4000
+    # Rank 0 prints iteration, loss and it/s every this many iterations.
+    log_every: int = 20
     checkpoints_to_keep: int = 2
     models_dir: str = "models"
     reports_dir: str = "reports"
@@ -162,6 +164,7 @@ class TrainParams:
         _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "must be in [0, 1)")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
         _check(self.val_every >= 1, "train.val_every", self.val_every, "must be >= 1")
+        _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
         _check(self.checkpoints_to_keep >= 1, "train.checkpoints_to_keep", self.checkpoints_to_keep, "must be >= 1")
         known = {"imagenet", *self.stages}
         for name, stage in self.stages.items():

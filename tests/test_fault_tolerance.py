@@ -1,0 +1,103 @@
+"""Fault tolerance: a training worker killed with SIGKILL in the middle of a stage.
+
+The run must go on from its last checkpoint (the steps after it redone, none
+skipped) and end where an uninterrupted run ends. The training loop writes each
+worker's pid and every completed iteration, with its attempt number, to
+<run dir>/progress; the kill comes once Ray has registered a checkpoint and a
+couple of steps past it have been taken.
+"""
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from pipelines import train
+from pipelines.params import parse_params
+from test_train import make_params, read_history, write_shards
+
+ITERATIONS, VAL_EVERY = 12, 4
+# Iterations past the first checkpoint before the kill, so there is work to redo.
+PAST_CHECKPOINT = 2
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+    from ray.data import DataContext
+
+    train.connect_ray(parse_params({"ray": {"num_workers": 2, "cpus_per_worker": 0.5, "data_cpus": 0.5}}).ray)
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def parse_log(path):
+    """{"starts": [(attempt, iteration)], "checkpoints": [(attempt, iteration)], "steps": {attempt: [iteration]}}"""
+    starts, checkpoints, steps = [], [], {}
+    for line in path.read_text().splitlines():
+        words = line.split()
+        if words[0] == "start":
+            starts.append((int(words[1]), int(words[2])))
+        elif words[0] == "checkpoint":
+            checkpoints.append((int(words[1]), int(words[2])))
+        else:
+            steps.setdefault(int(words[0]), []).append(int(words[1]))
+    return {"starts": starts, "checkpoints": checkpoints, "steps": steps}
+
+
+def kill_a_worker_after_the_first_checkpoint(run_dir, killed, timeout_s=240):
+    progress = run_dir / "progress"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        # The snapshot appears once Ray Train has registered a checkpoint.
+        registered = (run_dir / "checkpoint_manager_snapshot.json").exists()
+        log = progress / "iterations.log"
+        if registered and log.exists():
+            steps = parse_log(log)["steps"].get(1, [])
+            if steps and steps[-1] >= VAL_EVERY + PAST_CHECKPOINT:
+                workers = [json.loads(line) for line in (progress / "workers.jsonl").read_text().splitlines()]
+                victim = [w for w in workers if w["rank"] == 1][-1]
+                os.kill(victim["pid"], signal.SIGKILL)
+                killed.update(pid=victim["pid"], after=steps[-1])
+                return
+        time.sleep(0.02)
+
+
+def test_killed_worker_resumes_from_the_last_checkpoint_and_finishes(tmp_path, ray_cluster):
+    write_shards(tmp_path / "shards", n_train=16)
+    stages = {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": ITERATIONS}}
+    params = make_params(tmp_path, stages, max_failures=1, val_every=VAL_EVERY, log_every=VAL_EVERY)
+    run_dir = tmp_path / "ray_results" / "faulty"
+    killed = {}
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, args=(run_dir, killed), daemon=True)
+    killer.start()
+    metrics = train.run_stage(params, "fcn32s", tmp_path, run_name="faulty")
+    killer.join(timeout=5)
+
+    assert killed, "no worker was killed: the run ended before a checkpoint was registered"
+    assert killed["after"] < ITERATIONS
+    log = parse_log(run_dir / "progress" / "iterations.log")
+    # Two attempts: the first from scratch, the second from the last checkpoint the first reported.
+    assert [attempt for attempt, _ in log["starts"]] == [1, 2]
+    assert log["starts"][0] == (1, 0)
+    resumed_at = log["starts"][1][1]
+    first, second = log["steps"][1], log["steps"][2]
+    assert first == list(range(1, len(first) + 1)) and first[-1] >= killed["after"]
+    # The last checkpoint of the first attempt: the newest it logged as reported, or
+    # one reported in the instant between Ray's barrier and the log line.
+    reported = [i for attempt, i in log["checkpoints"] if attempt == 1]
+    assert reported and max(reported) <= resumed_at <= first[-1]
+    assert resumed_at % VAL_EVERY == 0
+    # The steps after the checkpoint are redone, none is skipped, and the run ends where it should.
+    assert second == list(range(resumed_at + 1, ITERATIONS + 1))
+    assert sorted(set(first) | set(second)) == list(range(1, ITERATIONS + 1))
+
+    # Outputs as an uninterrupted run's: every validation once, the final iteration count.
+    assert metrics["iterations"] == ITERATIONS
+    history = read_history(tmp_path / "reports" / "fcn32s" / "history.csv")
+    assert [row["iteration"] for row in history] == list(range(VAL_EVERY, ITERATIONS + 1, VAL_EVERY))
+    pids = [json.loads(line) for line in (run_dir / "progress" / "workers.jsonl").read_text().splitlines()]
+    assert len(pids) == 4 and killed["pid"] not in [w["pid"] for w in pids[2:]]
