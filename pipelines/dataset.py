@@ -264,16 +264,22 @@ def _read_shards(files: list[str], io_cpus: float) -> ray.data.Dataset:
         context.use_datasource_v2 = newer_reader
 
 
+def _connect(params: Params) -> None:
+    # Join or start Ray as training does (ray.address; a local cluster on 127.0.0.1).
+    if not ray.is_initialized():
+        from pipelines.train import connect_ray
+        connect_ray(params.ray)
+
+
 def build_datasets(params: Params, root: Path = PROJECT_ROOT, *, start_epoch: int = 0) -> dict:
     """{"train": Dataset, "val": Dataset} over data.shards_dir, lazily defined.
 
-    Connects to (or starts) Ray as ray.init would. start_epoch numbers the first
+    Joins or starts Ray as training does. start_epoch numbers the first
     pass over the train dataset, for a run resumed from a checkpoint.
     """
     shards_dir = resolve(params.data.shards_dir, root)
     files = {split: [str(f) for f in shard_files(shards_dir, split)] for split in SPLITS}
-    if not ray.is_initialized():
-        ray.init(address=params.ray.address)
+    _connect(params)
     plan = data_resources(params.ray)
 
     def decode(ds, split, **kwargs):
@@ -288,7 +294,8 @@ def build_datasets(params: Params, root: Path = PROJECT_ROOT, *, start_epoch: in
     # Ray reseeds it on every execution (epoch) of the dataset.
     order_seed = sample_seed(params.train.seed, start_epoch, "block order") % 2**31
     train = train.randomize_block_order(seed=RandomSeedConfig(seed=order_seed, reseed_after_execution=True))
-    train = decode(train, "train", fn_constructor_args=(params, True), fn_constructor_kwargs={"start_epoch": start_epoch})
+    train = decode(train, "train", fn_constructor_args=(params, True),
+                   fn_constructor_kwargs={"start_epoch": start_epoch})
     val = decode(_read_shards(files["val"], plan["val"]["io_cpus"]), "val", fn_constructor_args=(params, False))
     return {"train": train, "val": val}
 
@@ -314,8 +321,7 @@ def data_config(params: Params) -> ShardConfig:
 
     Checks first that the training workers and Ray Data fit in the cluster's CPUs.
     """
-    if not ray.is_initialized():
-        ray.init(address=params.ray.address)
+    _connect(params)
     check_cpu_budget(params, ray.cluster_resources().get("CPU", 0.0))
     plan = data_resources(params.ray)
     return ShardConfig(execution_options={name: execution_options(res["cpus"]) for name, res in plan.items()})

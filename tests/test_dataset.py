@@ -99,7 +99,10 @@ def shards(tmp_path_factory):
 def ray_local():
     import ray
     from ray.data import DataContext
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+    from pipelines.train import _bind_loopback
+    _bind_loopback()  # the local cluster listens on 127.0.0.1 only
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
