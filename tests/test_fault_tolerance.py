@@ -15,23 +15,11 @@ import time
 import pytest
 
 from pipelines import train
-from pipelines.params import parse_params
 from test_train import make_params, read_history, write_shards
 
 ITERATIONS, VAL_EVERY = 12, 4
 # Iterations past the first checkpoint before the kill, so there is work to redo.
 PAST_CHECKPOINT = 2
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-    from ray.data import DataContext
-
-    train.connect_ray(parse_params({"ray": {"num_workers": 2, "cpus_per_worker": 0.5, "data_cpus": 0.5}}).ray)
-    DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
 
 
 def parse_log(path):

@@ -241,17 +241,6 @@ def test_default_run_name_follows_what_decides_the_result(tmp_path):
 # --------------------------------------------------------------------------- Ray Train runs
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-    from ray.data import DataContext
-
-    train.connect_ray(parse_params({"ray": {"num_workers": 2, "cpus_per_worker": 0.5, "data_cpus": 0.5}}).ray)
-    DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def fcn32s_run(tmp_path_factory, ray_cluster):
     """FCN-32s trained for 4 iterations on 2 workers, validated at 2 and 4."""
     root = tmp_path_factory.mktemp("runs")
