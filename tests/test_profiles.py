@@ -1,0 +1,56 @@
+"""conf/: the Hydra profiles DVC composes into params.yaml (`dvc exp run -S profile=...`).
+
+Composed with DVC's own function, as `dvc exp run` does it.
+"""
+import re
+import shlex
+
+import yaml
+from dvc.utils.hydra import compose_and_dump
+
+from pipelines.demo_data import write_mirror
+from pipelines.params import PROJECT_ROOT, load_params, parse_params, resolve
+
+CONF = PROJECT_ROOT / "conf"
+
+
+def compose(tmp_path, *overrides: str) -> dict:
+    out = tmp_path / "params.yaml"
+    compose_and_dump(out, str(CONF), None, "config", str(tmp_path), list(overrides))
+    return yaml.safe_load(out.read_text())
+
+
+def test_committed_params_are_the_default_profile_composed(tmp_path):
+    committed = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    assert compose(tmp_path) == committed
+    assert compose(tmp_path, "profile=full") == committed
+
+
+def test_demo_profile_is_valid_offline_and_keeps_its_data_apart(tmp_path):
+    full = load_params(PROJECT_ROOT / "params.yaml")
+    demo = parse_params(compose(tmp_path, "profile=demo"), "demo profile")
+    data = demo.data
+    # Offline: the archives come from the generated mirror only, by a path relative to
+    # the project root (params paths are relative to params.yaml's directory).
+    assert data.voc.mirrors == [] and data.sbd.mirrors == []
+    assert not data.local_dir.startswith("/") and resolve(data.local_dir) == PROJECT_ROOT / data.local_dir
+    # Never the full profile's data directories: DVC deletes a stage's outs before it runs.
+    for key in ("download_dir", "raw_dir", "shards_dir", "stats_file", "rejected_file"):
+        assert getattr(data, key) != getattr(full.data, key), key
+    assert demo.model.width < full.model.width
+    assert demo.train.loss == "mean"
+    for stage in ("fcn32s", "fcn16s", "fcn8s"):
+        assert demo.train.stages[stage].iterations < full.train.stages[stage].iterations
+        assert demo.train.stages[stage].init == full.train.stages[stage].init
+
+
+def test_demo_profile_md5s_are_those_of_the_mirror_make_demo_writes(tmp_path):
+    makefile = (PROJECT_ROOT / "Makefile").read_text()
+    args = shlex.split(re.search(r"^DEMO_MIRROR_ARGS := (.*)$", makefile, re.M).group(1))
+    options = dict(zip(args[::2], args[1::2]))
+    mirror = write_mirror(tmp_path / "mirror", n_train=int(options["--train"]), n_val=int(options["--val"]),
+                          max_side=int(options["--max-side"]), seed=int(options["--seed"]))
+    demo = parse_params(compose(tmp_path, "profile=demo"), "demo profile")
+    assert demo.data.voc.md5 == mirror["md5"]["voc"]
+    assert demo.data.sbd.md5 == mirror["md5"]["sbd"]
+    assert re.search(r"^DEMO_MIRROR := (.*)$", makefile, re.M).group(1) == demo.data.local_dir
