@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fcn_models.preprocess import normalize  # noqa: E402
+from fcn_models.summary import cpu_model  # noqa: E402
 from pipelines.dataset import DecodeAugment, build_datasets, iter_train_batches, shard_files  # noqa: E402
 from pipelines.params import parse_params  # noqa: E402
 
@@ -157,11 +157,7 @@ def steady_rate(images: int, seconds: float, first: float, first_images: int) ->
 # --------------------------------------------------------------------------- report
 
 def machine() -> str:
-    cpu = platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+    cpu = cpu_model()
     import albumentations
     import cv2
     import ray

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -41,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fcn_models.preprocess import normalize  # noqa: E402
+from fcn_models.summary import cpu_model  # noqa: E402
 from pipelines import dataset, train  # noqa: E402
 from pipelines.params import parse_params  # noqa: E402
 
@@ -168,11 +168,7 @@ def run_ray(config: dict, params, shards: Path, batches, steps: int, warmup: int
 
 
 def machine() -> str:
-    cpu = platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+    cpu = cpu_model()
     import ray
     return f"{cpu}, {len(os.sched_getaffinity(0))} cores; Ray {ray.__version__}, torch {torch.__version__}"
 

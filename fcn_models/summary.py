@@ -33,15 +33,18 @@ COUNTING_RULE = "score layer in, frozen bilinear upsampling out, 21 classes, BN 
 SKIPPED_IN_TABLE = (nn.ReLU, nn.Dropout)
 
 
-def machine() -> str:
-    """CPU model, cores, torch threads and version: what a timing was measured on."""
-    cpu = platform.processor() or "unknown CPU"
+def cpu_model() -> str:
+    """The CPU's model name, for saying what a timing was measured on."""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+        return platform.processor() or "unknown CPU"
+
+
+def machine() -> str:
+    """CPU model, cores, torch threads and version: what a timing was measured on."""
+    return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def _describe(layer: nn.Module) -> str:
