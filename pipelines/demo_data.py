@@ -56,6 +56,8 @@ import scipy.ndimage
 import scipy.sparse
 from PIL import Image, ImageDraw
 
+from fcn_models.palette import voc_colormap
+
 VOC_ARCHIVE = "VOCtrainval_11-May-2012.tar"
 SBD_ARCHIVE = "benchmark.tgz"
 VOC_ROOT = "VOCdevkit/VOC2012"
@@ -72,25 +74,6 @@ MAT_HEADER = b"MATLAB 5.0 MAT-file, Platform: posix, written by pipelines.demo_d
 # SBD-style training ids: four years, numbers below 9000, as in the real release.
 TRAIN_YEARS = (2008, 2009, 2010, 2011)
 TRAIN_ID_NUMBERS = 9000
-
-
-def voc_colormap(n: int = 256) -> np.ndarray:
-    """The PASCAL VOC label colour map: (n, 3) uint8, index i -> RGB.
-
-    The bits of the index are dealt out to R, G and B from the most significant
-    bit down, three at a time, so 1 -> (128, 0, 0) and 255 -> (224, 224, 192).
-    """
-    cmap = np.zeros((n, 3), np.uint8)
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        cmap[i] = (r, g, b)
-    return cmap
 
 
 # --------------------------------------------------------------------------- ids

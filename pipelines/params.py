@@ -145,6 +145,9 @@ class TrainParams:
     batch_size: int = 1
     # "sum" over valid pixels as the reference, or "mean"; the learning rates must match.
     loss: Literal["sum", "mean"] = "sum"
+    # "sgd" as the reference. "adam" (same groups: biases at 2 x lr, no decay) is for
+    # nets that start from random weights, where plain SGD learns an order slower.
+    optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = 0.99
     weight_decay: float = 5e-4
     # Mixed precision, used only when training on a GPU.
@@ -195,12 +198,54 @@ class RayParams:
 
 
 @dataclass(frozen=True)
+class EvaluateParams:
+    # Rows of the table, in the paper's order; a stage without a checkpoint is left out.
+    stages: list[str] = field(default_factory=lambda: ["fcn32s-fixed", "fcn32s", "fcn16s", "fcn8s"])
+    # DVC metrics (scores per stage) and the same scores as a table in the paper's layout.
+    report_file: str = "reports/evaluation.json"
+    table_file: str = "reports/evaluation.md"
+    # Images timed for the forward time per image (after one warm-up).
+    timing_images: int = 20
+
+    def __post_init__(self):
+        _check(len(self.stages) >= 1, "evaluate.stages", self.stages, "name at least one stage")
+        _check(self.timing_images >= 1, "evaluate.timing_images", self.timing_images, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class MlflowParams:
+    # A tracking server (http://host:5000, ...); null: MLFLOW_TRACKING_URI if set, else
+    # the SQLite store db_file with artifacts in artifacts_dir, both under the project.
+    tracking_uri: Optional[str] = None
+    db_file: str = "mlflow.db"
+    artifacts_dir: str = "mlartifacts"
+    # One experiment for the whole pipeline, one run per training stage.
+    experiment: str = "fcn-voc"
+    # Validation images logged per stage with their predicted and true masks.
+    val_images_logged: int = 4
+    # The register stage: which stage's best checkpoint, the registered model's name,
+    # the alias it moves when the new version is better, and where it writes its decision.
+    register_stage: str = "fcn8s"
+    model_name: str = "fcn-voc"
+    alias: str = "champion"
+    registry_file: str = "reports/registry.json"
+
+    def __post_init__(self):
+        _check(self.val_images_logged >= 0, "mlflow.val_images_logged", self.val_images_logged, "must be >= 0")
+        _check(bool(self.experiment), "mlflow.experiment", self.experiment, "must not be empty")
+        _check(bool(self.model_name), "mlflow.model_name", self.model_name, "must not be empty")
+        _check(bool(self.alias), "mlflow.alias", self.alias, "must not be empty")
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     model: ModelParams = field(default_factory=ModelParams)
     augment: AugmentParams = field(default_factory=AugmentParams)
     train: TrainParams = field(default_factory=TrainParams)
     ray: RayParams = field(default_factory=RayParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    mlflow: MlflowParams = field(default_factory=MlflowParams)
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:

@@ -77,16 +77,22 @@ def freeze_for_stage(model: nn.Module, fixed: bool) -> None:
             module.requires_grad_(False)
 
 
-def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float,
+                   kind: str = "sgd") -> torch.optim.Optimizer:
     """SGD as the reference: weights at lr with decay, biases at 2 x lr without.
 
-    Only parameters that require a gradient are in a group, so momentum and weight
-    decay cannot move frozen ones.
+    kind "adam" keeps the same groups with Adam (momentum as its beta1), for nets
+    that start from random weights. Only parameters that require a gradient are in
+    a group, so momentum and weight decay cannot move frozen ones.
     """
     groups = [g for g in reference_param_groups(model, lr, weight_decay) if g["params"]]
     if not groups:
         raise TrainError("no parameter of the model requires a gradient: nothing to train")
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    if kind == "adam":
+        return torch.optim.Adam(groups, lr=lr, betas=(momentum, 0.999))
+    raise TrainError(f"train.optimizer {kind!r}: expected 'sgd' or 'adam'")
 
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
@@ -336,7 +342,7 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(config["seed"] + 1_000_003 * rank + start)
 
     model = ray.train.torch.prepare_model(net)
-    optimizer = make_optimizer(net, config["lr"], config["momentum"], config["weight_decay"])
+    optimizer = make_optimizer(net, config["lr"], config["momentum"], config["weight_decay"], config["optimizer"])
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
     if train_state:
         # After prepare_model: load_state_dict moves the momentum buffers to the parameters' device.
@@ -487,7 +493,8 @@ def loop_config(params: Params, stage: str, init: dict, progress_dir: str | None
         "backbone": params.model.backbone, "width": params.model.width, "num_classes": params.model.num_classes,
         "input_norm": params.model.input_norm,
         "fixed": stage_params.fixed, "lr": stage_params.lr, "iterations": stage_params.iterations,
-        "seed": train.seed, "loss": train.loss, "momentum": train.momentum, "weight_decay": train.weight_decay,
+        "seed": train.seed, "loss": train.loss, "optimizer": train.optimizer, "momentum": train.momentum,
+        "weight_decay": train.weight_decay,
         "amp": train.amp, "val_every": train.val_every, "log_every": train.log_every,
         # The data helpers read the model, augment and train sections.
         "params": params,
