@@ -14,6 +14,9 @@ COMMANDS = {
     "fetch": ("pipelines.fetch", "download, verify and extract VOC2012 and SBD"),
     "preprocess": ("pipelines.preprocess", "convert the raw datasets into Parquet shards"),
     "train": ("pipelines.train", "train one FCN stage on Ray Train"),
+    "evaluate": ("pipelines.evaluate", "score each trained stage on all of val: the paper's table"),
+    "register": ("pipelines.register", "log the best checkpoint to MLflow; move the champion alias if it is better"),
+    "predict": ("pipelines.predict", "mask and overlay PNGs for images, from a registered model or a checkpoint"),
 }
 
 

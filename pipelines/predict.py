@@ -1,0 +1,198 @@
+"""Predict: segmentation masks for images, from a registered model or a checkpoint directory.
+
+    fcn predict IMAGE... [--model models:/fcn-voc@champion | models/fcn8s] [--out DIR] [--params params.yaml]
+
+For every image it writes <out>/<stem>_mask.png, a palette PNG whose pixel values
+are the class ids and whose palette is the VOC colours (viewers show colours,
+PIL/numpy read class ids), and <out>/<stem>_overlay.png, the mask blended over the
+image; then prints the share of pixels of each class present. An MLflow model URI
+resolves against the tracking store the params file names (the project's SQLite
+store by default). Every image is read and checked before the model loads, so a bad
+file stops the run before anything is written.
+"""
+import argparse
+import os
+import pickle
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from fcn_models import palette
+
+# "models:/...", "runs:/...", "s3://...": a URI for MLflow; anything else is a checkpoint directory.
+MODEL_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
+
+
+class PredictError(RuntimeError):
+    """Bad input (image, model, store); the message names it and says what to do."""
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 RGB, upright as its EXIF orientation says."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.exists():
+        raise PredictError(f"{path}: no such file")
+    if not path.is_file():
+        raise PredictError(f"{path}: not a file (give image files)")
+    try:
+        with Image.open(path) as image:
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    except UnidentifiedImageError:
+        raise PredictError(f"{path}: not an image PIL can read (give a JPEG, PNG or other image file)") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise PredictError(f"{path}: cannot read the image: {err}") from None
+
+
+def load_predictor(model: str, params_path: str) -> Callable[[np.ndarray], np.ndarray]:
+    """image (H, W, 3) uint8 -> mask (H, W) class ids, from a model URI or a checkpoint directory."""
+    if MODEL_URI.match(model):
+        return _load_mlflow_model(model, params_path)
+    from pipelines.serving import FCNSegmenter
+
+    directory = Path(model)
+    if not directory.is_dir():
+        raise PredictError(f"model {model}: no such checkpoint directory (give a directory holding model.pt "
+                           "and meta.json, or a models:/<name>@<alias> URI)")
+    try:
+        return FCNSegmenter().load(directory).segment
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as err:
+        raise PredictError(f"model {model}: {err}") from None
+
+
+def _load_mlflow_model(uri: str, params_path: str):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipelines import tracking
+    from pipelines.params import load_params
+
+    params = load_params(params_path)
+    store = tracking.tracking_uri(params, Path(params_path).resolve().parent)
+    if store.startswith("sqlite:///"):
+        # Connecting would create an empty store; say instead that there is none.
+        db = Path(store[len("sqlite:///"):])
+        if not db.is_file():
+            raise PredictError(f"model {uri}: no MLflow store at {db} (run `fcn register` first, or point "
+                               "--params at the project that registered the model)")
+    mlflow.set_tracking_uri(store)
+    mlflow.set_registry_uri(store)
+    try:
+        return mlflow.pyfunc.load_model(uri).predict
+    except (MlflowException, OSError) as err:
+        message = getattr(err, "message", str(err))
+        raise PredictError(f"model {uri}: {message} (tracking store {store}; check the name and alias, "
+                           "or run `fcn register`)") from None
+
+
+def class_shares(mask: np.ndarray) -> list[tuple[int, str, float]]:
+    """(class id, name, percent of pixels) for each class present, largest first."""
+    names = palette.class_names()
+    counts = np.bincount(mask.ravel(), minlength=1)
+    present = sorted(np.flatnonzero(counts), key=lambda c: (-counts[c], c))
+    return [(int(c), names[c] if c < len(names) else f"class {c}", 100.0 * counts[c] / mask.size) for c in present]
+
+
+def _save_png(image, path: Path) -> None:
+    """Write a PIL image as PNG beside `path`, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            image.save(fh, format="PNG")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def mask_image(mask: np.ndarray):
+    """The mask as a palette PNG image: values are class ids, colours the VOC ones."""
+    from PIL import Image
+
+    image = Image.fromarray(mask.astype(np.uint8))
+    image.putpalette(palette.voc_colormap(256).ravel().tolist())
+    return image
+
+
+def output_paths(images: list[Path], out_dir: Path) -> list[tuple[Path, Path]]:
+    """(mask, overlay) paths per image; two images with one stem would overwrite each other."""
+    stems = {}
+    for image in images:
+        if image.stem in stems:
+            raise PredictError(f"{stems[image.stem]} and {image} would both write {image.stem}_mask.png: "
+                               "predict them in separate runs or with different --out")
+        stems[image.stem] = image
+    return [(out_dir / f"{i.stem}_mask.png", out_dir / f"{i.stem}_overlay.png") for i in images]
+
+
+def predict(images: list, model: str, out_dir=".", params_path: str = "params.yaml", alpha: float = 0.5) -> list[dict]:
+    """Write mask and overlay PNGs for each image; return per image its files and class shares."""
+    from PIL import Image
+
+    if not 0.0 <= alpha <= 1.0:
+        raise PredictError(f"--alpha {alpha}: expected a value in [0, 1]")
+    images = [Path(i) for i in images]
+    out_dir = Path(out_dir)
+    paths = output_paths(images, out_dir)
+    for image in images:
+        read_image(image)
+    segment = load_predictor(model, params_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for image_path, (mask_path, overlay_path) in zip(images, paths):
+        image = read_image(image_path)
+        mask = np.asarray(segment(image))
+        _save_png(mask_image(mask), mask_path)
+        _save_png(Image.fromarray(palette.overlay(image, mask, alpha)), overlay_path)
+        results.append({"image": image_path, "size": image.shape[:2], "mask": mask_path, "overlay": overlay_path,
+                        "shares": class_shares(mask)})
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fcn predict", description=__doc__.split("\n")[0],
+        epilog="Writes <out>/<stem>_mask.png (palette PNG: pixel values are class ids, shown in the VOC colours) "
+               "and <out>/<stem>_overlay.png per image, and prints the share of pixels of each class present.")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
+    parser.add_argument("--model", default=None,
+                        help="an MLflow model URI (models:/NAME@ALIAS, models:/NAME/VERSION) or a checkpoint "
+                             "directory (model.pt + meta.json); default: models:/<mlflow.model_name>@<mlflow.alias> "
+                             "from the params file")
+    parser.add_argument("--out", default=".", help="directory for the mask and overlay PNGs (default: the current "
+                                                   "directory)")
+    parser.add_argument("--params", default="params.yaml",
+                        help="params file naming the tracking store that model URIs resolve against "
+                             "(default: %(default)s)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the mask in the overlay (default: 0.5)")
+    args = parser.parse_args(argv)
+    from pipelines.params import ParamsError, load_params
+
+    try:
+        model = args.model
+        if model is None:
+            config = load_params(args.params).mlflow
+            model = f"models:/{config.model_name}@{config.alias}"
+        results = predict(args.images, model, args.out, args.params, args.alpha)
+    except ParamsError as err:
+        print(f"predict: {err}", file=sys.stderr)
+        return 2
+    except PredictError as err:
+        print(f"predict: {err}", file=sys.stderr)
+        return 1
+    for result in results:
+        height, width = result["size"]
+        print(f"{result['image']} ({width}x{height}): {result['mask']}, {result['overlay']}")
+        for _, name, percent in result["shares"]:
+            print(f"  {name:<12} {percent:6.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""The evaluate stage: each stage's checkpoint on all of val, whole images, batch 1.
+
+Tiny width-0.0625 networks with score layers drawn at random (they start at zero,
+which predicts background everywhere) score 7 generated val images; the test scores
+the same images itself (PIL decoding, the model called directly, its own confusion
+matrix and the paper's formulas) and the stage's JSON and table must agree with it.
+"""
+import contextlib
+import io
+import json
+import math
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from fcn_models.checkpoint import save_checkpoint
+from fcn_models.fcn import build_fcn
+from fcn_models.palette import class_names
+from fcn_models.preprocess import normalize
+from fcn_models.summary import cpu_model
+from pipelines import cli, evaluate
+from test_train import WIDTH, write_shards
+
+N_VAL = 7
+TIMING_IMAGES = 3
+VOID = 255
+
+
+def decoded_rows(shard_dir):
+    """(id, RGB image, label) of every row, decoded with PIL (not the stage's OpenCV)."""
+    rows = []
+    for row in pq.read_table(shard_dir).to_pylist():
+        image = np.array(Image.open(io.BytesIO(row["image"])).convert("RGB"))
+        label = np.array(Image.open(io.BytesIO(row["label"])))
+        rows.append((row["id"], image, label))
+    return rows
+
+
+def random_scorer(variant, seed, std, background_bias):
+    """A tiny FCN whose score layers are drawn from N(0, std), background favoured by a bias.
+    (A few training steps from a random trunk still predict background everywhere.)"""
+    torch.manual_seed(seed)
+    model = build_fcn(variant, width=WIDTH)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("score"):
+                param.normal_(0, std)
+        model.score_fr.bias[0] += background_bias
+    return model.eval()
+
+
+def direct_confusion(model, val_rows, n=21):
+    matrix = np.zeros((n, n), np.int64)
+    with torch.no_grad():
+        for _, image, label in val_rows:
+            prediction = model(normalize(image, model.input_norm)[None]).argmax(1)[0].numpy()
+            keep = label != VOID
+            matrix += np.bincount(label[keep].astype(np.int64) * n + prediction[keep], minlength=n * n).reshape(n, n)
+    return matrix
+
+
+def paper_scores(m):
+    """The design's formulas, written out: rows truth, columns prediction."""
+    m = m.astype(np.float64)
+    diag, rows, cols, total = np.diag(m), m.sum(1), m.sum(0), m.sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iu = diag / (rows + cols - diag)
+        freq = rows / total
+        return {"pixel_acc": diag.sum() / total, "mean_acc": np.nanmean(diag / rows), "mean_iu": np.nanmean(iu),
+                "fw_iu": (freq[freq > 0] * iu[freq > 0]).sum(), "per_class_iu": iu}
+
+
+def write_params(path, root, shards_dir, models_dir, stages=("fcn32s-fixed", "fcn32s", "fcn16s", "fcn8s")):
+    path.write_text(yaml.safe_dump({
+        "data": {"shards_dir": str(shards_dir)},
+        "model": {"width": WIDTH, "imagenet_weights": None},
+        "train": {"models_dir": str(models_dir)},
+        "evaluate": {"stages": list(stages), "timing_images": TIMING_IMAGES,
+                     "report_file": str(root / "reports" / "evaluation.json"),
+                     "table_file": str(root / "reports" / "evaluation.md")},
+    }))
+    return path
+
+
+def run(params_file):
+    """evaluate.main on CPU: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = evaluate.main(["--params", str(params_file), "--device", "cpu"])
+    return status, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """Checkpoints for fcn32s-fixed, fcn32s and fcn8s (fcn16s missing), scored by the stage."""
+    root = tmp_path_factory.mktemp("evaluate")
+    write_shards(root / "shards", n_train=1, n_val=N_VAL)
+    # On images this small FCN-32s sees about one stride-32 cell: one class per net.
+    models = {"fcn32s-fixed": random_scorer("fcn32s", seed=1, std=1.0, background_bias=0.0),
+              "fcn32s": random_scorer("fcn32s", seed=2, std=3.0, background_bias=2.0),
+              "fcn8s": random_scorer("fcn8s", seed=4, std=0.3, background_bias=1.0)}
+    for stage, model in models.items():
+        save_checkpoint(root / "models" / stage, model, {"stage": stage})
+    params_file = write_params(root / "params.yaml", root, root / "shards", root / "models")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluate, "PROGRESS_EVERY", 5)  # 7 images: one progress line per stage
+        status, out, err = run(params_file)
+    assert status == 0, err
+    val_rows = decoded_rows(root / "shards" / "val")
+    matrices = {stage: direct_confusion(model, val_rows) for stage, model in models.items()}
+    return root, matrices, val_rows, out
+
+
+def test_scores_equal_an_independent_pass_over_every_val_image(evaluated):
+    root, matrices, val_rows, _ = evaluated
+    report = json.loads((root / "reports" / "evaluation.json").read_text())
+    assert list(report) == ["fcn32s-fixed", "fcn32s", "fcn8s"]
+    void_free = sum(int((label != VOID).sum()) for _, _, label in val_rows)
+    # Truth has 3 classes; FCN-8s predicts several, some right: the comparison means something.
+    assert (matrices["fcn8s"].sum(0) > 0).sum() >= 3 and np.trace(matrices["fcn8s"]) > 0
+    assert len({paper_scores(m)["mean_iu"] for m in matrices.values()}) == 3
+    for stage, matrix in matrices.items():
+        assert matrix.sum() == void_free
+        expected, entry = paper_scores(matrix), report[stage]
+        for key in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu"):
+            assert entry[key] == pytest.approx(expected[key], rel=1e-12, abs=1e-15), (stage, key)
+        assert list(entry["per_class_iu"]) == class_names()
+        for name, iu in zip(class_names(), expected["per_class_iu"]):
+            if math.isnan(iu):
+                assert entry["per_class_iu"][name] is None, (stage, name)
+            else:
+                assert entry["per_class_iu"][name] == pytest.approx(iu, rel=1e-12, abs=1e-15), (stage, name)
+        assert entry["images"] == N_VAL
+        assert entry["timed_images"] == TIMING_IMAGES
+        assert entry["forward_ms"] > 0 and entry["forward_ms_median"] > 0
+        assert entry["device"] == "cpu"
+    # Classes 3..20 are in no label, and some are predicted nowhere: undefined IU, null in the JSON.
+    assert any(v is None for entry in report.values() for v in entry["per_class_iu"].values())
+
+
+def test_table_rows_in_the_papers_order_in_percent(evaluated):
+    root, matrices, _, _ = evaluated
+    table = (root / "reports" / "evaluation.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| FCN")]
+    header = next(line for line in table.splitlines() if line.startswith("| |"))
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "", "pixel acc.", "mean acc.", "mean IU", "f.w. IU", "forward time (ms)"]
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    assert [c[0] for c in cells] == ["FCN-32s-fixed", "FCN-32s", "FCN-8s"]
+    for stage, row in zip(matrices, cells):
+        expected = paper_scores(matrices[stage])
+        assert row[1:5] == [f"{100 * expected[k]:.1f}" for k in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu")]
+        assert re.fullmatch(r"\d+\.\d", row[5]) and float(row[5]) > 0
+    assert f"all {N_VAL} val images" in table
+    assert f"mean over {TIMING_IMAGES} val images after one warm-up image" in table
+    assert cpu_model() in table
+
+
+def test_missing_stage_skipped_with_a_line_and_progress_reported(evaluated):
+    root, _, _, out = evaluated
+    assert f"fcn16s: no checkpoint at {root / 'models' / 'fcn16s'}, skipped" in out
+    assert "[fcn8s] 5/7 images" in out
+    # Written by rename: nothing temporary left beside the two files.
+    assert sorted(p.name for p in (root / "reports").iterdir()) == ["evaluation.json", "evaluation.md"]
+
+
+def test_no_checkpoint_at_all_is_an_error_naming_the_directory_and_command(tmp_path):
+    write_shards(tmp_path / "shards", n_train=1, n_val=2)
+    params_file = write_params(tmp_path / "params.yaml", tmp_path, tmp_path / "shards", tmp_path / "models")
+    status, out, err = run(params_file)
+    assert status == 1
+    assert str(tmp_path / "models") in err and "python -m pipelines.train --stage fcn32s" in err
+    assert not (tmp_path / "reports").exists()
+    # The same through the `fcn` command.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as cli_err:
+        assert cli.main(["evaluate", "--params", str(params_file), "--device", "cpu"]) == 1
+    assert "no checkpoint for any of evaluate.stages" in cli_err.getvalue()
+
+
+def rewrite_val(shards_dir, change):
+    """Copy of the generated val shard with change(rows) applied, as part-00000.parquet."""
+    path = shards_dir / "val" / "part-00000.parquet"
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    change(rows)
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+    return path
+
+
+def bad_shard_setup(tmp_path, evaluated):
+    root = evaluated[0]
+    write_shards(tmp_path / "shards", n_train=1, n_val=3)
+    params_file = write_params(tmp_path / "params.yaml", tmp_path, tmp_path / "shards", root / "models",
+                               stages=["fcn32s"])
+    # A report from an earlier run must survive a failed one untouched.
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "evaluation.json").write_text('{"earlier": 1}\n')
+    return params_file
+
+
+def test_bad_shards_are_errors_naming_the_file(tmp_path, evaluated):
+    params_file = bad_shard_setup(tmp_path, evaluated)
+    garbage = tmp_path / "shards" / "val" / "part-00001.parquet"
+    garbage.write_bytes(b"not parquet at all")
+    status, _, err = run(params_file)
+    assert status == 1 and str(garbage) in err and "not a readable Parquet shard" in err
+    garbage.unlink()
+
+    def corrupt_image(rows):
+        rows[1]["image"] = b"\xff\xd8 truncated"
+    path = rewrite_val(tmp_path / "shards", corrupt_image)
+    status, _, err = run(params_file)
+    assert status == 1 and str(path) in err and "val_000001" in err and "JPEG" in err
+
+    write_shards(tmp_path / "other", n_train=1, n_val=3)
+    (tmp_path / "shards" / "val" / "part-00000.parquet").write_bytes(
+        (tmp_path / "other" / "val" / "part-00000.parquet").read_bytes())
+
+    def label_out_of_range(rows):
+        label = np.asarray(Image.open(io.BytesIO(rows[2]["label"]))).copy()
+        label[5, 5] = 30
+        png = io.BytesIO()
+        Image.fromarray(label, "L").save(png, "PNG")
+        rows[2]["label"] = png.getvalue()
+    rewrite_val(tmp_path / "shards", label_out_of_range)
+    status, _, err = run(params_file)
+    assert status == 1 and str(path) in err and "val_000002" in err and "label 30" in err
+
+    pq.write_table(pq.read_table(path).drop_columns(["label"]), path)
+    status, _, err = run(params_file)
+    assert status == 1 and str(path) in err and "lacks column label" in err
+
+    assert (tmp_path / "reports" / "evaluation.json").read_text() == '{"earlier": 1}\n'
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["evaluation.json"]
+
+
+def test_missing_val_shards_and_incomplete_checkpoint(tmp_path, evaluated):
+    params_file = write_params(tmp_path / "params.yaml", tmp_path, tmp_path / "shards", evaluated[0] / "models")
+    status, _, err = run(params_file)
+    assert status == 1 and str(tmp_path / "shards" / "val") in err and "pipelines.preprocess" in err
+
+    write_shards(tmp_path / "shards", n_train=1, n_val=2)
+    (tmp_path / "models" / "fcn32s").mkdir(parents=True)
+    (tmp_path / "models" / "fcn32s" / "meta.json").write_text("{}")
+    params_file = write_params(tmp_path / "params.yaml", tmp_path, tmp_path / "shards", tmp_path / "models")
+    status, _, err = run(params_file)
+    assert status == 1 and str(tmp_path / "models" / "fcn32s") in err and "model.pt is missing" in err

@@ -1,0 +1,253 @@
+"""The register stage against a real local MLflow store (SQLite and artifacts under tmp).
+
+One module store takes four versions of a width-0.0625 FCN-8s in turn: the first
+takes the alias, a worse and a tied one leave it, a better one moves it. The
+champion is then loaded by URI in a fresh Python process that cannot import this
+project, and its masks compared with the checkpoint's own.
+"""
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from fcn_models.checkpoint import load_checkpoint, save_checkpoint
+from fcn_models.fcn import build_fcn
+from fcn_models.preprocess import normalize
+from pipelines import register, tracking
+from pipelines.params import PROJECT_ROOT, parse_params, resolve
+from test_train import write_shards
+
+WIDTH = 0.0625
+SCORE_NAMES = ("pixel_acc", "mean_acc", "mean_iu", "fw_iu")
+
+
+def make_checkpoint(directory: Path, seed: int, mean_iu: float) -> dict:
+    """A tiny FCN-8s with random (non-zero) score layers, saved with val scores as the train stage writes them."""
+    torch.manual_seed(seed)
+    model = build_fcn("fcn8s", width=WIDTH)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("score"):
+                param.normal_(0, 0.5)
+    scores = {"pixel_acc": 0.8 + mean_iu / 10, "mean_acc": mean_iu + 0.1, "mean_iu": mean_iu, "fw_iu": mean_iu + 0.2}
+    save_checkpoint(directory, model, {"stage": "fcn8s", "iterations": 10, "val": scores})
+    return scores
+
+
+def checkpoint_mask(directory: Path, image: np.ndarray) -> np.ndarray:
+    """What the checkpoint itself predicts for an (H, W, 3) uint8 image."""
+    model, _ = load_checkpoint(directory)
+    model.eval()
+    with torch.no_grad():
+        return model(normalize(image, model.input_norm)[None]).argmax(1)[0].numpy()
+
+
+def decode_val_image(shards_dir: Path, image_id: str) -> np.ndarray:
+    table = pq.read_table(shards_dir / "val" / "part-00000.parquet").to_pydict()
+    jpeg = table["image"][table["id"].index(image_id)]
+    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+
+
+# --------------------------------------------------------------------------- one store, four versions
+
+# mean IU of each version in turn, and whether it takes the alias.
+SEQUENCE = ((0.40, "promoted"), (0.30, "kept"), (0.40, "kept"), (0.55, "promoted"))
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    root = tmp_path_factory.mktemp("project")
+    write_shards(root / "data" / "shards", n_train=2, n_val=3)
+    # Every path at its default, relative to root: mlflow.db, mlartifacts, models/fcn8s, reports/registry.json.
+    params = parse_params({"model": {"width": WIDTH}})
+    checkpoint = resolve(params.train.models_dir, root) / params.mlflow.register_stage
+    copies, scores, records = [], [], []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        for seed, (mean_iu, _) in enumerate(SEQUENCE, start=1):
+            scores.append(make_checkpoint(checkpoint, seed, mean_iu))
+            copies.append(root / "copies" / f"v{seed}")
+            save_checkpoint(copies[-1], load_checkpoint(checkpoint)[0], {"stage": "fcn8s"})
+            returned = register.register(params, root)
+            written = json.loads((root / "reports" / "registry.json").read_text())
+            assert returned == written
+            records.append(written)
+        yield {"root": root, "params": params, "copies": copies, "scores": scores, "records": records,
+               "uri": tracking.tracking_uri(params, root)}
+
+
+def test_alias_moves_only_to_a_better_version(registry):
+    from mlflow import MlflowClient
+
+    records = registry["records"]
+    assert [r["new_version"] for r in records] == [1, 2, 3, 4]
+    assert [r["decision"] for r in records] == [decision for _, decision in SEQUENCE]
+    assert [r["new_mean_iu"] for r in records] == [mean_iu for mean_iu, _ in SEQUENCE]
+    # Before each registration: no champion, then version 1 (0.40) three times.
+    assert [r["champion_version_before"] for r in records] == [None, 1, 1, 1]
+    assert [r["champion_mean_iu_before"] for r in records] == [None, 0.40, 0.40, 0.40]
+    assert [r["champion_version"] for r in records] == [1, 1, 1, 4]
+    assert [r["champion_mean_iu"] for r in records] == [0.40, 0.40, 0.40, 0.55]
+
+    client = MlflowClient(tracking_uri=registry["uri"], registry_uri=registry["uri"])
+    assert int(client.get_model_version_by_alias("fcn-voc", "champion").version) == 4
+    for version, (mean_iu, _) in enumerate(SEQUENCE, start=1):
+        held = client.get_model_version("fcn-voc", str(version))
+        # The worse and the tied versions exist, without the alias.
+        assert held.aliases == (["champion"] if version == 4 else [])
+        assert float(held.tags["mean_iu"]) == mean_iu
+        assert held.tags["stage"] == "fcn8s"
+
+
+def test_each_version_comes_from_a_run_with_the_checkpoint_scores(registry):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=registry["uri"], registry_uri=registry["uri"])
+    experiment = client.get_experiment_by_name(registry["params"].mlflow.experiment)
+    for record, scores in zip(registry["records"], registry["scores"]):
+        run = client.get_run(record["run_id"])
+        assert run.info.experiment_id == experiment.experiment_id
+        assert {k: run.data.metrics[k] for k in SCORE_NAMES} == pytest.approx(scores)
+        assert run.data.params["variant"] == "fcn8s" and run.data.params["input_norm"] == "torchvision-rgb"
+        version = client.get_model_version("fcn-voc", str(record["new_version"]))
+        assert version.run_id == record["run_id"]
+    # The store and its artifacts are the project's own, at the default paths.
+    assert registry["uri"] == f"sqlite:///{registry['root'] / 'mlflow.db'}"
+    assert any((registry["root"] / "mlartifacts").rglob("MLmodel"))
+
+
+# A fresh interpreter that cannot import this project: the editable install's finder
+# is dropped and the working directory is elsewhere, so only the model's own code serves.
+FRESH_PROCESS = r"""
+import importlib.util, json, sys
+sys.meta_path = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
+sys.path_hooks = [h for h in sys.path_hooks if "editable" not in getattr(h, "__module__", "")]
+sys.path_importer_cache.clear()
+assert importlib.util.find_spec("pipelines") is None and importlib.util.find_spec("fcn_models") is None
+import mlflow
+import numpy as np
+store, uri, image_file, mask_file, example_file = sys.argv[1:]
+mlflow.set_tracking_uri(store)
+mlflow.set_registry_uri(store)
+model = mlflow.pyfunc.load_model(uri)
+np.save(mask_file, model.predict(np.load(image_file)))
+np.save(example_file, model.input_example)
+import fcn_models
+print(json.dumps({"fcn_models": fcn_models.__file__,
+                  "signature": str(model.metadata.get_input_schema())}))
+"""
+
+
+def test_champion_loads_in_a_fresh_process_and_predicts_as_its_checkpoint(registry, tmp_path):
+    # A size no checkpoint saw (the shards hold 24 x 32 and 20 x 28 images).
+    image = np.random.default_rng(7).integers(0, 256, (45, 61, 3), dtype=np.uint8)
+    np.save(tmp_path / "image.npy", image)
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, registry["uri"], "models:/fcn-voc@champion",
+         str(tmp_path / "image.npy"), str(tmp_path / "mask.npy"), str(tmp_path / "example.npy")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    # fcn_models came with the model, not from this checkout.
+    assert not Path(info["fcn_models"]).resolve().is_relative_to(PROJECT_ROOT)
+    assert "(-1, -1, 3)" in info["signature"] and "uint8" in info["signature"]
+
+    mask = np.load(tmp_path / "mask.npy")
+    champion, worse = registry["copies"][3], registry["copies"][1]
+    expected = checkpoint_mask(champion, image)
+    assert mask.shape == (45, 61) and mask.dtype == np.uint8
+    assert len(np.unique(expected)) >= 2  # a mask with several classes, so equality means something
+    np.testing.assert_array_equal(mask, expected)
+    assert not np.array_equal(mask, checkpoint_mask(worse, image))
+
+    # The input example is the smallest val image (20 x 28, under the size cap: whole).
+    example = np.load(tmp_path / "example.npy")
+    np.testing.assert_array_equal(example, decode_val_image(registry["root"] / "data" / "shards", "val_000001"))
+
+
+def test_a_champion_without_its_score_tag_stops_the_gate(registry):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=registry["uri"], registry_uri=registry["uri"])
+    assert register.current_champion(client, "fcn-voc", "champion") == {"version": 4, "mean_iu": 0.55}
+    assert register.current_champion(client, "fcn-voc", "no-such-alias") is None
+    assert register.current_champion(client, "no-such-model", "champion") is None
+    # A version given the alias by hand, with no score to compare with.
+    client.create_registered_model("untagged")
+    source = client.get_model_version("fcn-voc", "1").source
+    client.create_model_version("untagged", source, run_id=registry["records"][0]["run_id"])
+    client.set_registered_model_alias("untagged", "champion", "1")
+    with pytest.raises(register.RegisterError, match=r"version 1 of registered model 'untagged' holds alias "
+                                                     r"'champion' but its tag 'mean_iu' is None"):
+        register.current_champion(client, "untagged", "champion")
+
+
+# --------------------------------------------------------------------------- without a store
+
+def write_val_shard(path: Path, images: dict) -> None:
+    """One Parquet shard of {id: (H, W, 3) uint8} as the shard contract stores them (labels all background)."""
+    rows = {"id": [], "source": [], "image": [], "label": [], "height": [], "width": []}
+    for image_id, image in images.items():
+        jpeg, png = io.BytesIO(), io.BytesIO()
+        Image.fromarray(image).save(jpeg, "JPEG", quality=95)
+        Image.fromarray(np.zeros(image.shape[:2], np.uint8)).save(png, "PNG")
+        for key, value in (("id", image_id), ("source", "voc"), ("image", jpeg.getvalue()),
+                           ("label", png.getvalue()), ("height", image.shape[0]), ("width", image.shape[1])):
+            rows[key].append(value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows, schema=pa.schema([
+        ("id", pa.string()), ("source", pa.string()), ("image", pa.binary()), ("label", pa.binary()),
+        ("height", pa.int32()), ("width", pa.int32())])), path)
+
+
+def test_input_example_is_the_centre_of_the_smallest_val_image(tmp_path):
+    rng = np.random.default_rng(0)
+    images = {name: rng.integers(0, 256, shape, dtype=np.uint8)
+              for name, shape in (("a", (90, 70, 3)), ("b", (80, 100, 3)), ("c", (120, 40, 3)))}
+    write_val_shard(tmp_path / "val" / "part-00000.parquet", {"a": images["a"], "b": images["b"]})
+    write_val_shard(tmp_path / "val" / "part-00001.parquet", {"c": images["c"]})
+    example = register.example_image(tmp_path / "val", max_side=64)
+    # c has the fewest pixels (4800); its centre 64 rows of 120 start at row 28, all 40 columns.
+    with open(tmp_path / "val" / "part-00001.parquet", "rb") as fh:
+        jpeg = pq.read_table(fh).column("image")[0].as_py()
+    decoded = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+    assert example.shape == (64, 40, 3) and example.dtype == np.uint8
+    np.testing.assert_array_equal(example, decoded[28:92, :40])
+
+
+def test_bad_inputs_stop_before_the_store_is_touched(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({"model": {"width": WIDTH}}))
+    checkpoint = tmp_path / "models" / "fcn8s"
+
+    assert register.main(["--params", str(params_file)]) == 1
+    err = capsys.readouterr().err
+    assert str(checkpoint) in err and "pipelines.train --stage fcn8s" in err
+
+    torch.manual_seed(0)
+    save_checkpoint(checkpoint, build_fcn("fcn8s", width=WIDTH), {"stage": "fcn8s"})
+    assert register.main(["--params", str(params_file)]) == 1
+    err = capsys.readouterr().err
+    assert str(checkpoint / "meta.json") in err and "no val scores" in err
+
+    make_checkpoint(checkpoint, 1, 0.5)
+    assert register.main(["--params", str(params_file)]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path / "data" / "shards" / "val") in err and "fcn preprocess" in err
+
+    assert register.main(["--params", str(tmp_path / "absent.yaml")]) == 2
+    assert "absent.yaml" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "reports").exists()
