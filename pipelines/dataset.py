@@ -51,6 +51,7 @@ from ray.train import DataConfig
 
 from fcn_models.preprocess import as_input_norm, normalize
 from pipelines.params import PROJECT_ROOT, Params, RayParams, resolve
+from pipelines.shards import ShardError, decode_sample
 
 # albumentations asks PyPI for a newer version when first imported (in build_augmentation,
 # so in every decode actor); the pipeline must not touch the network.
@@ -78,24 +79,11 @@ PARALLEL_READS = 4
 SHUFFLE_BUFFER_ROWS = 64
 
 
-class DatasetError(ValueError):
+class DatasetError(ShardError):
     """Shards that cannot feed training; the message names the path and the fix."""
 
 
 # --------------------------------------------------------------------------- decode + augment
-
-def decode_sample(sample_id: str, image_bytes: bytes, label_bytes: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """JPEG and PNG bytes of one shard row -> (H x W x 3 uint8 RGB image, H x W uint8 label)."""
-    image = cv2.imdecode(np.frombuffer(image_bytes, np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
-        raise DatasetError(f"sample {sample_id}: image bytes are not a decodable JPEG (re-run `fcn preprocess`)")
-    label = cv2.imdecode(np.frombuffer(label_bytes, np.uint8), cv2.IMREAD_UNCHANGED)
-    if label is None or label.ndim != 2 or label.dtype != np.uint8:
-        raise DatasetError(f"sample {sample_id}: label is not a single-channel 8-bit PNG (re-run `fcn preprocess`)")
-    if label.shape != image.shape[:2]:
-        raise DatasetError(f"sample {sample_id}: label {label.shape} and image {image.shape[:2]} differ in size")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), label
-
 
 def mean_colour(input_norm: str) -> tuple[int, int, int]:
     """The normalisation's mean as an RGB 0-255 pixel: padding with it feeds the net zeros."""

@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -44,6 +43,7 @@ from fcn_models.palette import class_names
 from fcn_models.preprocess import normalize
 from fcn_models.summary import cpu_model, machine
 from pipelines.params import Params, ParamsError, load_params, resolve
+from pipelines.shards import ShardError, decode_sample
 from pipelines.train import SCORE_KEYS, _atomic_write_text, stage_command
 
 # Row names of the paper's table; any other stage keeps its own name.
@@ -88,19 +88,11 @@ def count_images(files: list[Path]) -> int:
 
 
 def decode(path: Path, sample_id: str, image_bytes: bytes, label_bytes: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """One shard row -> (H x W x 3 uint8 RGB image, H x W uint8 label), as pipelines.dataset decodes it."""
-    image = cv2.imdecode(np.frombuffer(image_bytes or b"", np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
-        raise EvaluateError(f"{path}: sample {sample_id}: image is not a decodable JPEG; "
-                            "re-run `python -m pipelines.preprocess`")
-    label = cv2.imdecode(np.frombuffer(label_bytes or b"", np.uint8), cv2.IMREAD_UNCHANGED)
-    if label is None or label.ndim != 2 or label.dtype != np.uint8:
-        raise EvaluateError(f"{path}: sample {sample_id}: label is not a single-channel 8-bit PNG; "
-                            "re-run `python -m pipelines.preprocess`")
-    if label.shape != image.shape[:2]:
-        raise EvaluateError(f"{path}: sample {sample_id}: label {label.shape} and image {image.shape[:2]} "
-                            "differ in size; re-run `python -m pipelines.preprocess`")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), label
+    """One shard row -> (H x W x 3 uint8 RGB image, H x W uint8 label), as training decodes it."""
+    try:
+        return decode_sample(sample_id, image_bytes, label_bytes)
+    except ShardError as err:
+        raise EvaluateError(f"{path}: {err}") from None
 
 
 def read_val(files: list[Path]) -> Iterator[tuple[Path, str, np.ndarray, np.ndarray]]:

@@ -24,6 +24,7 @@ from pipelines.dataset import (
     decode_sample, iter_train_batches, iter_val_batches, sample_seed, shard_files, shard_rows,
 )
 from pipelines.params import parse_params
+from pipelines.shards import ShardError
 
 N_TRAIN, N_VAL = 24, 10
 CROP = 64
@@ -206,9 +207,9 @@ def test_bad_shards_fail_with_the_path_or_id(tmp_path, shards):
     root, rows = shards
     with pytest.raises(DatasetError, match=r"val: no part-\*\.parquet shards .*fcn preprocess"):
         shard_files(tmp_path, "val")
-    with pytest.raises(DatasetError, match="sample 2008_x: image bytes are not a decodable JPEG"):
+    with pytest.raises(ShardError, match="sample 2008_x: image bytes are not a decodable JPEG"):
         decode_sample("2008_x", b"not a jpeg", rows["train"][0]["label"])
-    with pytest.raises(DatasetError, match="sample 2008_y: label is not a single-channel"):
+    with pytest.raises(ShardError, match="sample 2008_y: label is not a single-channel"):
         decode_sample("2008_y", rows["train"][0]["image"], rows["train"][0]["image"])
     assert shard_rows(make_params(root), root) == {"train": N_TRAIN, "val": N_VAL}
 
