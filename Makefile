@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean mlflow-ui
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 # params.yaml from conf/profile/demo.yaml and runs what is out of date. The mirror is
 # deterministic: these arguments give the md5s written in the demo profile.
 DEMO_MIRROR := data/demo/mirror
-DEMO_MIRROR_ARGS := --train 300 --val 100 --max-side 160 --seed 0
+DEMO_MIRROR_ARGS := --train 1000 --val 100 --max-side 160 --seed 0
 DEMO_REPORTS := reports/fcn32s/metrics.json reports/fcn16s/metrics.json reports/fcn8s/metrics.json
 
 demo: $(STAMP)
@@ -27,7 +27,14 @@ demo: $(STAMP)
 	fcn demo-data --out $(DEMO_MIRROR) $(DEMO_MIRROR_ARGS) >/dev/null && \
 	dvc exp run -S profile=demo && \
 	echo && dvc metrics show $(DEMO_REPORTS) && \
-	echo && echo "demo finished in $$(( $$(date +%s) - start )) s"
+	echo && cat reports/evaluation.md && \
+	echo && python -c 'import json; r = json.load(open("reports/registry.json")); print("registry:", r["decision"], "version", r["new_version"], "| champion: version", r["champion_version"], "mean IU", round(r["champion_mean_iu"], 4))' && \
+	echo && echo "demo finished in $$(( $$(date +%s) - start )) s" && \
+	echo "MLflow UI (runs, registered model): make mlflow-ui, then http://127.0.0.1:5000"
+
+# The MLflow UI over the local store, on 127.0.0.1 only.
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,22 +1,92 @@
-"""MLflow: where runs and models go.
+"""MLflow: where runs and models go, and what a training stage records.
 
 With no server named (mlflow.tracking_uri null and no MLFLOW_TRACKING_URI), the
 store is SQLite at <project>/mlflow.db with artifacts under <project>/mlartifacts,
 both absolute, so a process started elsewhere (a Ray job in a copied working
 directory, a Ray Train worker) writes to the same place as `dvc repro`.
+
+Every training stage is one MLflow run in the pipeline's experiment (mlflow.experiment):
+
+    open_stage_run(...)   driver, before training: finds the run tagged with the Ray
+                          run name (fcn.ray_run) or creates it; logs the stage's
+                          params and its tags (stage, where the weights started, git
+                          commit, DVC hash of the shards)
+    MetricsLog            Ray Train rank 0, while training: each validation row (loss
+                          and the four scores, step = iteration) and the training loss
+    finish_stage_run(...) driver, after the outputs are written: any validation row
+                          still missing, the plots, a few val images, the outputs; FINISHED
+    end_stage_run(...)    driver, when the stage fails: FAILED
+
+A stage resumed under the same Ray run name (after a worker failure, or run again
+for more iterations) continues the same MLflow run; a new Ray run name (changed
+params) is a new MLflow run. Artifacts: plots/confusion_matrix.png and
+plots/per_class_iu.png of the best checkpoint, val_images/<id>.png (image | its
+prediction | the truth, in the VOC colours) for the first mlflow.val_images_logged
+val images, outputs/metrics.json and outputs/history.csv.
+
+The shards' hash is the md5 DVC gives data.shards_dir: read from dvc.lock while the
+lock's file count and size still match the directory, else computed with DVC's own
+library (dvc_data), as `dvc add` would.
+
+Outages: the driver fails the stage before training when the store cannot be
+opened, since a stage nobody can find in MLflow is not what anyone asked for. Once
+training runs, a logging error on rank 0 is reported and logging stops for that
+attempt, but training goes on: every validation row is also in the checkpoint's
+history, and the driver logs the missing ones when the stage ends (an error there
+fails the stage).
 """
 from __future__ import annotations
 
+import csv
+import dataclasses
+import json
+import math
 import os
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
+import numpy as np
+import yaml
+
 from pipelines.params import Params, resolve
+
+RAY_RUN_TAG = "fcn.ray_run"
+RAY_STORAGE_TAG = "fcn.ray_storage"
+STAGE_TAG = "fcn.stage"
+INIT_TAG = "fcn.init"
+GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own key: its UI shows it with the run
+GIT_DIRTY_TAG = "fcn.git_dirty"
+SHARDS_HASH_TAG = "fcn.shards_md5"
+SHARDS_HASH_SOURCE_TAG = "fcn.shards_md5_from"
+# MLflow params are write-once: a resumed run whose params moved (more iterations)
+# keeps the first value as the param and the current one as this tag + the key.
+CHANGED_PARAM_TAG = "fcn.param."
+# The training loss every train.log_every iterations, beside the validation rows' `loss`
+# (the mean training loss since the previous validation, as history.csv has it).
+TRAIN_LOSS_KEY = "train_loss"
+DPI = 100
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message names it and the fix."""
+
+
+def _absolute_sqlite(uri: str, base: Path) -> str:
+    """A sqlite:///relative/path URI made absolute against base; any other URI as it is."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and uri[len(prefix):] and not Path(uri[len(prefix):]).is_absolute():
+        return prefix + str(Path(base).resolve() / uri[len(prefix):])
+    return uri
 
 
 def tracking_uri(params: Params, root: Path) -> str:
     """params' mlflow.tracking_uri, else MLFLOW_TRACKING_URI, else the project's SQLite store."""
     if params.mlflow.tracking_uri:
-        return params.mlflow.tracking_uri
+        # A relative SQLite path in params is taken from the project, as every params path.
+        return _absolute_sqlite(params.mlflow.tracking_uri, root)
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return "sqlite:///" + str(resolve(params.mlflow.db_file, Path(root).resolve()))
@@ -42,3 +112,431 @@ def set_up(params: Params, root: Path) -> str:
     # A server decides where artifacts go; a local store keeps them in the project.
     location = artifact_location(params, root) if uri.startswith("sqlite:") else None
     return mlflow.create_experiment(name, artifact_location=location)
+
+
+# ---------------------------------------------------------------------------
+# Where a stage's inputs come from: the code's git commit, the shards' DVC hash.
+
+
+def git_state(root: Path) -> tuple[str, bool | None]:
+    """(commit of HEAD, whether the tree has changes) for the project at root;
+    ("unknown", None) outside a git repository or without git."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        # No optional locks: reading the state must not rewrite the index.
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
+
+    try:
+        head = git("rev-parse", "--verify", "HEAD")
+        if head.returncode != 0:
+            return "unknown", None
+        status = git("status", "--porcelain")
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown", None
+    dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+    return head.stdout.strip(), dirty
+
+
+def _files_size(directory: Path) -> tuple[int, int]:
+    files = [p for p in directory.rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def _locked_hash(shards_dir: Path, root: Path) -> str | None:
+    """The md5 dvc.lock records for shards_dir, if it still describes the directory.
+
+    DVC wrote it when the stage that makes the shards last ran; a count or size of
+    files that no longer matches means the shards changed outside DVC since.
+    """
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return None
+    try:
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
+    except yaml.YAMLError:
+        return None
+    for stage in stages.values():
+        for out in (stage or {}).get("outs") or []:
+            if not isinstance(out, dict) or "path" not in out:
+                continue
+            if resolve(out["path"], root).resolve() != shards_dir.resolve():
+                continue
+            md5 = str(out.get("md5") or "")
+            if md5.endswith(".dir") and (out.get("nfiles"), out.get("size")) == _files_size(shards_dir):
+                return md5
+    return None
+
+
+def compute_shards_hash(shards_dir: Path) -> str:
+    """The md5 DVC gives the directory (ends with ".dir"), computed with DVC's own library."""
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs import LocalFileSystem, MemoryFileSystem
+
+    # build() stages objects in a database; a throwaway in-memory one keeps nothing.
+    staging = HashFileDB(MemoryFileSystem(), "memory://fcn-shards-hash")
+    _, _, tree = build(staging, str(Path(shards_dir).resolve()), LocalFileSystem(), "md5", dry_run=True)
+    return tree.hash_info.value
+
+
+def shards_hash(shards_dir: Path, root: Path) -> tuple[str, str]:
+    """(DVC md5 of the shards directory, where it came from: "dvc.lock" or "computed")."""
+    shards_dir = Path(shards_dir)
+    if not shards_dir.is_dir():
+        raise TrackingError(f"{shards_dir}: no shards directory to hash (run `fcn preprocess`, "
+                            "or check data.shards_dir)")
+    locked = _locked_hash(shards_dir, Path(root))
+    if locked:
+        return locked, "dvc.lock"
+    return compute_shards_hash(shards_dir), "computed"
+
+
+# ---------------------------------------------------------------------------
+# The driver's side: open the stage's run before training, close it after.
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRun:
+    """The MLflow run of a stage; `for_workers()` is what rank 0 needs to log to it."""
+    tracking_uri: str
+    experiment_id: str
+    run_id: str
+    resumed: bool
+
+    def for_workers(self) -> dict:
+        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id}
+
+    def client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+
+def stage_params(params: Params, stage: str) -> dict[str, str]:
+    """Everything the stage is trained with, flat ("stage.lr", "train.seed", ...), as strings."""
+    flat = {f"stage.{k}": v for k, v in dataclasses.asdict(params.train.stages[stage]).items()}
+    flat.update({f"train.{k}": v for k, v in dataclasses.asdict(params.train).items() if k != "stages"})
+    for section in ("model", "augment", "ray"):
+        flat.update({f"{section}.{k}": v for k, v in dataclasses.asdict(getattr(params, section)).items()})
+    flat["data.shards_dir"] = params.data.shards_dir
+    flat["mlflow.val_images_logged"] = params.mlflow.val_images_logged
+    return {k: str(v) for k, v in flat.items()}
+
+
+def _filter_value(value: str) -> str:
+    """A quoted string for an MLflow search filter."""
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    raise TrackingError(f"run name {value!r}: cannot hold both ' and \" (MLflow cannot search for it); "
+                        "choose another --run-name")
+
+
+def _find_run(client, experiment_id: str, stage: str, ray_run: str, storage: str):
+    """The earliest active run of this stage for this Ray run, or None."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{RAY_RUN_TAG}` = {_filter_value(ray_run)}",
+                              order_by=["attributes.start_time ASC"])
+    runs = [r for r in runs if r.data.tags.get(RAY_STORAGE_TAG) == storage and r.data.tags.get(STAGE_TAG) == stage]
+    return runs[0] if runs else None
+
+
+def open_stage_run(params: Params, stage: str, root: Path, ray_run: str, storage: str, init_note: str) -> StageRun:
+    """The stage's MLflow run, resumed (same Ray run in the same storage) or new, marked
+    RUNNING, with the stage's params and tags logged. TrackingError when the store
+    cannot be opened."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param, RunTag
+
+    root = Path(root).resolve()
+    # Workers run elsewhere (another working directory): they need an absolute store.
+    uri = _absolute_sqlite(tracking_uri(params, root), Path.cwd())
+    try:
+        experiment_id = set_up(params, root)
+        client = MlflowClient(tracking_uri=uri)
+        run = _find_run(client, experiment_id, stage, ray_run, storage)
+    except TrackingError:
+        raise
+    except Exception as err:  # any failure here means no tracking: the stage must not start
+        raise TrackingError(
+            f"cannot open the MLflow tracking store {uri}: {type(err).__name__}: {err}. Start the tracking "
+            "server, or point mlflow.tracking_uri / MLFLOW_TRACKING_URI at a reachable one "
+            "(both unset: the local SQLite store in the project)") from err
+
+    commit, dirty = git_state(root)
+    shards_md5, hash_from = shards_hash(resolve(params.data.shards_dir, root), root)
+    tags = {STAGE_TAG: stage, RAY_RUN_TAG: ray_run, RAY_STORAGE_TAG: storage, INIT_TAG: init_note,
+            GIT_COMMIT_TAG: commit, SHARDS_HASH_TAG: shards_md5, SHARDS_HASH_SOURCE_TAG: hash_from}
+    if dirty is not None:
+        tags[GIT_DIRTY_TAG] = str(dirty).lower()
+    wanted = stage_params(params, stage)
+    if run is None:
+        run_name = ray_run if ray_run.startswith(stage) else f"{stage}-{ray_run}"
+        run = client.create_run(experiment_id, run_name=run_name,
+                                tags={RAY_RUN_TAG: ray_run, RAY_STORAGE_TAG: storage, STAGE_TAG: stage})
+        logged, resumed = {}, False
+    else:
+        client.update_run(run.info.run_id, status="RUNNING")
+        logged, resumed = run.data.params, True
+    run_id = run.info.run_id
+    changed = {k: v for k, v in wanted.items() if k in logged and logged[k] != v}
+    tags.update({CHANGED_PARAM_TAG + k: v for k, v in changed.items()})
+    # log_batch takes at most 100 params a call.
+    new_params = [Param(k, v) for k, v in wanted.items() if k not in logged]
+    for i in range(0, len(new_params), 100):
+        client.log_batch(run_id, params=new_params[i:i + 100])
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    print(f"[{stage}] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in experiment "
+          f"{params.mlflow.experiment!r} at {uri}", flush=True)
+    if changed:
+        print(f"[{stage}] MLflow run {run_id} resumed with changed params (tagged {CHANGED_PARAM_TAG}<key>): "
+              + ", ".join(f"{k} {logged[k]} -> {v}" for k, v in changed.items()), flush=True)
+    return StageRun(uri, experiment_id, run_id, resumed)
+
+
+def logged_steps(client, run_id: str, key: str) -> set[int]:
+    return {m.step for m in client.get_metric_history(run_id, key)}
+
+
+def log_missing_rows(client, run_id: str, rows: list[dict]) -> int:
+    """Log each row's metrics (every key but "iteration", step = iteration) not yet in the run;
+    return how many metric values were logged. A step already there is left as it is."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    keys = sorted({k for row in rows for k in row if k != "iteration"})
+    missing = []
+    for key in keys:
+        have = logged_steps(client, run_id, key)
+        missing += [Metric(key, float(row[key]), now, int(row["iteration"]))
+                    for row in rows if key in row and int(row["iteration"]) not in have]
+    # log_batch takes at most 1000 metrics a call.
+    for i in range(0, len(missing), 1000):
+        client.log_batch(run_id, metrics=missing[i:i + 1000])
+    return len(missing)
+
+
+def read_history_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return [{k: (int(float(v)) if k == "iteration" else float(v)) for k, v in row.items()}
+                for row in csv.DictReader(fh)]
+
+
+def finish_stage_run(stage_run: StageRun, params: Params, stage: str, root: Path,
+                     models_dir: Path, reports_dir: Path) -> None:
+    """After the stage's outputs are written: log the validation rows rank 0 could not,
+    the plots and val images of the best checkpoint and the outputs; mark it FINISHED."""
+    client = stage_run.client()
+    run_id = stage_run.run_id
+    history = read_history_csv(Path(reports_dir) / "history.csv")
+    caught_up = log_missing_rows(client, run_id, history)
+    if caught_up:
+        print(f"[{stage}] MLflow: logged {caught_up} metric values the training workers had not", flush=True)
+    meta = json.loads((Path(models_dir) / "meta.json").read_text())
+    with tempfile.TemporaryDirectory(prefix="fcn-mlflow-") as scratch:
+        scratch = Path(scratch)
+        (scratch / "plots").mkdir()
+        iteration = meta["iterations"]
+        plot_confusion_matrix(np.array(meta["confusion_matrix"]), scratch / "plots" / "confusion_matrix.png",
+                              f"{stage}: confusion matrix at iteration {iteration} (rows: truth, normalised)")
+        per_class = [math.nan if v is None else v for v in meta["val"]["per_class_iu"]]
+        plot_per_class_iu(per_class, scratch / "plots" / "per_class_iu.png",
+                          f"{stage}: IU per class at iteration {iteration}, mean {meta['val']['mean_iu']:.3f}")
+        count = params.mlflow.val_images_logged
+        if count:
+            (scratch / "val_images").mkdir()
+            write_val_images(Path(models_dir), resolve(params.data.shards_dir, root), count,
+                             scratch / "val_images")
+        (scratch / "outputs").mkdir()
+        for name in ("metrics.json", "history.csv"):
+            (scratch / "outputs" / name).write_bytes((Path(reports_dir) / name).read_bytes())
+        client.log_artifacts(run_id, str(scratch))
+    client.set_terminated(run_id, status="FINISHED")
+
+
+def end_stage_run(stage_run: StageRun, status: str = "FAILED") -> None:
+    """Mark the run ended (FAILED, KILLED); an error doing so is reported, not raised,
+    so it cannot hide the one that ended the stage."""
+    try:
+        stage_run.client().set_terminated(stage_run.run_id, status=status)
+    except Exception as err:
+        print(f"MLflow: could not mark run {stage_run.run_id} {status}: {type(err).__name__}: {err}",
+              file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Rank 0's side: metrics while training.
+
+
+class MetricsLog:
+    """What rank 0 logs to the stage's run while training; does nothing on other ranks,
+    or without a run (tracking None).
+
+    After the first logging error it stops for this attempt (reported on stderr):
+    training goes on, and the driver logs the validation rows still missing at the end.
+    """
+
+    def __init__(self, tracking: dict | None, rank: int, stage: str):
+        self.client, self.run_id, self.stage = None, None, stage
+        self.validated: set[int] = set()
+        self.train_loss_after = 0
+        if not tracking or rank != 0:
+            return
+        uri = tracking["tracking_uri"]
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+            # The driver created it: absent means this worker runs on another node.
+            self._give_up(f"the tracking store {uri} is not on this node (use a tracking server "
+                          "on a multi-node cluster)")
+            return
+        self._call(lambda: self._connect(tracking))
+
+    def _connect(self, tracking: dict) -> None:
+        from mlflow import MlflowClient
+
+        self.client, self.run_id = MlflowClient(tracking_uri=tracking["tracking_uri"]), tracking["run_id"]
+
+    def _give_up(self, why: str) -> None:
+        self.client = None
+        sys.stderr.write(f"[{self.stage}] WARNING: MLflow logging stops for this attempt: {why}; "
+                         "the stage logs its validation rows when it ends\n")
+        sys.stderr.flush()
+
+    def _call(self, action) -> None:
+        try:
+            action()
+        except Exception as err:
+            self._give_up(f"{type(err).__name__}: {err}")
+
+    def resume(self, history: list[dict]) -> None:
+        """At the start of an attempt: log the rows of the checkpoint's history not yet in
+        the run, and note what an earlier attempt logged, so redone steps are not logged twice."""
+        def sync():
+            log_missing_rows(self.client, self.run_id, history)
+            self.validated = logged_steps(self.client, self.run_id, "loss")
+            self.train_loss_after = max(logged_steps(self.client, self.run_id, TRAIN_LOSS_KEY), default=0)
+        if self.client:
+            self._call(sync)
+
+    def validation(self, row: dict) -> None:
+        """Log a validation row (every key but "iteration") once its checkpoint is reported."""
+        from mlflow.entities import Metric
+
+        step = int(row["iteration"])
+        if self.client and step not in self.validated:
+            now = int(time.time() * 1000)
+            metrics = [Metric(k, float(v), now, step) for k, v in row.items() if k != "iteration"]
+            self._call(lambda: self.client.log_batch(self.run_id, metrics=metrics))
+            self.validated.add(step)
+
+    def train_loss(self, iteration: int, value: float) -> None:
+        from mlflow.entities import Metric
+
+        if self.client and iteration > self.train_loss_after:
+            metric = Metric(TRAIN_LOSS_KEY, float(value), int(time.time() * 1000), iteration)
+            self._call(lambda: self.client.log_batch(self.run_id, metrics=[metric]))
+
+
+# ---------------------------------------------------------------------------
+# Artifacts: plots of the best checkpoint's scores, and val images with its predictions.
+
+
+def _figure(width: float, height: float):
+    # The Agg canvas directly: no pyplot, no global backend, nothing needs a display.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def plot_confusion_matrix(matrix: np.ndarray, path: Path, title: str) -> None:
+    """The confusion matrix, each row (true class) divided by its pixel count, as a PNG."""
+    from fcn_models.palette import class_names
+
+    matrix = np.asarray(matrix, dtype=np.float64)
+    rows = matrix.sum(axis=1, keepdims=True)
+    share = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+    names = class_names() if len(matrix) == 21 else [str(i) for i in range(len(matrix))]
+    figure = _figure(8.5, 7.5)
+    axes = figure.add_subplot()
+    image = axes.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    axes.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    axes.set_yticks(range(len(names)), names, fontsize=7)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title, fontsize=9)
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+
+
+def plot_per_class_iu(per_class_iu: list[float], path: Path, title: str) -> None:
+    """IU per class as horizontal bars; a class in neither truth nor prediction says n/a."""
+    from fcn_models.palette import class_names, voc_colormap
+
+    values = np.asarray(per_class_iu, dtype=np.float64)
+    names = class_names() if len(values) == 21 else [str(i) for i in range(len(values))]
+    colours = voc_colormap(len(values)) / 255.0
+    figure = _figure(7.0, 6.5)
+    axes = figure.add_subplot()
+    positions = np.arange(len(values))
+    axes.barh(positions, np.nan_to_num(values), color=colours, edgecolor="black", linewidth=0.5)
+    for y, v in zip(positions, values):
+        axes.text(0.005 if math.isnan(v) else v + 0.005, y, "n/a" if math.isnan(v) else f"{v:.2f}",
+                  va="center", fontsize=7)
+    if not np.all(np.isnan(values)):
+        axes.axvline(float(np.nanmean(values)), color="grey", linestyle="--", linewidth=1)
+    axes.set_yticks(positions, names, fontsize=7)
+    axes.invert_yaxis()
+    axes.set_xlim(0.0, 1.05)
+    axes.set_xlabel("IU")
+    axes.set_title(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+
+
+def first_val_samples(shards_dir: Path, count: int) -> list[tuple[str, bytes, bytes]]:
+    """(id, JPEG bytes, PNG bytes) of the first `count` val rows, in shard order."""
+    import pyarrow.parquet as pq
+
+    from pipelines.dataset import shard_files
+
+    samples = []
+    for path in shard_files(Path(shards_dir), "val"):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=count, columns=["id", "image", "label"]):
+            samples += zip(*(batch.column(c).to_pylist() for c in ("id", "image", "label")))
+            if len(samples) >= count:
+                return samples[:count]
+    return samples
+
+
+def prediction_panel(image: np.ndarray, prediction: np.ndarray, truth: np.ndarray, gap: int = 4) -> np.ndarray:
+    """image | prediction over it | truth over it, side by side, in the VOC colours."""
+    from fcn_models.palette import overlay
+
+    spacer = np.full((image.shape[0], gap, 3), 255, np.uint8)
+    return np.concatenate([image, spacer, overlay(image, prediction), spacer, overlay(image, truth)], axis=1)
+
+
+def write_val_images(model_dir: Path, shards_dir: Path, count: int, out_dir: Path) -> list[Path]:
+    """<out_dir>/<id>.png for the first `count` val images, predicted by the checkpoint in model_dir."""
+    import torch
+    from PIL import Image
+
+    from fcn_models.checkpoint import load_checkpoint
+    from fcn_models.preprocess import normalize
+    from pipelines.shards import decode_sample
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = load_checkpoint(model_dir)
+    model.to(device).eval()
+    written = []
+    with torch.no_grad():
+        for sample_id, image_bytes, label_bytes in first_val_samples(shards_dir, count):
+            image, label = decode_sample(sample_id, image_bytes, label_bytes)
+            logits = model(normalize(image, model.input_norm)[None].to(device))
+            prediction = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+            path = Path(out_dir) / f"{sample_id}.png"
+            Image.fromarray(prediction_panel(image, prediction, label)).save(path, format="PNG")
+            written.append(path)
+    return written

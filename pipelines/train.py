@@ -15,11 +15,14 @@ checkpoint by mean IU becomes
     reports/<stage>/metrics.json  best val scores, iterations, where the weights started
     reports/<stage>/history.csv   iteration, loss and the four scores at each validation
 
+and the stage is one MLflow run (pipelines/tracking.py): params, provenance tags,
+metrics by iteration from rank 0, plots and val images of the best checkpoint.
+
 A run lives in <ray.storage_path>/<run name>. Starting a stage again with the same
-run name resumes from that run's last checkpoint; the default name is the stage
-plus a fingerprint of everything that decides its result except the iteration
-count (parameters, code, shards, starting weights), so an interrupted run resumes,
-a longer one continues, and a changed one starts afresh.
+run name resumes from that run's last checkpoint (and its MLflow run); the default
+name is the stage plus a fingerprint of everything that decides its result except
+the iteration count (parameters, code, shards, starting weights), so an
+interrupted run resumes, a longer one continues, and a changed one starts afresh.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ from fcn_models.checkpoint import load_checkpoint, save_checkpoint
 from fcn_models.fcn import build_fcn, reference_param_groups
 from fcn_models.metrics import IGNORE_INDEX, ConfusionMatrix
 from fcn_models.surgery import load_imagenet_weights, transfer_weights
+from pipelines import tracking
 from pipelines.params import PROJECT_ROOT, Params, ParamsError, load_params, resolve
 
 VARIANTS = ("fcn32s", "fcn16s", "fcn8s", "fcn8s-atonce")
@@ -327,6 +331,7 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     use_amp = bool(config["amp"]) and device.type == "cuda"
     progress = ProgressLog(config.get("progress_dir"), rank)
+    metrics_log = tracking.MetricsLog(config.get("tracking"), rank, config["stage"])
 
     # Same seed on every rank: identical starting weights (DDP also broadcasts rank 0's).
     torch.manual_seed(config["seed"])
@@ -349,6 +354,7 @@ def train_loop(config: dict) -> None:
         optimizer.load_state_dict(train_state["optimizer"])
         scaler.load_state_dict(train_state["scaler"])
     progress.start(start)
+    metrics_log.resume(history)
 
     iterations, val_every = config["iterations"], config["val_every"]
     if start >= iterations and rank == 0:
@@ -377,7 +383,9 @@ def train_loop(config: dict) -> None:
             now = time.perf_counter()
             rate = (iteration - tick_iteration) / max(now - tick, 1e-9)
             tick, tick_iteration = now, iteration
-            say(f"[{config['stage']}] iteration {iteration}/{iterations}  loss {loss.item():.4g}  {rate:.2f} it/s")
+            loss_value = loss.item()
+            say(f"[{config['stage']}] iteration {iteration}/{iterations}  loss {loss_value:.4g}  {rate:.2f} it/s")
+            metrics_log.train_loss(iteration, loss_value)
 
         if iteration % val_every == 0 or iteration == iterations:
             # The raw module, not DDP: workers score different numbers of images.
@@ -400,6 +408,9 @@ def train_loop(config: dict) -> None:
                 directory, net, checkpoint_meta(config, iteration, scores, matrix), optimizer, scaler,
                 iteration, history))
             progress.checkpoint(iteration)
+            # After the report: a validation redone after a failure is then one whose
+            # checkpoint never registered, and logging skips steps already logged.
+            metrics_log.validation(row)
             model.train()
 
 
@@ -433,7 +444,11 @@ def _bind_loopback() -> None:
 
 
 def connect_ray(ray_params) -> None:
-    """Join ray.address (or RAY_ADDRESS) when given, else start a local cluster on 127.0.0.1."""
+    """Join ray.address (or RAY_ADDRESS) when given, else start a local cluster on 127.0.0.1.
+
+    In a Ray job, Ray sets RAY_ADDRESS to the cluster the job runs on, so the stage
+    trains there, with the job's runtime environment (its working_dir) on every worker.
+    """
     import ray
 
     if ray.is_initialized():
@@ -471,7 +486,9 @@ def default_run_name(params: Params, stage: str, init: dict, root: Path) -> str:
     elif init["source"] == "imagenet":
         init_identity = f"{init['path']}:{Path(init['path']).stat().st_size}"
     else:
-        init_identity = _sha1_files([Path(init["path"]) / "meta.json"])
+        # The weights themselves: an earlier stage retrained to the same scores has
+        # the same meta.json, yet this stage must start afresh from its new weights.
+        init_identity = _sha1_files([Path(init["path"]) / "meta.json", Path(init["path"]) / "model.pt"])
     code = [PROJECT_ROOT / "pipelines" / "train.py", PROJECT_ROOT / "pipelines" / "dataset.py",
             *(PROJECT_ROOT / "fcn_models").glob("*.py")]
     fingerprint = {
@@ -499,16 +516,13 @@ def loop_config(params: Params, stage: str, init: dict, progress_dir: str | None
         # The data helpers read the model, augment and train sections.
         "params": params,
         "progress_dir": progress_dir,
+        # The stage's MLflow run (tracking.StageRun.for_workers()), set by run_stage.
+        "tracking": None,
     }
 
 
 def run_stage(params: Params, stage: str, root: Path = PROJECT_ROOT, run_name: str | None = None) -> dict:
-    """Train one stage on Ray and write its outputs; return the metrics written."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pipelines import dataset
-
+    """Train one stage on Ray, write its outputs and track it in MLflow; return the metrics written."""
     if stage not in params.train.stages:
         raise TrainError(f"unknown stage {stage!r}: train.stages has {', '.join(params.train.stages)}")
     root = Path(root).resolve()
@@ -524,9 +538,39 @@ def run_stage(params: Params, stage: str, root: Path = PROJECT_ROOT, run_name: s
     # Build the starting network once here, so a bad init fails now with its own
     # message instead of in every worker attempt.
     initial_model(config)
+    # The stage's MLflow run opens before anything trains: a store that cannot be
+    # opened stops the stage here (pipelines/tracking.py says why).
+    try:
+        stage_run = tracking.open_stage_run(params, stage, root, name, storage, init["note"])
+    except tracking.TrackingError as err:
+        raise TrainError(str(err)) from None
+    config["tracking"] = stage_run.for_workers()
+    try:
+        models_dir = resolve(params.train.models_dir, root) / stage
+        reports_dir = resolve(params.train.reports_dir, root) / stage
+        metrics = write_outputs(fit(params, name, storage, config, root), models_dir, reports_dir, init["note"])
+        try:
+            tracking.finish_stage_run(stage_run, params, stage, root, models_dir, reports_dir)
+        except Exception as err:
+            raise TrainError(
+                f"stage {stage} trained and wrote its outputs, but logging them to MLflow run {stage_run.run_id} "
+                f"failed: {type(err).__name__}: {err}; once the store works, run the stage again with the same "
+                "run name: it has nothing left to train and logs what is missing") from err
+    except BaseException as err:
+        tracking.end_stage_run(stage_run, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    return metrics
+
+
+def fit(params: Params, name: str, storage: str, config: dict, root: Path):
+    """Run (or resume) the Ray Train run `name` in `storage`; return its result."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines import dataset
 
     connect_ray(params.ray)
-    print(f"[{stage}] run {name} in {storage}; weights start from {init['note']}", flush=True)
+    print(f"[{config['stage']}] run {name} in {storage}; weights start from {config['init']['note']}", flush=True)
     ray_params = params.ray
     trainer = TorchTrainer(
         train_loop,
@@ -547,10 +591,7 @@ def run_stage(params: Params, stage: str, root: Path = PROJECT_ROOT, run_name: s
         datasets=dataset.build_datasets(params, root),
         dataset_config=dataset.data_config(params),
     )
-    result = trainer.fit()
-    models_dir = resolve(params.train.models_dir, root) / stage
-    reports_dir = resolve(params.train.reports_dir, root) / stage
-    return write_outputs(result, models_dir, reports_dir, init["note"])
+    return trainer.fit()
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -613,11 +654,57 @@ def write_outputs(result, models_dir: Path, reports_dir: Path, init_note: str) -
     return metrics
 
 
+# ---------------------------------------------------------------------------
+# The command line, also as the entrypoint of a Ray job.
+
+
+def job_working_dir_copy() -> Path | None:
+    """The temporary copy of the working directory this Ray job runs in, or None.
+
+    `ray job submit --working-dir DIR` unpacks DIR on the head node into a directory
+    named after the package its runtime environment names (gcs://_ray_pkg_<hash>.zip)
+    and starts the entrypoint there; the copy is deleted after the job.
+    """
+    try:
+        job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return None
+    package = str((job_config.get("runtime_env") or {}).get("working_dir") or "")
+    name = Path(package.split("://")[-1]).stem
+    if not name:
+        return None
+    cwd = Path.cwd().resolve()
+    return next((d for d in (cwd, *cwd.parents) if d.name == name), None)
+
+
+def check_outputs_outside_job_copy(params: Params, root: Path) -> None:
+    """Refuse to write outputs into a Ray job's copy of the working directory, where they would be lost."""
+    copy = job_working_dir_copy()
+    if copy is None:
+        return
+    outputs = {"train.models_dir": params.train.models_dir, "train.reports_dir": params.train.reports_dir}
+    if "://" not in str(params.ray.storage_path):
+        outputs["ray.storage_path"] = params.ray.storage_path
+    uri = tracking.tracking_uri(params, root)
+    if uri.startswith("sqlite:///"):
+        outputs["mlflow.db_file"] = uri[len("sqlite:///"):]
+        outputs["mlflow.artifacts_dir"] = params.mlflow.artifacts_dir
+    inside = [f"{key} ({resolve(path, root)})" for key, path in outputs.items()
+              if resolve(path, root).resolve().is_relative_to(copy)]
+    if inside:
+        raise TrainError(
+            f"{', '.join(inside)} would be written inside this Ray job's temporary copy of the working "
+            f"directory ({copy}) and lost when the job ends: pass the project's params file by its absolute "
+            "path (`ray job submit --working-dir . -- python -m pipelines.train --params \"$PWD/params.yaml\" ...`), "
+            "on storage every node reaches, or give those paths as absolute paths or s3:// URIs")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fcn train", description=__doc__.split("\n")[0])
     parser.add_argument("--stage", required=True, help="the stage to train: a key of train.stages in params")
     parser.add_argument("--params", default="params.yaml",
-                        help="params file; relative paths are taken from its directory (default: %(default)s)")
+                        help="params file; relative paths in it are taken from its directory, so outputs land "
+                             "there: in a Ray job, give the project's file by absolute path (default: %(default)s)")
     parser.add_argument("--run-name", default=None,
                         help="Ray Train run name; a run with this name resumes from its last checkpoint "
                              "(default: the stage and a fingerprint of its parameters, code, data and init)")
@@ -626,7 +713,9 @@ def main(argv=None) -> int:
 
     try:
         params = load_params(args.params)
-        metrics = run_stage(params, args.stage, Path(args.params).resolve().parent, args.run_name)
+        root = Path(args.params).resolve().parent
+        check_outputs_outside_job_copy(params, root)
+        metrics = run_stage(params, args.stage, root, args.run_name)
     except (ParamsError, TrainError) as err:
         print(f"train: {err}", file=sys.stderr)
         return 2 if isinstance(err, ParamsError) else 1

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from pipelines import train
+from pipelines import tracking, train
 from test_train import make_params, read_history, write_shards
 
 ITERATIONS, VAL_EVERY = 12, 4
@@ -54,7 +54,8 @@ def kill_a_worker_after_the_first_checkpoint(run_dir, killed, timeout_s=240):
         time.sleep(0.02)
 
 
-def test_killed_worker_resumes_from_the_last_checkpoint_and_finishes(tmp_path, ray_cluster):
+def test_killed_worker_resumes_from_the_last_checkpoint_and_finishes(tmp_path, ray_cluster, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own SQLite store
     write_shards(tmp_path / "shards", n_train=16)
     stages = {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": ITERATIONS}}
     params = make_params(tmp_path, stages, max_failures=1, val_every=VAL_EVERY, log_every=VAL_EVERY)
@@ -89,3 +90,12 @@ def test_killed_worker_resumes_from_the_last_checkpoint_and_finishes(tmp_path, r
     assert [row["iteration"] for row in history] == list(range(VAL_EVERY, ITERATIONS + 1, VAL_EVERY))
     pids = [json.loads(line) for line in (run_dir / "progress" / "workers.jsonl").read_text().splitlines()]
     assert len(pids) == 4 and killed["pid"] not in [w["pid"] for w in pids[2:]]
+
+    # MLflow: one run through both attempts, finished, every validation logged once as in history.csv.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(params, tmp_path))
+    runs = client.search_runs([client.get_experiment_by_name(params.mlflow.experiment).experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    logged = sorted((m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, "mean_iu"))
+    assert logged == [(int(row["iteration"]), pytest.approx(row["mean_iu"], rel=1e-12)) for row in history]

@@ -1,18 +1,25 @@
-"""The demo profile end to end through DVC: fetch -> preprocess -> train@fcn32s -> fcn16s -> fcn8s.
+"""The demo profile end to end through DVC: fetch -> preprocess -> train@fcn32s -> fcn16s -> fcn8s
+-> evaluate -> register, then the MLflow UI's REST API over the store the run wrote.
 
 The project is copied into a fresh git + DVC repo in a temp dir (DVC never runs in
 the real checkout), committed, and run as `make demo` runs it, with `dvc exp run -S
 profile=demo`, plus overrides that make it small: a smaller generated mirror (its
 md5s passed in), a narrower network, a few iterations, one Ray worker. Then: every
 stage's outputs exist and agree with each other, a second `dvc repro` runs nothing,
-and a new FCN-16s learning rate re-runs FCN-16s and FCN-8s and nothing else.
+a new FCN-16s learning rate re-runs FCN-16s, FCN-8s and what follows them, and the
+MLflow server shows the experiment's runs and the registered FCN-8s with its alias.
 """
 import csv
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -24,6 +31,7 @@ from pipelines.params import PROJECT_ROOT, load_params
 
 COPIED = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "conf", "pipelines", "fcn_models"]
 STAGES = ("fcn32s", "fcn16s", "fcn8s")
+PIPELINE = ("fetch", "preprocess", *(f"train@{s}" for s in STAGES), "evaluate", "register")
 ITERATIONS = {"fcn32s": 6, "fcn16s": 4, "fcn8s": 4}
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "demo test", "GIT_AUTHOR_EMAIL": "demo@example.invalid",
                 "GIT_COMMITTER_NAME": "demo test", "GIT_COMMITTER_EMAIL": "demo@example.invalid"}
@@ -77,7 +85,7 @@ def test_demo_profile_runs_every_stage_and_reruns_only_what_changed(tmp_path):
         *(f"train.stages.{s}.iterations={n}" for s, n in ITERATIONS.items()),
     ]
     first = _dvc(repo, "exp", "run", "-S", "profile=demo", *(a for o in smaller for a in ("-S", o)))
-    for stage in ("fetch", "preprocess", *(f"train@{s}" for s in STAGES)):
+    for stage in PIPELINE:
         assert f"Running stage '{stage}'" in first, stage
 
     # params.yaml is the demo profile, composed, with the overrides on top.
@@ -109,12 +117,31 @@ def test_demo_profile_runs_every_stage_and_reruns_only_what_changed(tmp_path):
     state16 = torch.load(repo / "models" / "fcn16s" / "model.pt", weights_only=True)
     assert state32["trunk.conv1_1.weight"].shape == state16["trunk.conv1_1.weight"].shape
 
+    # evaluate: every stage's best checkpoint on all of val, the same scores as training's
+    # last word on it (both score whole val images at their own sizes).
+    evaluation = json.loads((repo / "reports" / "evaluation.json").read_text())
+    assert list(evaluation) == list(STAGES)
+    for stage in STAGES:
+        metrics = json.loads((repo / "reports" / stage / "metrics.json").read_text())
+        assert abs(evaluation[stage]["mean_iu"] - metrics["mean_iu"]) < 1e-6, stage
+        assert evaluation[stage]["forward_ms"] > 0
+    table = (repo / "reports" / "evaluation.md").read_text()
+    assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| FCN-")] == \
+        ["FCN-32s", "FCN-16s", "FCN-8s"]
+
+    # register: the first version of the model takes the alias.
+    registry = json.loads((repo / "reports" / "registry.json").read_text())
+    fcn8s = json.loads((repo / "reports" / "fcn8s" / "metrics.json").read_text())
+    assert registry["decision"] == "promoted" and registry["champion_version_before"] is None
+    assert registry["champion_version"] == registry["new_version"]
+    assert abs(registry["champion_mean_iu"] - fcn8s["mean_iu"]) < 1e-9
+
     again = _dvc(repo, "repro")
     assert "Running stage" not in again
     assert "up to date" in _dvc(repo, "status")
 
     # A new FCN-16s learning rate: `dvc status` names FCN-16s alone (nothing upstream of
-    # it, nor FCN-32s beside it); FCN-8s follows once FCN-16s's model changes.
+    # it, nor FCN-32s beside it); FCN-8s and what follows it run once FCN-16s's model changes.
     path = repo / "params.yaml"
     raw = yaml.safe_load(path.read_text())
     raw["train"]["stages"]["fcn16s"]["lr"] *= 2
@@ -122,5 +149,78 @@ def test_demo_profile_runs_every_stage_and_reruns_only_what_changed(tmp_path):
     assert sorted(json.loads(_dvc(repo, "status", "--json"))) == ["train@fcn16s"]
     rerun = _dvc(repo, "repro")
     ran = sorted(line.split("'")[1] for line in rerun.splitlines() if line.startswith("Running stage '"))
-    assert ran == ["train@fcn16s", "train@fcn8s"]
+    assert ran == ["evaluate", "register", "train@fcn16s", "train@fcn8s"]
     assert "up to date" in _dvc(repo, "status")
+    second = json.loads((repo / "reports" / "registry.json").read_text())
+    assert second["new_version"] == registry["new_version"] + 1
+    assert second["champion_version_before"] == registry["new_version"]
+
+    check_mlflow_ui(repo, second)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get(base: str, path: str, **query) -> dict:
+    with urllib.request.urlopen(f"{base}{path}?{urllib.parse.urlencode(query)}", timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _post(base: str, path: str, body: dict) -> dict:
+    request = urllib.request.Request(f"{base}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def check_mlflow_ui(repo: Path, registry: dict) -> None:
+    """The MLflow UI (its server, on 127.0.0.1) over the demo's store: one run per training
+    stage in the pipeline's experiment, and the registered FCN-8s with its champion alias."""
+    params = load_params(repo / "params.yaml")
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri",
+         f"sqlite:///{repo / params.mlflow.db_file}", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=repo, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                experiment = _get(base, "/experiments/get-by-name",
+                                  experiment_name=params.mlflow.experiment)["experiment"]
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert server.poll() is None, f"mlflow ui exited:\n{server.stderr.read()[-3000:]}"
+                assert time.monotonic() < deadline, "mlflow ui did not answer within 120 s"
+                time.sleep(1)
+
+        runs = _post(base, "/runs/search", {"experiment_ids": [experiment["experiment_id"]],
+                                             "max_results": 100})["runs"]
+        by_stage = {}
+        for run in runs:
+            tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+            if "fcn.stage" in tags:
+                by_stage.setdefault(tags["fcn.stage"], []).append(run)
+        # FCN-16s and FCN-8s ran twice with different params: a run each time.
+        assert sorted((stage, len(found)) for stage, found in by_stage.items()) == \
+            [("fcn16s", 2), ("fcn32s", 1), ("fcn8s", 2)]
+
+        model = _get(base, "/registered-models/get", name=params.mlflow.model_name)["registered_model"]
+        aliases = {a["alias"]: a["version"] for a in model.get("aliases", [])}
+        assert aliases == {params.mlflow.alias: str(registry["champion_version"])}
+        champion = _get(base, "/registered-models/alias", name=params.mlflow.model_name,
+                        alias=params.mlflow.alias)["model_version"]
+        assert champion["version"] == str(registry["champion_version"])
+        run = _get(base, "/runs/get", run_id=champion["run_id"])["run"]
+        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        assert abs(metrics["mean_iu"] - registry["champion_mean_iu"]) < 1e-9
+        for key in ("pixel_acc", "mean_acc", "fw_iu"):
+            assert 0.0 <= metrics[key] <= 1.0, key
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)

@@ -1,0 +1,293 @@
+"""MLflow tracking of training stages, against the real SQLite store in a temp project.
+
+One module fixture trains FCN-32s twice under the same Ray run name (4 iterations,
+then 6) in a git repository holding the tiny shards of test_train; the tests read
+what the first run recorded and how the second continued it. The rest trains nothing.
+"""
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from fcn_models.palette import overlay
+from pipelines import tracking, train
+from pipelines.shards import decode_sample
+from test_train import SIZES, make_params, read_history, write_shards
+
+SCORE_AND_LOSS = ("loss", *train.SCORE_KEYS)
+GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
+
+
+def git(repo, *args):
+    result = subprocess.run(["git", *args], cwd=repo, env={**os.environ, **GIT_ENV},
+                            capture_output=True, text=True, check=True)
+    return result.stdout.strip()
+
+
+def committed_repo(path):
+    """A git repository at path whose one commit ignores everything else in it."""
+    path.mkdir(parents=True, exist_ok=True)
+    git(path, "init", "-q")
+    (path / ".gitignore").write_text("*\n!.gitignore\n")
+    git(path, "add", ".gitignore")
+    git(path, "-c", "commit.gpgsign=false", "commit", "-q", "-m", "project")
+    return git(path, "rev-parse", "HEAD")
+
+
+def dvc_md5(directory, scratch):
+    """The md5 `dvc add` records for a copy of directory."""
+    repo = scratch / "dvc-repo"
+    shutil.copytree(directory, repo / "data")
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    for args in (("init", "--no-scm", "-q"), ("add", "-q", "data")):
+        subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, check=True, capture_output=True)
+    return yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
+
+
+def with_mlflow(params, **knobs):
+    return dataclasses.replace(params, mlflow=dataclasses.replace(params.mlflow, **knobs))
+
+
+def stage_runs(root, params):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(params, root))
+    experiment = client.get_experiment_by_name(params.mlflow.experiment)
+    return client, client.search_runs([experiment.experiment_id])
+
+
+def metric_rows(client, run_id, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+# --------------------------------------------------------------------------- provenance, no Ray
+
+
+def test_git_state_reads_the_commit_and_notes_a_dirty_tree(tmp_path):
+    head = committed_repo(tmp_path / "repo")
+    assert tracking.git_state(tmp_path / "repo") == (head, False)
+    (tmp_path / "repo" / ".gitignore").write_text("*\n")
+    assert tracking.git_state(tmp_path / "repo") == (head, True)
+    (tmp_path / "plain").mkdir()
+    assert tracking.git_state(tmp_path / "plain") == ("unknown", None)
+
+
+def test_shards_hash_is_dvcs_from_the_lock_while_it_still_fits(tmp_path):
+    shards = tmp_path / "data" / "shards"
+    write_shards(shards)
+    expected = dvc_md5(shards, tmp_path)
+    assert expected.endswith(".dir")
+    assert tracking.shards_hash(shards, tmp_path) == (expected, "computed")
+
+    files = [p for p in shards.rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    locked = "0123456789abcdef0123456789abcdef.dir"  # not the content's: proves the lock was read
+
+    def write_lock(nfiles, size):
+        (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"preprocess": {
+            "cmd": "python -m pipelines.preprocess",
+            "outs": [{"path": "data/shards", "hash": "md5", "md5": locked, "size": size, "nfiles": nfiles}]}}}))
+
+    write_lock(len(files), size)
+    assert tracking.shards_hash(shards, tmp_path) == (locked, "dvc.lock")
+    # Shards changed outside DVC since the lock was written: the lock no longer describes them.
+    write_lock(len(files), size + 1)
+    assert tracking.shards_hash(shards, tmp_path) == (expected, "computed")
+
+
+def test_same_ray_run_reopens_its_mlflow_run_and_another_name_opens_a_new_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    write_shards(tmp_path / "shards")
+    stages = {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 4}}
+    params = make_params(tmp_path, stages)
+    storage = str(tmp_path / "ray_results")
+    first = tracking.open_stage_run(params, "fcn32s", tmp_path, "one", storage, "random (test)")
+    assert not first.resumed
+    # The embedded default: SQLite in the project, artifacts beside it, both absolute.
+    assert first.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}" and (tmp_path / "mlflow.db").is_file()
+    tracking.end_stage_run(first, "FAILED")
+
+    longer = make_params(tmp_path, {"fcn32s": {**stages["fcn32s"], "iterations": 8}})
+    again = tracking.open_stage_run(longer, "fcn32s", tmp_path, "one", storage, "random (test)")
+    other = tracking.open_stage_run(params, "fcn32s", tmp_path, "two", storage, "random (test)")
+    assert again.run_id == first.run_id and again.resumed
+    assert other.run_id != first.run_id and not other.resumed
+
+    client, runs = stage_runs(tmp_path, params)
+    by_id = {r.info.run_id: r for r in runs}
+    assert len(runs) == 2
+    reopened = by_id[first.run_id]
+    assert reopened.info.status == "RUNNING" and reopened.info.run_name == "fcn32s-one"
+    assert reopened.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+    # Params are write-once in MLflow: the first value stays, the current one is a tag.
+    assert reopened.data.params["stage.iterations"] == "4"
+    assert reopened.data.tags["fcn.param.stage.iterations"] == "8"
+    assert "stage.iterations 4 -> 8" in capsys.readouterr().out
+    assert {r.data.tags["fcn.ray_run"] for r in runs} == {"one", "two"}
+
+
+def test_a_store_that_cannot_be_opened_stops_the_stage_before_training(tmp_path):
+    write_shards(tmp_path / "shards")
+    (tmp_path / "a-file").write_text("")  # where the store's directory should be
+    params = with_mlflow(make_params(tmp_path, {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 4}}),
+                         tracking_uri=f"sqlite:///{tmp_path}/a-file/mlflow.db")
+    with pytest.raises(train.TrainError, match="cannot open the MLflow tracking store sqlite:///.*a-file"):
+        train.run_stage(params, "fcn32s", tmp_path, run_name="never")
+    assert not (tmp_path / "ray_results" / "never").exists()
+
+
+def test_new_starting_weights_are_a_new_ray_run_and_so_a_new_mlflow_run(tmp_path):
+    """An earlier stage retrained to the same scores writes the same meta.json, other weights."""
+    import torch
+
+    from fcn_models.checkpoint import save_checkpoint
+    from fcn_models.fcn import build_fcn
+
+    write_shards(tmp_path / "shards")
+    params = make_params(tmp_path, {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 4},
+                                    "fcn16s": {"init": "fcn32s", "lr": 1e-3, "iterations": 4}})
+    names = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        save_checkpoint(tmp_path / "models" / "fcn32s", build_fcn("fcn32s", width=0.0625), {"stage": "fcn32s"})
+        init = train.resolve_init(params, "fcn16s", tmp_path)
+        names.append(train.default_run_name(params, "fcn16s", init, tmp_path))
+    assert names[0] != names[1]
+
+
+# --------------------------------------------------------------------------- a stage on Ray, run twice
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory, ray_cluster):
+    """FCN-32s for 4 iterations (2 workers), then the same Ray run to 6 (1 worker)."""
+    root = tmp_path_factory.mktemp("tracked")
+    commit = committed_repo(root)
+    write_shards(root / "shards")
+    expected_md5 = dvc_md5(root / "shards", tmp_path_factory.mktemp("dvc"))
+    params = with_mlflow(make_params(root, {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 4}}),
+                         val_images_logged=2)
+    longer = with_mlflow(make_params(root, {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 6}},
+                                     workers=1, models_dir=str(root / "models-longer"),
+                                     reports_dir=str(root / "reports-longer")), val_images_logged=2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        metrics = train.run_stage(params, "fcn32s", root, run_name="tracked")
+        client, runs = stage_runs(root, params)
+        first = {"runs": runs, "metrics": {k: metric_rows(client, runs[0].info.run_id, k)
+                                           for k in (*SCORE_AND_LOSS, tracking.TRAIN_LOSS_KEY)}}
+        train.run_stage(longer, "fcn32s", root, run_name="tracked")
+        _, after = stage_runs(root, params)
+    return {"root": root, "params": params, "metrics": metrics, "commit": commit, "md5": expected_md5,
+            "client": client, "first": first, "after": after}
+
+
+def test_a_stage_is_one_finished_run_with_its_params_and_provenance(tracked):
+    root, runs = tracked["root"], tracked["first"]["runs"]
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == "fcn32s-tracked"
+    params = run.data.params
+    assert params["stage.lr"] == "0.001" and params["stage.iterations"] == "4" and params["stage.init"] == "imagenet"
+    assert params["train.loss"] == "mean" and params["train.val_every"] == "2"
+    assert params["model.width"] == "0.0625" and params["ray.num_workers"] == "2"
+    assert params["data.shards_dir"] == str(root / "shards")
+    tags = run.data.tags
+    assert tags["fcn.stage"] == "fcn32s" and tags["fcn.ray_run"] == "tracked"
+    assert tags["fcn.init"] == tracked["metrics"]["init"] and tags["fcn.init"].startswith("random (")
+    assert tags["mlflow.source.git.commit"] == tracked["commit"] and tags["fcn.git_dirty"] == "false"
+    assert tags["fcn.shards_md5"] == tracked["md5"] and tags["fcn.shards_md5_from"] == "computed"
+    assert (root / "mlflow.db").is_file()
+
+
+def test_metrics_by_iteration_are_the_history(tracked):
+    root, logged = tracked["root"], tracked["first"]["metrics"]
+    history = read_history(root / "reports" / "fcn32s" / "history.csv")
+    assert [row["iteration"] for row in history] == [2, 4]
+    for key in SCORE_AND_LOSS:
+        assert logged[key] == [(int(row["iteration"]), pytest.approx(row[key], rel=1e-12)) for row in history], key
+    # The training loss every log_every (2) iterations, once each.
+    assert [step for step, _ in logged[tracking.TRAIN_LOSS_KEY]] == [2, 4]
+    assert all(value > 0 for _, value in logged[tracking.TRAIN_LOSS_KEY])
+
+
+def test_artifacts_are_the_plots_val_images_and_outputs(tracked):
+    root, run = tracked["root"], tracked["first"]["runs"][0]
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+    assert artifacts.is_relative_to(root / "mlartifacts")
+    for name in ("plots/confusion_matrix.png", "plots/per_class_iu.png"):
+        with Image.open(artifacts / name) as image:
+            image.load()
+            assert image.format == "PNG" and min(image.size) > 200
+    # The second run of the same run name logged over them: the stage's latest outputs.
+    latest = json.loads((root / "reports-longer" / "fcn32s" / "metrics.json").read_text())
+    assert latest["iterations"] == 6
+    assert json.loads((artifacts / "outputs" / "metrics.json").read_text()) == latest
+
+    # The first two val rows: image | prediction | truth, the truth drawn in the VOC colours.
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(root / "shards" / "val").to_pylist()[:2]
+    assert sorted(p.name for p in (artifacts / "val_images").iterdir()) == sorted(f"{r['id']}.png" for r in rows)
+    for row, (height, width) in zip(rows, SIZES):
+        image, label = decode_sample(row["id"], row["image"], row["label"])
+        panel = np.asarray(Image.open(artifacts / "val_images" / f"{row['id']}.png").convert("RGB"))
+        assert panel.shape == (height, 3 * width + 8, 3)
+        assert np.array_equal(panel[:, :width], image)
+        truth = panel[:, 2 * width + 8:]
+        assert np.array_equal(truth, overlay(image, label))
+        assert not np.array_equal(truth, image)  # an object is in every label
+
+
+def test_same_run_name_continues_the_same_run(tracked):
+    root, first, after = tracked["root"], tracked["first"]["runs"][0], tracked["after"]
+    assert [r.info.run_id for r in after] == [first.info.run_id]
+    run = after[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["stage.iterations"] == "4" and run.data.tags["fcn.param.stage.iterations"] == "6"
+    history = read_history(root / "reports-longer" / "fcn32s" / "history.csv")
+    assert [row["iteration"] for row in history] == [2, 4, 6]
+    client = tracked["client"]
+    for key in SCORE_AND_LOSS:
+        logged = metric_rows(client, run.info.run_id, key)
+        assert logged[:2] == tracked["first"]["metrics"][key]
+        assert logged == [(int(row["iteration"]), pytest.approx(row[key], rel=1e-12)) for row in history], key
+    assert [step for step, _ in metric_rows(client, run.info.run_id, tracking.TRAIN_LOSS_KEY)] == [2, 4, 6]
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+    assert read_history(artifacts / "outputs" / "history.csv") == history
+
+
+def test_a_stage_that_fails_ends_its_run_failed(tmp_path, ray_cluster, monkeypatch):
+    from pipelines.dataset import DatasetError
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    write_shards(tmp_path / "shards")
+    shutil.rmtree(tmp_path / "shards" / "val")
+    params = make_params(tmp_path, {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 4}})
+    with pytest.raises(DatasetError, match="val"):
+        train.run_stage(params, "fcn32s", tmp_path, run_name="broken")
+    _, runs = stage_runs(tmp_path, params)
+    assert [(r.data.tags["fcn.ray_run"], r.info.status) for r in runs] == [("broken", "FAILED")]
+    assert runs[0].info.end_time is not None
+
+
+def test_the_store_is_absolute_for_workers_that_run_elsewhere(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = make_params(tmp_path, {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 4}})
+    assert tracking.tracking_uri(params, tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+    # A relative SQLite path in params is taken from the project, as every params path.
+    relative = with_mlflow(params, tracking_uri="sqlite:///store/runs.db")
+    assert tracking.tracking_uri(relative, tmp_path) == f"sqlite:///{tmp_path}/store/runs.db"
+    assert tracking.tracking_uri(with_mlflow(params, tracking_uri="http://127.0.0.1:5000"), tmp_path) == \
+        "http://127.0.0.1:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5001")
+    assert tracking.tracking_uri(params, tmp_path) == "http://127.0.0.1:5001"
