@@ -275,6 +275,9 @@ def build_datasets(params: Params, root: Path = PROJECT_ROOT, *, start_epoch: in
         ds = ds.map_batches(DecodeAugment, batch_size=DECODE_BATCH_ROWS, compute=ActorPoolStrategy(size=res["actors"]),
                             num_cpus=res["actor_cpus"], zero_copy_batch=True, **kwargs)
         ds.context.execution_options = execution_options(res["cpus"])
+        # Training prints its own progress (iteration, loss, it/s); Ray Data's bars,
+        # redrawn by every worker's pipeline, would bury it in the stage log.
+        ds.context.enable_progress_bars = False
         return ds
 
     train = _read_shards(files["train"], plan["train"]["io_cpus"])
