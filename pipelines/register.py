@@ -190,6 +190,9 @@ def register(params: Params, root: Path) -> dict:
             })
             mlflow.log_metrics(scores)
             mlflow.set_tag("weights_sha256", weights_sha256)
+            commit, dirty = tracking.git_state(root)
+            mlflow.set_tags({tracking.GIT_COMMIT_TAG: commit,
+                             **({} if dirty is None else {tracking.GIT_DIRTY_TAG: str(dirty).lower()})})
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(SERVING_CODE), code_paths=[str(FCN_MODELS_DIR)],
                 artifacts={CHECKPOINT_ARTIFACT: str(packed)}, signature=model_signature(),

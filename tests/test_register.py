@@ -119,6 +119,8 @@ def test_each_version_comes_from_a_run_with_the_checkpoint_scores(registry):
         assert run.info.experiment_id == experiment.experiment_id
         assert {k: run.data.metrics[k] for k in SCORE_NAMES} == pytest.approx(scores)
         assert run.data.params["variant"] == "fcn8s" and run.data.params["input_norm"] == "torchvision-rgb"
+        # The temp project is no git repository: the commit tag says so rather than being absent.
+        assert run.data.tags[tracking.GIT_COMMIT_TAG] == tracking.git_state(registry["root"])[0] == "unknown"
         version = client.get_model_version("fcn-voc", str(record["new_version"]))
         assert version.run_id == record["run_id"]
     # The store and its artifacts are the project's own, at the default paths.
