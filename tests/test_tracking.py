@@ -19,6 +19,7 @@ from PIL import Image
 
 from fcn_models.palette import overlay
 from pipelines import tracking, train
+from pipelines.params import parse_params
 from pipelines.shards import decode_sample
 from test_train import SIZES, make_params, read_history, write_shards
 
@@ -291,3 +292,14 @@ def test_the_store_is_absolute_for_workers_that_run_elsewhere(tmp_path, monkeypa
         "http://127.0.0.1:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5001")
     assert tracking.tracking_uri(params, tmp_path) == "http://127.0.0.1:5001"
+
+
+def test_store_is_params_then_environment_then_the_projects_sqlite(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    default = parse_params({}, "test params")
+    assert tracking.tracking_uri(default, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert tracking.artifact_location(default, tmp_path) == (tmp_path.resolve() / "mlartifacts").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert tracking.tracking_uri(default, tmp_path) == "http://127.0.0.1:5999"
+    named = parse_params({"mlflow": {"tracking_uri": "http://127.0.0.1:5001"}}, "test params")
+    assert tracking.tracking_uri(named, tmp_path) == "http://127.0.0.1:5001"
