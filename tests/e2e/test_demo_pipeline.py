@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from fcn_models.checkpoint import load_checkpoint
+from project_copy import copy_project
 from pipelines.demo_data import write_mirror
 from pipelines.params import PROJECT_ROOT, load_params
 
@@ -55,13 +56,7 @@ def _dvc(repo: Path, *args: str, timeout: int = 600) -> str:
 
 
 def _make_repo(repo: Path) -> None:
-    repo.mkdir()
-    for name in COPIED:
-        source = PROJECT_ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, repo / name)
+    copy_project(repo, COPIED)
     _run(repo, "git", "init", "-q")
     _dvc(repo, "init", "-q")
     # The project's DVC config: Hydra composition on, no analytics.

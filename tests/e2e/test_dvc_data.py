@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
+from project_copy import copy_project
 from pipelines.demo_data import write_mirror
 from pipelines.params import PROJECT_ROOT, load_params
 
@@ -46,12 +47,7 @@ def test_dvc_repro_runs_what_changed_and_nothing_else(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    for name in COPIED:
-        source = PROJECT_ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, repo / name)
+    copy_project(repo, COPIED)
     _dvc(repo, "init", "-q")
     shutil.copy2(PROJECT_ROOT / ".dvc" / "config", repo / ".dvc" / "config")
     _set_params(repo, local_dir=str(mirror["voc"].parent), workers=2,

@@ -28,6 +28,7 @@ import yaml
 
 from fcn_models.checkpoint import load_checkpoint
 from pipelines import train
+from project_copy import copy_project
 from pipelines.params import PROJECT_ROOT, load_params
 from test_train import WIDTH, read_history, write_shards
 
@@ -125,13 +126,7 @@ def ray_head():
 
 
 def make_project(project: Path) -> Path:
-    project.mkdir()
-    for name in COPIED:
-        source = PROJECT_ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, project / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, project / name)
+    copy_project(project, COPIED)
     write_shards(project / "data" / "shards")
     params_file = project / "params.yaml"
     params_file.write_text(yaml.safe_dump(PARAMS))

@@ -1,0 +1,17 @@
+"""A copy of the project's files for an end-to-end test to run in (never the real checkout)."""
+import shutil
+from pathlib import Path
+
+from pipelines.params import PROJECT_ROOT
+
+
+def copy_project(target: Path, names) -> Path:
+    """Copy the named files and directories of the project into target (created), without caches."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        source = PROJECT_ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, target / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target / name)
+    return target
