@@ -8,14 +8,18 @@ training augmentation of pipelines/dataset.py (random rescale, pad, 512 x 512 ra
 crop, flip; the same albumentations pipeline and per-sample seeds), batches of
 uint8 crops, then normalisation to float32 N x 3 x H x W in the consuming process.
 
-  ray         build_datasets -> iter_train_batches, as a training worker consumes it;
-              ray.data_cpus = workers, so `workers` decode actors.
+  ray         build_datasets(epochs=E) -> iter_train_batches, as a training worker
+              consumes it: one execution of the train dataset holds the E epochs
+              (decode actors started once); ray.data_cpus = workers, so `workers`
+              decode actors.
   dataloader  the baseline: a map-style torch Dataset reading the same JPEG/PNG
-              bytes from files in a directory, DataLoader(num_workers=workers, shuffle).
+              bytes from files in a directory, DataLoader(num_workers=workers, shuffle),
+              a new DataLoader each of the E epochs (workers forked per epoch).
 
 The images are VOC-like (a generated mirror, longer side 500, through
-pipelines.preprocess). Pass 0 of every run is warm-up and not counted; each later
-pass is one epoch (for Ray: a new execution, new actors, a new block order).
+pipelines.preprocess). A run is E epochs from the start, start-up included (Ray's
+actors start once a training run, the DataLoader's workers once an epoch); the
+fastest of --repeat runs counts.
 """
 from __future__ import annotations
 
@@ -110,37 +114,34 @@ class FileDataset(torch.utils.data.Dataset):
 
 # --------------------------------------------------------------------------- runs
 
-def time_passes(epoch_batches, passes: int) -> list[tuple[int, float, float, int]]:
-    """(images, seconds, seconds to the first batch, images in it) of each pass after the warm-up pass 0."""
-    timed = []
-    for epoch in range(passes + 1):
-        images, first, start = 0, None, time.perf_counter()
-        for batch, _ in epoch_batches(epoch):
-            if first is None:
-                first = (time.perf_counter() - start, batch.shape[0])
-            images += batch.shape[0]
-        if epoch > 0:
-            timed.append((images, time.perf_counter() - start, *first))
-    return timed
+def time_run(batches) -> tuple[int, float, float, int]:
+    """(images, seconds, seconds to the first batch, images in it) of one run over all its epochs."""
+    images, first, start = 0, None, time.perf_counter()
+    for batch, _ in batches:
+        if first is None:
+            first = (time.perf_counter() - start, batch.shape[0])
+        images += batch.shape[0]
+    return images, time.perf_counter() - start, *first
 
 
-def run_ray(shards: Path, workers: int, batch_size: int, passes: int):
+def run_ray(shards: Path, workers: int, batch_size: int, epochs: int):
     params = bench_params(shards, workers, batch_size)
-    train = build_datasets(params, ROOT)["train"]
-    return time_passes(lambda epoch: iter_train_batches(train.iterator(), params, epoch), passes)
+    train = build_datasets(params, ROOT, epochs=epochs)["train"]
+    return time_run(iter_train_batches(train.iterator(), params))
 
 
-def run_dataloader(files: Path, shards: Path, workers: int, batch_size: int, passes: int):
+def run_dataloader(files: Path, shards: Path, workers: int, batch_size: int, epochs: int):
     params = bench_params(shards, workers, batch_size)
 
-    def epoch_batches(epoch):
-        loader = torch.utils.data.DataLoader(
-            FileDataset(files, params, epoch), batch_size=batch_size, shuffle=True, drop_last=True,
-            num_workers=workers, generator=torch.Generator().manual_seed(epoch))
-        for images, labels in loader:
-            yield normalize(images.permute(0, 3, 1, 2), params.model.input_norm), labels.long()
+    def batches():
+        for epoch in range(epochs):
+            loader = torch.utils.data.DataLoader(
+                FileDataset(files, params, epoch), batch_size=batch_size, shuffle=True, drop_last=True,
+                num_workers=workers, generator=torch.Generator().manual_seed(epoch))
+            for images, labels in loader:
+                yield normalize(images.permute(0, 3, 1, 2), params.model.input_norm), labels.long()
 
-    return time_passes(epoch_batches, passes)
+    return time_run(batches())
 
 
 def fastest(timed: list[tuple]) -> tuple[int, float, float, int]:
@@ -148,9 +149,8 @@ def fastest(timed: list[tuple]) -> tuple[int, float, float, int]:
 
 
 def steady_rate(images: int, seconds: float, first: float, first_images: int) -> float:
-    # Images/s once the first batch is out: a pass's start-up (for Ray: new decode actors
-    # importing torch and albumentations, reading the split for the block order) is a
-    # fixed cost per epoch.
+    # Images/s once the first batch is out: a run's start-up (for Ray: decode actors
+    # importing torch and albumentations) is a fixed cost per training run.
     return (images - first_images) / max(seconds - first, 1e-9)
 
 
@@ -174,8 +174,8 @@ def format_report(rows, args, loads) -> str:
     lines = [
         f"Machine: {machine()}.",
         f"{args.images} VOC-like training images (longer side 500), batches of {args.batch_size} 512 x 512 "
-        f"crops, random scale 0.5-2.0, pad, crop, flip, normalise; {args.passes} timed passes after a warm-up "
-        f"pass, the fastest pass of {args.repeat} runs counts. Load average (1 / 5 min) before and after: "
+        f"crops, random scale 0.5-2.0, pad, crop, flip, normalise; a run is {args.epochs} epochs from the start, "
+        f"start-up included, the fastest of {args.repeat} runs counts. Load average (1 / 5 min) before and after: "
         f"{loads[0]}, {loads[1]}.",
         "",
         "| pipeline | workers | images | seconds | images/s | images/s per core | ratio vs DataLoader "
@@ -217,11 +217,11 @@ def write_section(report: str, path: Path = DOC) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=400, help="training images (default: %(default)s)")
-    parser.add_argument("--passes", type=int, default=2, help="timed passes after the warm-up (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs a run (default: %(default)s)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
                         help="decode processes on each side (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per setting; the fastest pass counts")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per setting; the fastest run counts")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/fcn-bench-data"),
                         help="generated images and shards are kept here (default: %(default)s)")
     parser.add_argument("--no-write", action="store_true", help=f"do not update {DOC.relative_to(ROOT)}")
@@ -244,9 +244,9 @@ def main(argv=None) -> int:
     for _ in range(args.repeat):
         # Interleaved, so a burst of load from elsewhere hits both sides alike.
         for workers in args.workers:
-            for name, run in (("dataloader", lambda w: run_dataloader(files, shards, w, args.batch_size, args.passes)),
-                              ("ray", lambda w: run_ray(shards, w, args.batch_size, args.passes))):
-                results.setdefault((name, workers), []).extend(run(workers))
+            for name, run in (("dataloader", lambda w: run_dataloader(files, shards, w, args.batch_size, args.epochs)),
+                              ("ray", lambda w: run_ray(shards, w, args.batch_size, args.epochs))):
+                results.setdefault((name, workers), []).append(run(workers))
     loads.append(load())
     ray.shutdown()
 

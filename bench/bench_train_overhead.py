@@ -135,7 +135,7 @@ def worker_loop(config: dict) -> None:
         batches = cycle(config["batches"])
     else:
         shard = ray.train.get_dataset_shard("train")
-        batches = train.endless(lambda epoch: dataset.iter_train_batches(shard, config["params"], epoch), "train")
+        batches = train.endless(lambda _pass: dataset.iter_train_batches(shard, config["params"]), "train")
     result = timed_steps(model, optimizer, batches, config["steps"], config["warmup"], config["loss"],
                          time.perf_counter())
     # Ray Train keeps reported metrics only with a checkpoint: the worker (on this
@@ -157,7 +157,9 @@ def run_ray(config: dict, params, shards: Path, batches, steps: int, warmup: int
         worker_loop, train_loop_config=loop_config, torch_config=TorchConfig(backend="gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1.0}),
         run_config=ray.train.RunConfig(name=f"overhead-{int(started * 1000)}", storage_path=str(storage)),
-        **({} if batches is not None else {"datasets": dataset.build_datasets(params, shards.parent),
+        **({} if batches is not None else {"datasets": dataset.build_datasets(
+            params, shards.parent, epochs=dataset.train_epochs(
+                params, dataset.shard_rows(params, shards.parent)["train"], warmup + steps)),
                                             "dataset_config": dataset.data_config(params)}),
     )
     trainer.fit()

@@ -1,34 +1,47 @@
 """Ray Data input pipeline: Parquet shards -> decoded, augmented torch batches.
 
-    train: read_parquet -> randomize_block_order -> map_batches(DecodeAugment) -> local shuffle
+    train: epoch plan of row slices -> read tasks -> map_batches(DecodeAugment) -> local shuffle
     val:   read_parquet -> map_batches(DecodeAugment, augmentation off)
 
-`build_datasets(params)` builds both on the driver; `data_config(params)` is the
-`dataset_config` to give the TorchTrainer; inside each training worker,
-`iter_train_batches(ray.train.get_dataset_shard("train"), params, epoch)` and
-`iter_val_batches(ray.train.get_dataset_shard("val"), params)` yield
-(images float32 N x 3 x H x W, labels int64 N x H x W) on the worker's device.
+`build_datasets(params)` builds both on the driver; `training_datasets(...)` is what
+a training run gives the TorchTrainer (the train dataset as a factory Ray Train calls
+at every worker-group start), `data_config(params)` its `dataset_config`; inside each
+training worker, `iter_train_batches(ray.train.get_dataset_shard("train"), params,
+start_iteration)` and `iter_val_batches(ray.train.get_dataset_shard("val"), params)`
+yield (images float32 N x 3 x H x W, labels int64 N x H x W) on the worker's device.
 
 Pixels travel through Ray as uint8 RGB (a quarter of float32's bytes) and are
 normalised for the model's weights (model.input_norm) on the device, by
 fcn_models.preprocess.normalize, so the mean and std live in one place.
 
+Epochs: one execution of the train dataset holds every epoch a run needs. Ray Data
+starts its decode actors once per execution, new processes importing torch and
+albumentations (2-6 s on 2 loaded cores), so an execution per epoch paid that at
+every epoch. The train dataset is a plan made on the driver: for each epoch, the
+shards' row slices (SLICE_ROWS rows) in an order seeded from (train.seed, epoch),
+each slice tagged with its epoch; read tasks turn slices into rows, and the decode
+actors augment each row for its own epoch. The plan covers the steps the run has
+left plus a spare epoch (`train_epochs`); a worker that still wanted batches after
+it would start a second execution of the same plan.
+
+Resuming: a run resumed after iteration I (from its checkpoint) starts its plan at
+`resume_epoch(params, rows, I)`, the epoch iteration I + 1 falls in, from that epoch's
+first slice. The factory reads I from the run's latest registered checkpoint, the
+one the workers restore, so a worker group restarted after a failure does not
+replay epoch 0; every row carries the I its plan was made for, and the worker warns
+when that is not the iteration it resumed from.
+
 Randomness: each sample's augmentation is drawn from (train.seed, epoch, sample id),
 so it does not depend on which process handles the sample, yet every worker and
-epoch sees different crops and flips. An epoch is one execution of the train
-dataset: each pass a training worker makes over its shard re-executes the
-pipeline, and Ray Data counts executions. Its seeded block shuffle uses the same
-count, so order and augmentation advance together.
-
-Order: blocks of a few dozen rows in a seeded random order, new each epoch, then a
-seeded shuffle buffer of SHUFFLE_BUFFER_ROWS decoded samples in each worker. The block
-order waits for the split to be read at each epoch's start; a full random_shuffle
-would also exchange every row between tasks: on 2 cores, 4.5-5.5 s before the first
-batch for 1,600 VOC-size images, against 1-1.5 s to read them.
+epoch sees different crops and flips. Order: slices in a seeded random order, new
+each epoch, then a seeded shuffle buffer of SHUFFLE_BUFFER_ROWS decoded samples in
+each worker (it mixes across an epoch boundary too). Nothing waits for a whole split
+to be read: a full random_shuffle or Ray's block shuffle would (on 2 cores, 4.5-5.5 s
+before the first batch for 1,600 VOC-size images, against 1-1.5 s to read them).
 
 CPUs: the training workers reserve ray.num_workers x ray.cpus_per_worker; Ray Data
 gets ray.data_cpus, shared between the train and val pipelines (validation runs
-while a train epoch is paused) and within each between the decode actors and the
+while the train pipeline is paused) and within each between the decode actors and the
 Parquet read tasks, and is capped there through its execution options. Nothing in
 the pipeline asks for a CPU a training worker holds, so it cannot wait forever.
 """
@@ -36,6 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Iterator, Optional
@@ -45,7 +59,7 @@ import numpy as np
 import ray
 import ray.data
 import torch
-from ray.data import ActorPoolStrategy, DataContext, ExecutionOptions, ExecutionResources, RandomSeedConfig
+from ray.data import ActorPoolStrategy, DataContext, ExecutionOptions, ExecutionResources
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import DataConfig
 
@@ -71,9 +85,14 @@ DECODE_BATCH_ROWS = 16
 # scheduled at all. The rest goes to the decode actors.
 VAL_CPU_SHARE = 0.2
 IO_CPU_SHARE = 0.2
-# Parquet files read at once within a pipeline's read slice: the block shuffle waits
-# for the whole split to be read, and reading is I/O and copying more than compute.
+# Parquet reads at once within a pipeline's read slice: reading is I/O and copying
+# more than compute, so a few overlap well.
 PARALLEL_READS = 4
+# Rows of one slice of the train plan, the unit of the per-epoch order: two decode
+# calls. A slice is read from its row group (8 MB in preprocess's shards), so smaller
+# slices would read the same row group more often.
+SLICE_ROWS = 2 * DECODE_BATCH_ROWS
+READ_TASKS = 1
 # Decoded training samples each worker mixes before batching (at least a batch):
 # 64 crops of 512 x 512 are 50 MB.
 SHUFFLE_BUFFER_ROWS = 64
@@ -129,13 +148,6 @@ def sample_seed(seed: int, epoch: int, sample_id: str) -> int:
     return int(words[0]) << 32 | int(words[1])
 
 
-def _execution_count() -> int:
-    # Ray Data counts executions of a dataset in its DataContext, and hands that
-    # context to every task and actor of the execution; its seeded shuffle and
-    # random() expression key on the same count.
-    return int(DataContext.get_current()._execution_idx)
-
-
 def _column(arrays: list[np.ndarray]) -> np.ndarray:
     """A batch column: one stacked array when every sample has the same shape, else
     an object array of arrays, which Ray Data stores as a variable-shaped tensor."""
@@ -148,42 +160,37 @@ def _column(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 class DecodeAugment:
-    """map_batches callable: shard rows -> {"id", "epoch", "image" uint8 RGB, "label" uint8}.
+    """map_batches callable: shard rows -> {"id", "epoch", "image" uint8 RGB, "label" uint8, ...}.
 
     Ray Data builds one per actor, so the albumentations pipeline is built once per
     process. With augment=False (validation) it only decodes, keeping each image's size.
-    `epoch` fixes the epoch for direct use; left None, it is start_epoch plus the
-    number of earlier executions of the dataset.
+    Each row is augmented for its "epoch" column (the train plan's rows have one);
+    rows without it for `epoch`. Columns other than id, image and label pass through.
     """
 
-    def __init__(self, params: Params, augment: bool, epoch: Optional[int] = None, start_epoch: int = 0):
+    def __init__(self, params: Params, augment: bool, epoch: int = 0):
         self.seed = params.train.seed
         self.epoch = epoch
-        self.start_epoch = start_epoch
         self.transform = build_augmentation(params) if augment else None
         # Each actor owns a slice of a CPU; OpenCV's own thread pool would oversubscribe it.
         cv2.setNumThreads(1)
 
-    def current_epoch(self) -> int:
-        return self.epoch if self.epoch is not None else self.start_epoch + _execution_count()
-
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        epoch = self.current_epoch()
+        rows = len(batch["id"])
+        epochs = np.asarray(batch["epoch"], dtype=np.int64) if "epoch" in batch else np.full(rows, self.epoch)
         images, labels = [], []
-        for sample_id, image_bytes, label_bytes in zip(batch["id"], batch["image"], batch["label"]):
+        for sample_id, epoch, image_bytes, label_bytes in zip(batch["id"], epochs, batch["image"], batch["label"]):
             image, label = decode_sample(str(sample_id), image_bytes, label_bytes)
             if self.transform is not None:
-                self.transform.set_random_seed(sample_seed(self.seed, epoch, str(sample_id)))
+                self.transform.set_random_seed(sample_seed(self.seed, int(epoch), str(sample_id)))
                 out = self.transform(image=image, mask=label)
                 image, label = out["image"], out["mask"]
             images.append(np.ascontiguousarray(image))
             labels.append(np.ascontiguousarray(label))
-        return {
-            "id": np.asarray(batch["id"]),
-            "epoch": np.full(len(images), epoch, dtype=np.int64),
-            "image": _column(images),
-            "label": _column(labels),
-        }
+        passed = {name: np.asarray(column) for name, column in batch.items()
+                  if name not in ("id", "epoch", "image", "label")}
+        return {"id": np.asarray(batch["id"]), "epoch": epochs, **passed,
+                "image": _column(images), "label": _column(labels)}
 
 
 # --------------------------------------------------------------------------- datasets (driver)
@@ -259,36 +266,150 @@ def _connect(params: Params) -> None:
         connect_ray(params.ray)
 
 
-def build_datasets(params: Params, root: Path = PROJECT_ROOT, *, start_epoch: int = 0) -> dict:
+def _decode(ds: ray.data.Dataset, res: dict, *fn_args, **fn_kwargs) -> ray.data.Dataset:
+    ds = ds.map_batches(DecodeAugment, batch_size=DECODE_BATCH_ROWS, compute=ActorPoolStrategy(size=res["actors"]),
+                        num_cpus=res["actor_cpus"], zero_copy_batch=True, fn_constructor_args=fn_args,
+                        fn_constructor_kwargs=fn_kwargs)
+    ds.context.execution_options = execution_options(res["cpus"])
+    # Training prints its own progress (iteration, loss, it/s); Ray Data's bars,
+    # redrawn by every worker's pipeline, would bury it in the stage log.
+    ds.context.enable_progress_bars = False
+    return ds
+
+
+def batch_rows(params: Params) -> int:
+    """Samples in one training batch: train.batch_size crops, or one whole image."""
+    return params.train.batch_size if params.train.batch_mode == "crops" else 1
+
+
+def train_epochs(params: Params, train_rows: int, steps: int) -> int:
+    """Epochs of train plan for `steps` more steps of every worker: the fewest whose rows,
+    split equally between the ray.num_workers workers, make that many batches each,
+    plus a spare one (the equal split may drop a few rows)."""
+    return math.ceil(steps * params.ray.num_workers * batch_rows(params) / max(train_rows, 1)) + 1
+
+
+def resume_epoch(params: Params, train_rows: int, iteration: int) -> int:
+    """The epoch step iteration + 1 falls in: where a run resumed after `iteration` starts its plan."""
+    return iteration * params.ray.num_workers * batch_rows(params) // max(train_rows, 1)
+
+
+def row_slices(files: list[str]) -> list[tuple[str, int, int, int]]:
+    """(path, row group, first row, end row) of every slice of SLICE_ROWS rows, from the Parquet footers."""
+    import pyarrow.parquet as pq
+    slices = []
+    for path in files:
+        meta = pq.ParquetFile(path).metadata
+        for group in range(meta.num_row_groups):
+            rows = meta.row_group(group).num_rows
+            slices += [(path, group, first, min(first + SLICE_ROWS, rows)) for first in range(0, rows, SLICE_ROWS)]
+    return slices
+
+
+def epoch_plan(params: Params, slices: list[tuple], epochs: range, start_iteration: int) -> list[dict]:
+    """Every slice once per epoch, each epoch in its own order seeded from (train.seed, epoch)."""
+    plan = []
+    for epoch in epochs:
+        order = np.random.default_rng(sample_seed(params.train.seed, epoch, "slice order")).permutation(len(slices))
+        plan += [{"path": slices[i][0], "row_group": slices[i][1], "first": slices[i][2], "end": slices[i][3],
+                  "epoch": epoch, "start_iteration": start_iteration} for i in order]
+    return plan
+
+
+def slice_reader(columns: list[str]):
+    """The read tasks' map_batches function: plan entries -> their shard rows, each
+    tagged with its epoch and start_iteration.
+
+    A function made here, not a module-level one: Ray sends it by value, so the task
+    processes import pyarrow only, not this module (torch, OpenCV: seconds per new
+    process on 2 loaded cores, while the decode actors start too).
+    """
+    def read_slices(plan):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        tables = []
+        for path, group, first, end, epoch, start in zip(plan["path"], plan["row_group"], plan["first"],
+                                                         plan["end"], plan["epoch"], plan["start_iteration"]):
+            rows = pq.ParquetFile(path).read_row_group(int(group), columns=columns).slice(first, end - first)
+            tables.append(rows.append_column("epoch", pa.array([int(epoch)] * rows.num_rows, pa.int64()))
+                          .append_column("start_iteration", pa.array([int(start)] * rows.num_rows, pa.int64())))
+        return pa.concat_tables(tables)
+    return read_slices
+
+
+def build_train_dataset(params: Params, root: Path = PROJECT_ROOT, *, epochs: int = 1,
+                        start_iteration: int = 0) -> ray.data.Dataset:
+    """The train dataset: `epochs` epochs from the one a run resumed after start_iteration is in.
+
+    One execution yields them all, epoch after epoch (preserve_order), so its decode
+    actors start once.
+    """
+    files = [str(f) for f in shard_files(resolve(params.data.shards_dir, root), "train")]
+    slices = row_slices(files)
+    train_rows = sum(end - first for _, _, first, end in slices)
+    if train_rows == 0:
+        raise DatasetError(f"{Path(files[0]).parent}: the train shards hold no rows (run `fcn preprocess` again)")
+    _connect(params)
+    res = data_resources(params.ray)["train"]
+    first_epoch = resume_epoch(params, train_rows, start_iteration)
+    plan = epoch_plan(params, slices, range(first_epoch, first_epoch + epochs), start_iteration)
+    ds = ray.data.from_items(plan, override_num_blocks=len(plan))
+    ds = ds.map_batches(slice_reader(READ_COLUMNS), batch_size=None, num_cpus=res["io_cpus"] / PARALLEL_READS,
+                        concurrency=READ_TASKS)
+    return _decode(ds, res, params, True)
+
+
+def build_datasets(params: Params, root: Path = PROJECT_ROOT, *, epochs: int = 1, start_iteration: int = 0) -> dict:
     """{"train": Dataset, "val": Dataset} over data.shards_dir, lazily defined.
 
-    Joins or starts Ray as training does. start_epoch numbers the first
-    pass over the train dataset, for a run resumed from a checkpoint.
+    Joins or starts Ray as training does. The train dataset holds `epochs` epochs,
+    starting with the one a run resumed after start_iteration steps is in.
     """
-    shards_dir = resolve(params.data.shards_dir, root)
-    files = {split: [str(f) for f in shard_files(shards_dir, split)] for split in SPLITS}
+    return {"train": build_train_dataset(params, root, epochs=epochs, start_iteration=start_iteration),
+            "val": build_val_dataset(params, root)}
+
+
+def build_val_dataset(params: Params, root: Path = PROJECT_ROOT) -> ray.data.Dataset:
+    """The val dataset: every image once per execution, decoded, not augmented."""
+    files = [str(f) for f in shard_files(resolve(params.data.shards_dir, root), "val")]
     _connect(params)
-    plan = data_resources(params.ray)
+    res = data_resources(params.ray)["val"]
+    return _decode(_read_shards(files, res["io_cpus"]), res, params, False)
 
-    def decode(ds, split, **kwargs):
-        res = plan[split]
-        ds = ds.map_batches(DecodeAugment, batch_size=DECODE_BATCH_ROWS, compute=ActorPoolStrategy(size=res["actors"]),
-                            num_cpus=res["actor_cpus"], zero_copy_batch=True, **kwargs)
-        ds.context.execution_options = execution_options(res["cpus"])
-        # Training prints its own progress (iteration, loss, it/s); Ray Data's bars,
-        # redrawn by every worker's pipeline, would bury it in the stage log.
-        ds.context.enable_progress_bars = False
-        return ds
 
-    train = _read_shards(files["train"], plan["train"]["io_cpus"])
-    # Seeded from (seed, start_epoch), so a resumed run does not replay epoch 0's order;
-    # Ray reseeds it on every execution (epoch) of the dataset.
-    order_seed = sample_seed(params.train.seed, start_epoch, "block order") % 2**31
-    train = train.randomize_block_order(seed=RandomSeedConfig(seed=order_seed, reseed_after_execution=True))
-    train = decode(train, "train", fn_constructor_args=(params, True),
-                   fn_constructor_kwargs={"start_epoch": start_epoch})
-    val = decode(_read_shards(files["val"], plan["val"]["io_cpus"]), "val", fn_constructor_args=(params, False))
-    return {"train": train, "val": val}
+def checkpoint_iteration(run_dir: str) -> int:
+    """The iteration of a Ray Train run's latest registered checkpoint, the one its workers
+    resume from (0 while it has none), from the "iteration" metric training reports with
+    every checkpoint."""
+    import ray.train
+    try:
+        result = ray.train.Result.from_path(run_dir)
+    except RuntimeError:  # no run folder yet, or no checkpoint registered in it
+        return 0
+    return int(result.metrics["iteration"]) if result.metrics else 0
+
+
+class TrainDatasetFactory:
+    """The train dataset of a training run as Ray Train takes it: a callable, called when
+    a worker group starts (the first time and after every failure), so the plan starts
+    where the workers resume and covers the `iterations` - resumed steps they have left."""
+
+    def __init__(self, params: Params, root: Path, iterations: int, run_dir: str):
+        self.params, self.root, self.iterations, self.run_dir = params, Path(root), iterations, str(run_dir)
+
+    def __call__(self) -> ray.data.Dataset:
+        done = checkpoint_iteration(self.run_dir)
+        rows = shard_rows(self.params, self.root)["train"]
+        epochs = train_epochs(self.params, rows, max(self.iterations - done, 0))
+        log.info("train plan: %d epochs from epoch %d (resuming after iteration %d)", epochs,
+                 resume_epoch(self.params, rows, done), done)
+        return build_train_dataset(self.params, self.root, epochs=epochs, start_iteration=done)
+
+
+def training_datasets(params: Params, root: Path, iterations: int, run_dir: str) -> dict:
+    """The TorchTrainer's `datasets` for a run of `iterations` steps stored in run_dir:
+    {"train": TrainDatasetFactory, "val": Dataset}."""
+    return {"train": TrainDatasetFactory(params, root, iterations, run_dir), "val": build_val_dataset(params, root)}
 
 
 class ShardConfig(DataConfig):
@@ -329,30 +450,34 @@ def _stack(column: np.ndarray) -> np.ndarray:
 class ToTensors(NumpyBatchCollateFn):
     """uint8 numpy batch -> CPU tensors; Ray then moves them to the worker's device.
 
-    Warns once when the batches' epoch is not the one training expects.
+    With start_iteration given (training), warns once when the batches come from a
+    plan made for a run resumed after another iteration: the driver planned from a
+    different checkpoint than the worker resumed from (or the dataset was not built
+    for this run), so epochs and augmentation do not follow the iteration count.
     """
 
-    def __init__(self, expected_epoch: Optional[int] = None):
-        self.expected_epoch = expected_epoch
+    def __init__(self, start_iteration: Optional[int] = None):
+        self.start_iteration = start_iteration
         self.warned = False
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        epoch = int(batch["epoch"][0])
-        if self.expected_epoch is not None and epoch != self.expected_epoch and not self.warned:
-            self.warned = True
-            log.warning("the data pipeline is on epoch %d while training is on epoch %d (a restarted worker "
-                        "group, or the train dataset executed outside training): augmentation follows the "
-                        "pipeline's count", epoch, self.expected_epoch)
+        if self.start_iteration is not None and not self.warned and "start_iteration" in batch:
+            planned = int(batch["start_iteration"][0])
+            if planned != self.start_iteration:
+                self.warned = True
+                log.warning("this worker resumed after iteration %d, but the train data was planned for a run "
+                            "resumed after iteration %d (now at epoch %d): the epochs seen do not follow the "
+                            "iteration count", self.start_iteration, planned, int(batch["epoch"][0]))
         return {"image": torch.from_numpy(_stack(batch["image"])),
                 "label": torch.from_numpy(_stack(batch["label"]))}
 
 
-def _iter_batches(shard, params: Params, batch_size: int, drop_last: bool, expected_epoch: Optional[int],
+def _iter_batches(shard, params: Params, batch_size: int, drop_last: bool, start_iteration: Optional[int],
                   shuffle_seed: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     shuffle = {} if shuffle_seed is None else {
         "local_shuffle_buffer_size": max(SHUFFLE_BUFFER_ROWS, batch_size), "local_shuffle_seed": shuffle_seed}
     # device "auto": the Ray Train worker's device (its GPU when it has one), else the CPU.
-    batches = shard.iter_torch_batches(batch_size=batch_size, collate_fn=ToTensors(expected_epoch),
+    batches = shard.iter_torch_batches(batch_size=batch_size, collate_fn=ToTensors(start_iteration),
                                        device="auto", drop_last=drop_last, prefetch_batches=2,
                                        pin_memory=torch.cuda.is_available(), **shuffle)
     for batch in batches:
@@ -360,19 +485,20 @@ def _iter_batches(shard, params: Params, batch_size: int, drop_last: bool, expec
         yield images, batch["label"].long()
 
 
-def iter_train_batches(shard, params: Params, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of training batches from a worker's shard: (N x 3 x H x W float32, N x H x W int64).
+def iter_train_batches(shard, params: Params, start_iteration: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Training batches from a worker's shard, every epoch of the train plan in one pass:
+    (N x 3 x H x W float32, N x H x W int64).
 
+    start_iteration: the iteration this attempt resumed after (0 for a fresh run).
     Batch mode "whole": one whole image a batch; "crops": train.batch_size crops of
     augment.crop_size, the last incomplete batch dropped so every worker steps alike.
-    Samples pass a shuffle buffer seeded from (train.seed, epoch).
+    Samples pass a shuffle buffer seeded from (train.seed, start_iteration).
     """
     crops = params.train.batch_mode == "crops"
-    yield from _iter_batches(shard, params, params.train.batch_size if crops else 1, drop_last=crops,
-                             expected_epoch=epoch,
-                             shuffle_seed=sample_seed(params.train.seed, epoch, "shuffle buffer") % 2**32)
+    yield from _iter_batches(shard, params, batch_rows(params), drop_last=crops, start_iteration=start_iteration,
+                             shuffle_seed=sample_seed(params.train.seed, start_iteration, "shuffle buffer") % 2**32)
 
 
 def iter_val_batches(shard, params: Params) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Validation batches: each whole image at its own size, batch 1, not augmented."""
-    yield from _iter_batches(shard, params, 1, drop_last=False, expected_epoch=None)
+    yield from _iter_batches(shard, params, 1, drop_last=False, start_iteration=None)

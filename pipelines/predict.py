@@ -80,8 +80,7 @@ def _load_mlflow_model(uri: str, params_path: str):
         if not db.is_file():
             raise PredictError(f"model {uri}: no MLflow store at {db} (run `fcn register` first, or point "
                                "--params at the project that registered the model)")
-    mlflow.set_tracking_uri(store)
-    mlflow.set_registry_uri(store)
+    tracking.use_store(store)
     try:
         return mlflow.pyfunc.load_model(uri).predict
     except (MlflowException, OSError) as err:

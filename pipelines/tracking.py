@@ -97,14 +97,31 @@ def artifact_location(params: Params, root: Path) -> str:
     return resolve(params.mlflow.artifacts_dir, Path(root).resolve()).as_uri()
 
 
+def use_store(uri: str) -> None:
+    """Send this process's mlflow tracking and registry calls to `uri`.
+
+    mlflow also exports the URI to MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI; those are
+    put back as they were, since tracking_uri() reads the variable as the user's choice:
+    left set, one project's store would become every later project's in this process.
+    """
+    import mlflow
+
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def set_up(params: Params, root: Path) -> str:
     """Point mlflow at the store and make sure the experiment exists; return its id."""
     import mlflow
 
     uri = tracking_uri(params, root)
-    mlflow.set_tracking_uri(uri)
-    # Registry calls go to the same store.
-    mlflow.set_registry_uri(uri)
+    use_store(uri)
     name = params.mlflow.experiment
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:

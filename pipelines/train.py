@@ -362,7 +362,9 @@ def train_loop(config: dict) -> None:
     params = config["params"]
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    batches = endless(lambda epoch: dataset.iter_train_batches(train_shard, params, epoch), "train")
+    # One pass over the shard holds every epoch this attempt needs (dataset.training_datasets
+    # plans them from the checkpoint it resumed from); a second pass would replay them.
+    batches = endless(lambda _pass: dataset.iter_train_batches(train_shard, params, start), "train")
     # Kept on the device: a .item() every step would stall a GPU.
     loss_sum, loss_count = torch.zeros((), dtype=torch.float64, device=device), 0
     tick, tick_iteration = time.perf_counter(), start
@@ -588,7 +590,7 @@ def fit(params: Params, name: str, storage: str, config: dict, root: Path):
                 checkpoint_score_attribute="mean_iu", checkpoint_score_order="max",
             ),
         ),
-        datasets=dataset.build_datasets(params, root),
+        datasets=dataset.training_datasets(params, root, config["iterations"], f"{storage.rstrip('/')}/{name}"),
         dataset_config=dataset.data_config(params),
     )
     return trainer.fit()

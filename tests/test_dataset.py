@@ -20,8 +20,9 @@ from ray import cloudpickle
 
 from fcn_models.preprocess import CAFFE_BGR, TORCHVISION_RGB, normalize
 from pipelines.dataset import (
-    DatasetError, DecodeAugment, ToTensors, build_datasets, check_cpu_budget, data_config, data_resources,
-    decode_sample, iter_train_batches, iter_val_batches, sample_seed, shard_files, shard_rows,
+    DatasetError, DecodeAugment, ToTensors, TrainDatasetFactory, build_datasets, check_cpu_budget,
+    checkpoint_iteration, data_config, data_resources, decode_sample, iter_train_batches, iter_val_batches,
+    resume_epoch, sample_seed, shard_files, shard_rows, train_epochs,
 )
 from pipelines.params import parse_params
 from pipelines.shards import ShardError
@@ -214,22 +215,33 @@ def test_bad_shards_fail_with_the_path_or_id(tmp_path, shards):
     assert shard_rows(make_params(root), root) == {"train": N_TRAIN, "val": N_VAL}
 
 
-def test_collate_makes_tensors_and_warns_once_on_an_epoch_mismatch(caplog):
+def test_collate_makes_tensors_and_warns_once_when_the_plan_is_for_another_resume(caplog):
     ragged = np.empty(2, dtype=object)
     ragged[0], ragged[1] = np.zeros((1, 2, 3), np.uint8), np.zeros((1, 2, 3), np.uint8)
-    batch = {"epoch": np.array([2, 2]), "image": ragged,
+    batch = {"epoch": np.array([2, 2]), "start_iteration": np.array([0, 0]), "image": ragged,
              "label": np.arange(4, dtype=np.uint8).reshape(2, 1, 2)}
-    collate = ToTensors(expected_epoch=3)
+    collate = ToTensors(start_iteration=30)
     with caplog.at_level("WARNING", logger="pipelines.dataset"):
         out = collate(batch)
         collate(batch)
     assert out["image"].shape == (2, 1, 2, 3) and out["label"].tolist() == [[[0, 1]], [[2, 3]]]
     assert [r.getMessage() for r in caplog.records].count(
-        "the data pipeline is on epoch 2 while training is on epoch 3 (a restarted worker group, or the train "
-        "dataset executed outside training): augmentation follows the pipeline's count") == 1
+        "this worker resumed after iteration 30, but the train data was planned for a run resumed after "
+        "iteration 0 (now at epoch 2): the epochs seen do not follow the iteration count") == 1
     caplog.clear()
-    ToTensors(expected_epoch=2)(batch)
+    ToTensors(start_iteration=0)(batch)
+    ToTensors()(batch)  # validation: no plan to check
     assert not caplog.records
+
+
+def test_epochs_planned_for_the_steps_left_and_resumed_in_the_current_epoch():
+    params = make_params("unused")  # 2 workers x batches of 4: 8 rows a step
+    assert train_epochs(params, 24, 0) == 1
+    # 3 steps use 24 rows: one epoch, plus the spare one.
+    assert [train_epochs(params, 24, steps) for steps in (1, 3, 4, 6, 7)] == [2, 2, 3, 3, 4]
+    assert [resume_epoch(params, 24, iteration) for iteration in (0, 2, 3, 5, 6)] == [0, 0, 1, 1, 2]
+    whole = make_params("unused", train={"batch_mode": "whole", "batch_size": 1}, ray={"num_workers": 1})
+    assert train_epochs(whole, 24, 24) == 2 and resume_epoch(whole, 24, 47) == 1
 
 
 def test_cpu_budget_names_the_params():
@@ -247,32 +259,40 @@ def test_cpu_budget_names_the_params():
 
 # --------------------------------------------------------------------------- through Ray
 
-def test_pipeline_epochs_shuffle_and_match_local_augmentation(shards, ray_local):
+def test_one_execution_holds_the_epochs_each_shuffled_and_augmented_for_its_epoch(shards, ray_local):
     root, rows = shards
     params = make_params(root)
-    train = build_datasets(params, root)["train"]
+    train = build_datasets(params, root, epochs=3)["train"]
     by_id = {r["id"]: r for r in rows["train"]}
-    orders = []
-    for epoch in range(2):
-        batches = list(train.iter_batches(batch_size=None, batch_format="numpy"))
-        ids = [i for b in batches for i in b["id"]]
-        orders.append(ids)
-        assert sorted(ids) == sorted(by_id) and all((b["epoch"] == epoch).all() for b in batches)
-        # The actor's output for an id equals the same augmentation done here.
-        sample_id, image = batches[0]["id"][0], batches[0]["image"][0]
-        local = DecodeAugment(params, augment=True, epoch=epoch)(as_batch([by_id[sample_id]]))
-        assert np.array_equal(image, local["image"][0])
-    assert orders[0] != orders[1]
-    # A second build with the same seed replays the same orders.
-    rebuilt = build_datasets(make_params(root), root)["train"]
+    batches = list(train.iter_batches(batch_size=None, batch_format="numpy"))
+    epochs = np.concatenate([b["epoch"] for b in batches])
+    ids = [i for b in batches for i in b["id"]]
+    # Epoch after epoch, each every sample once.
+    assert epochs.tolist() == [0] * N_TRAIN + [1] * N_TRAIN + [2] * N_TRAIN
+    orders = [ids[e * N_TRAIN:(e + 1) * N_TRAIN] for e in range(3)]
+    assert all(sorted(order) == sorted(by_id) for order in orders)
+    assert len({tuple(order) for order in orders}) == 3
+    assert all((b["start_iteration"] == 0).all() for b in batches)
+    # The actors' output for an id equals the same augmentation done here, for its epoch.
+    images = [image for b in batches for image in b["image"]]
+    for epoch in range(3):
+        row = epoch * N_TRAIN + 5
+        local = DecodeAugment(params, augment=True, epoch=epoch)(as_batch([by_id[ids[row]]]))
+        assert np.array_equal(images[row], local["image"][0])
+    # A second build with the same seed replays the same orders; one resumed after
+    # iteration 3 (24 rows of 2 workers x 4: epoch 1) starts with epoch 1's order.
+    rebuilt = build_datasets(make_params(root), root, epochs=1)["train"]
     assert [i for b in rebuilt.iter_batches(batch_size=None) for i in b["id"]] == orders[0]
+    resumed = list(build_datasets(params, root, epochs=2, start_iteration=3)["train"].iter_batches(batch_size=None))
+    assert [i for b in resumed for i in b["id"]] == orders[1] + orders[2]
+    assert np.concatenate([b["start_iteration"] for b in resumed]).tolist() == [3] * 2 * N_TRAIN
 
 
 def test_crop_and_whole_image_batches(shards, ray_local):
     root, rows = shards
     params = make_params(root)
     datasets = build_datasets(params, root)
-    batches = list(iter_train_batches(datasets["train"].iterator(), params, epoch=0))
+    batches = list(iter_train_batches(datasets["train"].iterator(), params))
     assert len(batches) == N_TRAIN // 4
     for images, labels in batches:
         assert images.dtype == torch.float32 and images.shape == (4, 3, CROP, CROP)
@@ -289,30 +309,32 @@ def test_crop_and_whole_image_batches(shards, ray_local):
     whole = make_params(root, train={"batch_mode": "whole", "batch_size": 1},
                         augment={"scale_min": 1.0, "scale_max": 1.0, "hflip": 1.0})
     shapes = [(images.shape, labels.shape) for images, labels in
-              iter_train_batches(build_datasets(whole, root)["train"].iterator(), whole, epoch=0)]
+              iter_train_batches(build_datasets(whole, root)["train"].iterator(), whole)]
     assert sorted((s[1][1], s[1][2]) for s in shapes) == sorted((r["height"], r["width"]) for r in rows["train"])
     assert all(i[0] == 1 and i[1] == 3 and i[2:] == l[1:] for i, l in shapes)
 
 
 def train_loop(config):
-    """Two epochs of batches, a validation pass mid-epoch; writes what this worker saw."""
+    """One pass over two epochs of batches, a validation pass in the middle; writes what this
+    worker saw, and reports a checkpoint as training does (rank 0 attaches it)."""
+    import tempfile
+
     import ray.train
     params = config["params"]
-    counts = {"train": [], "val": 0}
-    for epoch in range(2):
-        seen = 0
-        for step, (images, labels) in enumerate(iter_train_batches(ray.train.get_dataset_shard("train"), params,
-                                                                    epoch)):
-            assert images.shape[1:] == (3, CROP, CROP) and labels.shape[1:] == (CROP, CROP)
-            seen += images.shape[0]
-            if epoch == 1 and step == 1:
-                # Validation in the middle of an epoch, as training does: both pipelines run at once.
-                for val_images, _ in iter_val_batches(ray.train.get_dataset_shard("val"), params):
-                    counts["val"] += val_images.shape[0]
-        counts["train"].append(seen)
+    counts = {"train": 0, "val": 0}
+    for step, (images, labels) in enumerate(iter_train_batches(ray.train.get_dataset_shard("train"), params)):
+        assert images.shape[1:] == (3, CROP, CROP) and labels.shape[1:] == (CROP, CROP)
+        counts["train"] += images.shape[0]
+        if step == 4:
+            # Validation in the middle of the second epoch, as training does: both pipelines run at once.
+            for val_images, _ in iter_val_batches(ray.train.get_dataset_shard("val"), params):
+                counts["val"] += val_images.shape[0]
     rank = ray.train.get_context().get_world_rank()
     (Path(config["out"]) / f"counts-{rank}.json").write_text(json.dumps(counts))
-    ray.train.report({"rank": rank, **counts})
+    with tempfile.TemporaryDirectory() as directory:
+        (Path(directory) / "weights").write_text("none")
+        checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
+        ray.train.report({"iteration": 5, "rank": rank}, checkpoint=checkpoint)
 
 
 def test_two_training_workers_holding_most_cpus_do_not_starve_the_pipeline(shards, ray_local, tmp_path):
@@ -321,7 +343,7 @@ def test_two_training_workers_holding_most_cpus_do_not_starve_the_pipeline(shard
     root, rows = shards
     params = make_params(root)  # 2 workers x 0.75 CPU + 0.5 CPU for Ray Data = the machine's 2
     assert ray_local.cluster_resources()["CPU"] == 2
-    datasets = build_datasets(params, root)
+    datasets = build_datasets(params, root, epochs=2)
     trainer = TorchTrainer(
         train_loop, train_loop_config={"params": params, "out": str(tmp_path)}, datasets=datasets,
         dataset_config=data_config(params),
@@ -345,7 +367,16 @@ def test_two_training_workers_holding_most_cpus_do_not_starve_the_pipeline(shard
     assert not runner.is_alive(), "training did not finish in 300 s: the data pipeline is starved of CPUs"
     assert "error" not in outcome, outcome.get("error")
     counts = [json.loads((tmp_path / f"counts-{rank}.json").read_text()) for rank in range(2)]
-    # train: split equally, 12 rows a worker, 3 full batches of 4 each epoch; val: every image, once.
-    assert [c["train"] for c in counts] == [[12, 12], [12, 12]]
+    # train: 2 epochs split equally, 24 rows a worker, 6 full batches of 4; val: every image, once.
+    assert [c["train"] for c in counts] == [24, 24]
     assert sum(c["val"] for c in counts) == N_VAL
     assert outcome["result"].error is None
+
+    # A worker group started for this run now resumes after iteration 5 (the checkpoint),
+    # in epoch 5 x 8 // 24 = 1: the factory plans from there, for the 7 steps left of 12.
+    run_dir = tmp_path / "ray_results" / "dataset-test"
+    assert checkpoint_iteration(str(run_dir)) == 5 and checkpoint_iteration(str(tmp_path / "no-run")) == 0
+    planned = list(TrainDatasetFactory(params, root, 12, str(run_dir))().iter_batches(batch_size=None))
+    epochs = np.concatenate([b["epoch"] for b in planned])
+    assert epochs.tolist() == [1] * N_TRAIN + [2] * N_TRAIN + [3] * N_TRAIN + [4] * N_TRAIN
+    assert all((b["start_iteration"] == 5).all() for b in planned)

@@ -303,3 +303,7 @@ def test_store_is_params_then_environment_then_the_projects_sqlite(tmp_path, mon
     assert tracking.tracking_uri(default, tmp_path) == "http://127.0.0.1:5999"
     named = parse_params({"mlflow": {"tracking_uri": "http://127.0.0.1:5001"}}, "test params")
     assert tracking.tracking_uri(named, tmp_path) == "http://127.0.0.1:5001"
+    # Opening one project's store leaves the next project its own.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    tracking.set_up(default, tmp_path / "a")
+    assert tracking.tracking_uri(default, tmp_path / "b") == f"sqlite:///{tmp_path.resolve() / 'b' / 'mlflow.db'}"
