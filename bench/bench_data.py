@@ -37,13 +37,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fcn_models.preprocess import normalize  # noqa: E402
+from benchdoc import DOC, write_section  # noqa: E402
 from fcn_models.summary import cpu_model  # noqa: E402
 from pipelines.dataset import DecodeAugment, build_datasets, iter_train_batches, shard_files  # noqa: E402
 from pipelines.params import parse_params  # noqa: E402
 
-DOC = ROOT / "docs" / "BENCHMARKS.md"
 SECTION = "## Data pipeline (bench/bench_data.py)"
-BEGIN, END = "<!-- bench_data:begin -->", "<!-- bench_data:end -->"
+BENCH_NAME = "bench_data"  # its markers in docs/BENCHMARKS.md
 GOAL_PER_CORE = 25.0
 
 
@@ -198,22 +198,6 @@ def format_report(rows, args, loads) -> str:
     return "\n".join(lines)
 
 
-def write_section(report: str, path: Path = DOC) -> None:
-    """Put the report between this benchmark's markers, leaving the rest of the file as it is."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{report}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    elif SECTION in text:
-        at = text.index(SECTION) + len(SECTION)
-        text = f"{text[:at]}\n\n{block}\n{text[at:]}"
-    else:
-        text = f"{text.rstrip()}\n\n{SECTION}\n\n{block}\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=400, help="training images (default: %(default)s)")
@@ -258,7 +242,7 @@ def main(argv=None) -> int:
     report = format_report(rows, args, loads)
     print(report)
     if not args.no_write:
-        write_section(report)
+        write_section(SECTION, BENCH_NAME, report)
         print(f"\nwritten to {DOC.relative_to(ROOT)}")
     return 0
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import statistics
 import sys
 import time
@@ -28,11 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fcn_models import build_fcn, optimize_for_inference  # noqa: E402
+from benchdoc import DOC, write_section  # noqa: E402
 from fcn_models.summary import machine  # noqa: E402
 
-DOC = ROOT / "docs" / "BENCHMARKS.md"
 SECTION = "## Model forward/backward (bench/bench_models.py)"
-BEGIN, END = "<!-- bench_models:begin -->", "<!-- bench_models:end -->"
+BENCH_NAME = "bench_models"  # its markers in docs/BENCHMARKS.md
 MATMUL_N = 4096
 
 
@@ -206,22 +205,6 @@ def format_report(baselines, results, compile_note, layer_rows, size, repeat) ->
     return "\n".join(lines)
 
 
-def write_section(report: str, path: Path = DOC) -> None:
-    """Replace the generated part of this benchmark's section, keeping everything else."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{report}\n{END}"
-    if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
-    elif BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        at = text.index(SECTION) + len(SECTION)
-        text = text[:at] + f"\n\n{block}\n" + text[at:]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", nargs="+", default=["fcn32s", "fcn16s", "fcn8s"],
@@ -238,7 +221,7 @@ def main(argv=None) -> int:
     print()
     print(report)
     if not args.no_write:
-        write_section(report)
+        write_section(SECTION, BENCH_NAME, report)
         print(f"\nwrote {DOC.relative_to(ROOT)}")
     return 0
 

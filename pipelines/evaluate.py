@@ -42,9 +42,10 @@ from fcn_models.metrics import ConfusionMatrix
 from fcn_models.palette import class_names
 from fcn_models.preprocess import normalize
 from fcn_models.summary import cpu_model, machine
+from pipelines.files import atomic_write_text
 from pipelines.params import Params, ParamsError, load_params, resolve
 from pipelines.shards import ShardError, decode_sample
-from pipelines.train import SCORE_KEYS, _atomic_write_text, stage_command
+from pipelines.train import SCORE_KEYS, stage_command
 
 # Row names of the paper's table; any other stage keeps its own name.
 DISPLAY_NAMES = {"fcn32s-fixed": "FCN-32s-fixed", "fcn32s": "FCN-32s", "fcn16s": "FCN-16s", "fcn8s": "FCN-8s",
@@ -270,8 +271,8 @@ def evaluate(params: Params, root: Path, device: torch.device | None = None) -> 
     # Both texts before either file: allow_nan=False makes a NaN that slipped through fail here.
     report_text = json.dumps(report, indent=2, allow_nan=False) + "\n"
     table_text = format_table(report, total, timing_images, device_description(device))
-    _atomic_write_text(resolve(params.evaluate.report_file, root), report_text)
-    _atomic_write_text(resolve(params.evaluate.table_file, root), table_text)
+    atomic_write_text(resolve(params.evaluate.report_file, root), report_text)
+    atomic_write_text(resolve(params.evaluate.table_file, root), table_text)
     return report
 
 

@@ -54,6 +54,7 @@ import requests
 import urllib3
 from tqdm import tqdm
 
+from pipelines.files import atomic_write_text
 from pipelines.params import ArchiveParams, DataParams, ParamsError, load_params, resolve
 
 CHUNK_BYTES = 1 << 20
@@ -112,9 +113,7 @@ def _hash_file(path: Path) -> str:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def _remember_md5(path: Path, md5: str) -> None:

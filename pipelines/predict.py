@@ -11,17 +11,17 @@ store by default). Every image is read and checked before the model loads, so a 
 file stops the run before anything is written.
 """
 import argparse
-import os
+import io
 import pickle
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from fcn_models import palette
+from pipelines.files import atomic_write_bytes
 
 # "models:/...", "runs:/...", "s3://...": a URI for MLflow; anything else is a checkpoint directory.
 MODEL_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
@@ -98,16 +98,10 @@ def class_shares(mask: np.ndarray) -> list[tuple[int, str, float]]:
 
 
 def _save_png(image, path: Path) -> None:
-    """Write a PIL image as PNG beside `path`, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format="PNG")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a PIL image as PNG, all or nothing."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def mask_image(mask: np.ndarray):

@@ -39,6 +39,7 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
+from pipelines.files import atomic_write_text
 from pipelines.params import ParamsError, load_params, resolve
 
 SEG11VALID = Path(__file__).resolve().parent / "splits" / "seg11valid.txt"
@@ -398,10 +399,7 @@ def class_names() -> list[str]:
 
 
 def _write_json(path: Path, value) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(value, indent=2) + "\n")
 
 
 def _remove_leftovers(shards_dir: Path) -> None:

@@ -35,8 +35,9 @@ import numpy as np
 
 import fcn_models
 from fcn_models.checkpoint import META_FILE, MODEL_FILE, read_meta
+from pipelines.files import atomic_write_text
 from pipelines.params import Params, ParamsError, load_params, resolve
-from pipelines.train import SCORE_KEYS, _atomic_write_text
+from pipelines.train import SCORE_KEYS
 
 SERVING_CODE = Path(__file__).resolve().with_name("serving.py")
 FCN_MODELS_DIR = Path(fcn_models.__file__).resolve().parent
@@ -219,7 +220,7 @@ def register(params: Params, root: Path) -> dict:
         "run_id": run.info.run_id,
         "model_uri": f"models:/{config.model_name}/{new['version']}",
     }
-    _atomic_write_text(resolve(config.registry_file, root), json.dumps(record, indent=2) + "\n")
+    atomic_write_text(resolve(config.registry_file, root), json.dumps(record, indent=2) + "\n")
     return record
 
 

@@ -49,6 +49,7 @@ from fcn_models.fcn import build_fcn, reference_param_groups
 from fcn_models.metrics import IGNORE_INDEX, ConfusionMatrix
 from fcn_models.surgery import load_imagenet_weights, transfer_weights
 from pipelines import tracking
+from pipelines.files import atomic_write_text
 from pipelines.params import PROJECT_ROOT, Params, ParamsError, load_params, resolve
 
 VARIANTS = ("fcn32s", "fcn16s", "fcn8s", "fcn8s-atonce")
@@ -596,20 +597,6 @@ def fit(params: Params, name: str, storage: str, config: dict, root: Path):
     return trainer.fit()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write a temp file beside `path`, then rename it over `path`: readers never see half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as fh:
-        tmp = Path(fh.name)
-    try:
-        tmp.write_text(text)
-        tmp.chmod(0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _replace_dir(source: Path, target: Path) -> None:
     """Copy a directory into place: a temp sibling first, then renames, never a half-written target."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -651,8 +638,8 @@ def write_outputs(result, models_dir: Path, reports_dir: Path, init_note: str) -
     writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: row[k] for k in HISTORY_COLUMNS} for row in history)
-    _atomic_write_text(reports_dir / "history.csv", buffer.getvalue())
-    _atomic_write_text(reports_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(reports_dir / "history.csv", buffer.getvalue())
+    atomic_write_text(reports_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
