@@ -87,7 +87,7 @@ def test_demo_profile_runs_every_stage_and_reruns_only_what_changed(tmp_path):
     params = load_params(repo / "params.yaml")
     demo = yaml.safe_load((PROJECT_ROOT / "conf" / "profile" / "demo.yaml").read_text())
     assert params.train.loss == demo["train"]["loss"] and params.model.width == 0.0625
-    assert params.data.shards_dir == demo["data"]["shards_dir"]
+    assert params.data.shards_dir == str(repo / demo["data"]["shards_dir"])
 
     for stage in STAGES:
         model, meta = load_checkpoint(repo / "models" / stage)
