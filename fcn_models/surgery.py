@@ -112,6 +112,11 @@ def load_imagenet_weights(model: nn.Module, source: Source, norm: Optional[NormL
     (give CAFFE_BGR for Caffe-converted weights). Returns the names loaded.
     """
     trunk = getattr(model, "trunk", model)
+    if not trunk.torchvision_names:
+        raise ValueError(
+            f"the {trunk.name} trunk has no torchvision ImageNet classifier to take weights from; "
+            "import the reference's Caffe model with `fcn import` instead"
+        )
     state, origin = _read_state_dict(source, trunk.name)
     loaded, used = [], set()
     with torch.no_grad():
