@@ -36,7 +36,9 @@ def init_from_scratch(layers) -> None:
     activations several-fold at every layer, so a deep trunk without normalisation
     hands its score layer almost nothing and learns only background."""
     for layer in layers:
-        if isinstance(layer, nn.Conv2d):
+        # Meta tensors (shape-only builds, e.g. for importing weights) hold no values to set,
+        # and random init on the meta device is slow (a Python decomposition).
+        if isinstance(layer, nn.Conv2d) and not layer.weight.is_meta:
             nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(layer.bias)
 

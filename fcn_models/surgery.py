@@ -43,8 +43,9 @@ def freeze(module: nn.Module) -> nn.Module:
 def upsampling(channels: int, kernel_size: int, stride: int) -> nn.ConvTranspose2d:
     """A fixed bilinear upsampling layer, as in the reference (no bias, frozen)."""
     layer = nn.ConvTranspose2d(channels, channels, kernel_size, stride=stride, bias=False)
-    with torch.no_grad():
-        layer.weight.copy_(bilinear_weight(channels, kernel_size))
+    if not layer.weight.is_meta:  # a shape-only (meta) build has no values to fill
+        with torch.no_grad():
+            layer.weight.copy_(bilinear_weight(channels, kernel_size))
     return freeze(layer)
 
 

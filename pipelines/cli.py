@@ -17,6 +17,7 @@ COMMANDS = {
     "evaluate": ("pipelines.evaluate", "score each trained stage on all of val: the paper's table"),
     "register": ("pipelines.register", "log the best checkpoint to MLflow; move the champion alias if it is better"),
     "predict": ("pipelines.predict", "mask and overlay PNGs for images, from a registered model or a checkpoint"),
+    "import": ("pipelines.stages.import_weights", "the reference's caffemodels / pytorch-fcn files as our checkpoints"),
 }
 
 
