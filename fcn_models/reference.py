@@ -30,7 +30,6 @@ import hashlib
 import os
 import pickle
 import tempfile
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -128,45 +127,19 @@ class ImportResult:
 
 # ---------------------------------------------------------------- sums
 
-class _Digests:
-    """sha1 and md5 of a file, each computed by its own thread while the import runs
-    (hashlib releases the GIL on large updates)."""
-
-    def __init__(self, path: Path):
-        self.path, self.sums, self.errors = path, {}, []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(name,), daemon=True) for name in ("sha1", "md5")]
-        for t in self._threads:
-            t.start()
-
-    def _run(self, name: str) -> None:
-        try:
-            h, buf = hashlib.new(name), bytearray(HASH_CHUNK)
-            view = memoryview(buf)
-            with open(self.path, "rb", buffering=0) as fh:
-                while not self._stop.is_set():
-                    n = fh.readinto(buf)
-                    if not n:
-                        break
-                    h.update(view[:n])
-            self.sums[name] = h.hexdigest()
-        except OSError as err:
-            self.errors.append(err)
-
-    def result(self) -> dict:
-        for t in self._threads:
-            t.join()
-        if self.errors:
-            raise WeightsImportError(f"{self.path}: cannot read it to check its sums: {self.errors[0]}")
-        return dict(self.sums)
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
 def file_digests(path: Union[str, os.PathLike]) -> dict:
-    """{"sha1": ..., "md5": ...} of a file."""
-    return _Digests(Path(path)).result()
+    """{"sha1": ..., "md5": ...} of a file, from one read of it in large chunks."""
+    hashes = {name: hashlib.new(name) for name in ("sha1", "md5")}
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            while n := fh.readinto(buf):
+                for h in hashes.values():
+                    h.update(view[:n])  # large updates run without the GIL
+    except OSError as err:
+        raise WeightsImportError(f"{path}: cannot read it to check its sums: {err}") from None
+    return {name: h.hexdigest() for name, h in hashes.items()}
 
 
 def check_known(path: Path, sums: dict) -> tuple[bool, str]:
@@ -488,10 +461,15 @@ def import_weights(source: Union[str, os.PathLike], out: Union[str, os.PathLike]
     path, out = Path(source), Path(out)
     if not path.is_file():
         raise WeightsImportError(f"{path}: no such file")
-    digests = _Digests(path)
-    src = None
+    # Sums first: a known file with the wrong sum stops here, before any work. (Hashing in a
+    # thread alongside the conversion measured slower on the 2-core machine, not faster.)
+    sums = file_digests(path)
+    known, check = check_known(path, sums)
+    info = {"file": path.name, "bytes": path.stat().st_size, "sha1": sums["sha1"], "md5": sums["md5"],
+            "known": known, "check": check}
+    src = open_source(path)
     try:
-        src = open_source(path)
+        info["format"] = src.format
         classifier = _is_classifier(src)
         if classifier and (variant or backbone not in (None, "vgg16")):
             raise WeightsImportError(f"{path}: is an ImageNet classifier (VGG16), not an FCN: "
@@ -502,29 +480,17 @@ def import_weights(source: Union[str, os.PathLike], out: Union[str, os.PathLike]
             raise WeightsImportError(f"{out}: is a file; an FCN is written as a checkpoint directory")
         if classifier:
             state, sources = _classifier_from_source(src)
-            model, extra, notes = None, {"tensor_sources": sources}, []
-            tensors = list(state.values())
-        else:
-            model, extra, notes = _fcn_from_source(src, variant, backbone)
-            tensors = list(model.state_dict().values())
-        sums = digests.result()
-        known, check = check_known(path, sums)
-        info = {"file": path.name, "bytes": path.stat().st_size, "format": src.format,
-                "sha1": sums["sha1"], "md5": sums["md5"], "known": known, "check": check}
-        if classifier:
             _atomic_torch_save(state, out)
-            result = ImportResult("classifier", out, info, len(tensors), sum(t.numel() for t in tensors), notes=notes)
-        else:
-            meta = {"imported_from": info, **{k: v for k, v in extra.items() if v}}
-            save_checkpoint(out, model, meta)
-            result = ImportResult("fcn", out, info, len(tensors), sum(t.numel() for t in tensors),
-                                  model={"variant": model.variant, "backbone": model.backbone_name,
-                                         "width": model.width, "num_classes": model.num_classes}, notes=notes)
-        return result
+            values = sum(t.numel() for t in state.values())
+            return ImportResult("classifier", out, info, len(state), values)
+        model, recorded, notes = _fcn_from_source(src, variant, backbone)
+        save_checkpoint(out, model, {"imported_from": info, **{k: v for k, v in recorded.items() if v}})
+        tensors = model.state_dict()
+        return ImportResult("fcn", out, info, len(tensors), sum(t.numel() for t in tensors.values()),
+                            model={"variant": model.variant, "backbone": model.backbone_name,
+                                   "width": model.width, "num_classes": model.num_classes}, notes=notes)
     finally:
-        digests.stop()
-        if src is not None:
-            src.close()
+        src.close()
 
 
 __all__ = ["import_weights", "WeightsImportError", "ImportResult", "KNOWN_FILES", "file_digests", "check_known",

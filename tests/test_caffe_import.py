@@ -466,8 +466,13 @@ def test_failed_import_leaves_an_existing_checkpoint_alone(written, imported, tm
     cut.write_bytes(written["fcn8s"][2].read_bytes()[:-10])
     with pytest.raises(WeightsImportError):
         import_weights(cut, out)
+    # nor does a known file name with the wrong sum
+    fake = tmp_path / "fcn8s-heavy-pascal.caffemodel"
+    fake.write_bytes(written["fcn8s"][2].read_bytes())
+    with pytest.raises(WeightsImportError, match="sha1"):
+        import_weights(fake, out)
     assert (out / "model.pt").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "cut.caffemodel"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "cut.caffemodel", "fcn8s-heavy-pascal.caffemodel"]
 
 
 # ---------------------------------------------------------------- the command
