@@ -17,7 +17,7 @@ uint8 crops, then normalisation to float32 N x 3 x H x W in the consuming proces
               a new DataLoader each of the E epochs (workers forked per epoch).
 
 The images are VOC-like (a generated mirror, longer side 500, through
-pipelines.preprocess). A run is E epochs from the start, start-up included (Ray's
+pipelines.stages.preprocess). A run is E epochs from the start, start-up included (Ray's
 actors start once a training run, the DataLoader's workers once an epoch); the
 fastest of --repeat runs counts.
 """
@@ -39,7 +39,9 @@ sys.path.insert(0, str(ROOT))
 from fcn_models.preprocess import normalize  # noqa: E402
 from benchdoc import DOC, write_section  # noqa: E402
 from fcn_models.summary import cpu_model  # noqa: E402
-from pipelines.dataset import DecodeAugment, build_datasets, iter_train_batches, shard_files  # noqa: E402
+from pipelines.dataset import DecodeAugment, build_datasets, iter_train_batches  # noqa: E402
+from pipelines.recipe import input_norm  # noqa: E402
+from pipelines.shards import shard_files  # noqa: E402
 from pipelines.params import parse_params  # noqa: E402
 
 SECTION = "## Data pipeline (bench/bench_data.py)"
@@ -61,9 +63,9 @@ def bench_params(shards_dir: Path, workers: int, batch_size: int):
 
 def make_shards(work: Path, n_images: int) -> Path:
     """A generated VOC-like mirror of n_images training images, preprocessed into shards (cached in work)."""
-    from pipelines.demo_data import write_mirror
-    from pipelines.fetch import safe_extract
-    from pipelines.preprocess import preprocess
+    from pipelines.archives import safe_extract
+    from pipelines.mirror import write_mirror
+    from pipelines.stages.preprocess import preprocess
 
     shards = work / f"shards-{n_images}"
     if (shards / "train").is_dir():
@@ -126,7 +128,7 @@ def time_run(batches) -> tuple[int, float, float, int]:
 
 def run_ray(shards: Path, workers: int, batch_size: int, epochs: int):
     params = bench_params(shards, workers, batch_size)
-    train = build_datasets(params, ROOT, epochs=epochs)["train"]
+    train = build_datasets(params, epochs=epochs)["train"]
     return time_run(iter_train_batches(train.iterator(), params))
 
 
@@ -139,7 +141,7 @@ def run_dataloader(files: Path, shards: Path, workers: int, batch_size: int, epo
                 FileDataset(files, params, epoch), batch_size=batch_size, shuffle=True, drop_last=True,
                 num_workers=workers, generator=torch.Generator().manual_seed(epoch))
             for images, labels in loader:
-                yield normalize(images.permute(0, 3, 1, 2), params.model.input_norm), labels.long()
+                yield normalize(images.permute(0, 3, 1, 2), input_norm(params)), labels.long()
 
     return time_run(batches())
 
@@ -214,12 +216,12 @@ def main(argv=None) -> int:
     import ray
     from ray.data import DataContext
 
-    from pipelines.train import _bind_loopback
+    from pipelines.cluster import bind_loopback
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     shards = make_shards(args.workdir, args.images)
     files = export_files(shards)
-    _bind_loopback()  # the local cluster listens on 127.0.0.1 only
+    bind_loopback()  # the local cluster listens on 127.0.0.1 only
     ray.init(address="local", num_cpus=max(max(args.workers), os.cpu_count() or 1), include_dashboard=False,
              log_to_driver=False)
     DataContext.get_current().enable_progress_bars = False

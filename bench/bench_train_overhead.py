@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/bench_train_overhead.py [--steps 150] [--warmup 20] [--width 0.125]
 
-Every setting runs the same steps of pipelines/train.py: the starting network
-(`initial_model`, random init), `freeze_for_stage`, the reference SGD groups
-(`make_optimizer`), forward, `segmentation_loss` (mean), backward, step, on the
+Every setting runs the training step a stage runs, pipelines.loop's
+`StageWorker.train_step` (forward, with autocast and the grad scaler on a GPU,
+`segmentation_loss` (mean), backward, step of the reference SGD groups), from the
+same starting network (`initial_model`, random init, `freeze_for_stage`), on the
 demo profile's kind of data (whole generated VOC-like images, longer side 160, batch 1),
 one torch thread each.
 
@@ -41,8 +42,10 @@ sys.path.insert(0, str(ROOT))
 
 from fcn_models.preprocess import normalize  # noqa: E402
 from fcn_models.summary import cpu_model  # noqa: E402
-from pipelines import dataset, train  # noqa: E402
+from pipelines import cluster, dataset, loop  # noqa: E402
 from pipelines.params import parse_params  # noqa: E402
+from pipelines.recipe import input_norm  # noqa: E402
+from pipelines.shards import shard_files  # noqa: E402
 
 
 def bench_params(shards_dir: Path, width: float):
@@ -57,9 +60,9 @@ def bench_params(shards_dir: Path, width: float):
 
 def make_shards(work: Path, n_train: int) -> Path:
     """Shards of a generated mirror like the demo's (longer side 160), cached in work."""
-    from pipelines.demo_data import write_mirror
-    from pipelines.fetch import safe_extract
-    from pipelines.preprocess import preprocess
+    from pipelines.archives import safe_extract
+    from pipelines.mirror import write_mirror
+    from pipelines.stages.preprocess import preprocess
 
     shards = work / f"shards-{n_train}"
     if (shards / "train").is_dir():
@@ -75,29 +78,26 @@ def make_shards(work: Path, n_train: int) -> Path:
 
 def decoded_batches(shards: Path, params) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every training image decoded and flipped as epoch 0 would, as (1x3xHxW float, 1xHxW int64)."""
-    table = pq.read_table(dataset.shard_files(shards, "train")).to_pydict()
+    table = pq.read_table(shard_files(shards, "train")).to_pydict()
     rows = {k: np.array(table[k], dtype=object) for k in ("id", "image", "label")}
     out = dataset.DecodeAugment(params, True, epoch=0)(rows)
-    return [(normalize(torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)[None], params.model.input_norm),
+    return [(normalize(torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)[None], input_norm(params)),
              torch.from_numpy(np.ascontiguousarray(lb))[None].long())
             for im, lb in zip(out["image"], out["label"])]
 
 
 def stage_config(params) -> dict:
     init = {"source": "random", "path": None, "note": "random (benchmark)"}
-    return train.loop_config(params, "fcn8s", init, None) | {"lr": 0.01}
+    return loop.loop_config(params, "fcn8s", init) | {"lr": 0.01}
 
 
-def timed_steps(model, optimizer, batches, steps: int, warmup: int, loss_mode: str, started: float) -> dict:
-    """train_loop's step body; the clock starts after `warmup` steps."""
-    model.train()
+def timed_steps(worker: loop.StageWorker, batches, steps: int, warmup: int, started: float) -> dict:
+    """The stage's train_step; the clock starts after `warmup` steps."""
+    worker.model.train()
     first_step_done = timed_from = None
     for step in range(warmup + steps):
         images, labels = next(batches)
-        loss = train.segmentation_loss(model(images), labels, loss_mode)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        worker.train_step(images, labels)
         if step == 0:
             first_step_done, first_step_wall = time.perf_counter(), time.time()
         if step == warmup - 1:
@@ -114,11 +114,8 @@ def cycle(batches):
 def run_plain(config: dict, batches, steps: int, warmup: int) -> dict:
     torch.set_num_threads(1)
     started = time.perf_counter()
-    torch.manual_seed(config["seed"])
-    net = train.initial_model(config)
-    train.freeze_for_stage(net, False)
-    optimizer = train.make_optimizer(net, config["lr"], config["momentum"], config["weight_decay"])
-    return timed_steps(net, optimizer, cycle(batches), steps, warmup, config["loss"], started)
+    worker = loop.StageWorker(config, torch.device("cpu"))
+    return timed_steps(worker, cycle(batches), steps, warmup, started)
 
 
 def worker_loop(config: dict) -> None:
@@ -126,18 +123,12 @@ def worker_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    torch.manual_seed(config["seed"])
-    net = train.initial_model(config)
-    train.freeze_for_stage(net, False)
-    model = ray.train.torch.prepare_model(net)
-    optimizer = train.make_optimizer(net, config["lr"], config["momentum"], config["weight_decay"])
+    worker = loop.StageWorker(config, ray.train.torch.get_device(), wrap=ray.train.torch.prepare_model)
     if config["batches"] is not None:
         batches = cycle(config["batches"])
     else:
-        shard = ray.train.get_dataset_shard("train")
-        batches = train.endless(lambda _pass: dataset.iter_train_batches(shard, config["params"]), "train")
-    result = timed_steps(model, optimizer, batches, config["steps"], config["warmup"], config["loss"],
-                         time.perf_counter())
+        batches = iter(dataset.iter_train_batches(ray.train.get_dataset_shard("train"), config["params"]))
+    result = timed_steps(worker, batches, config["steps"], config["warmup"], time.perf_counter())
     # Ray Train keeps reported metrics only with a checkpoint: the worker (on this
     # machine) writes its timings where the driver reads them.
     Path(config["result_file"]).write_text(json.dumps(result))
@@ -149,7 +140,7 @@ def run_ray(config: dict, params, shards: Path, batches, steps: int, warmup: int
     from ray.train.torch import TorchConfig, TorchTrainer
 
     started = time.time()
-    train.connect_ray(params.ray)
+    cluster.connect(params.ray)
     result_file = storage / f"result-{int(started * 1000)}.json"
     storage.mkdir(parents=True, exist_ok=True)
     loop_config = dict(config, steps=steps, warmup=warmup, batches=batches, result_file=str(result_file))
@@ -158,8 +149,7 @@ def run_ray(config: dict, params, shards: Path, batches, steps: int, warmup: int
         scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1.0}),
         run_config=ray.train.RunConfig(name=f"overhead-{int(started * 1000)}", storage_path=str(storage)),
         **({} if batches is not None else {"datasets": dataset.build_datasets(
-            params, shards.parent, epochs=dataset.train_epochs(
-                params, dataset.shard_rows(params, shards.parent)["train"], warmup + steps)),
+            params, epochs=dataset.train_epochs(params, dataset.train_rows(params), warmup + steps)),
                                             "dataset_config": dataset.data_config(params)}),
     )
     trainer.fit()

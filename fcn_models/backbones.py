@@ -21,7 +21,7 @@ from collections import OrderedDict
 
 import torch.nn as nn
 
-from .preprocess import CAFFE_BGR, TORCHVISION_GOOGLENET, TORCHVISION_RGB, InputNorm
+from .norms import BACKBONE_NORMS, InputNorm
 
 FIRST_CONV_PADDING = 100
 
@@ -126,7 +126,7 @@ def _vgg16(width: float) -> Trunk:
         layers, name="vgg16", taps={8: "pool3", 16: "pool4", 32: "drop7"},
         tap_channels={8: scaled(256, width), 16: scaled(512, width), 32: fc},
         first_conv="conv1_1", classifier_padding=1,
-        imagenet_norm=TORCHVISION_RGB, torchvision_names=names, torchvision_dropped=("classifier.6",),
+        imagenet_norm=BACKBONE_NORMS["vgg16"], torchvision_names=names, torchvision_dropped=("classifier.6",),
     )
 
 
@@ -167,7 +167,7 @@ def _alexnet(width: float) -> Trunk:
         layers, name="alexnet", taps={8: "pool1", 16: "pool2", 32: "drop7"},
         tap_channels={8: c1, 16: c2, 32: fc},
         first_conv="conv1", classifier_padding=2,
-        imagenet_norm=TORCHVISION_RGB, torchvision_names=names, torchvision_dropped=("classifier.6",),
+        imagenet_norm=BACKBONE_NORMS["alexnet"], torchvision_names=names, torchvision_dropped=("classifier.6",),
     )
 
 
@@ -214,7 +214,7 @@ def _caffe_alexnet(width: float) -> Trunk:
         layers, name="caffe-alexnet", taps={8: "pool1", 16: "pool2", 32: "drop7"},
         tap_channels={8: c1, 16: c2, 32: fc},
         first_conv="conv1", classifier_padding=0,
-        imagenet_norm=CAFFE_BGR, torchvision_names={}, torchvision_dropped=(),
+        imagenet_norm=BACKBONE_NORMS["caffe-alexnet"], torchvision_names={}, torchvision_dropped=(),
     )
 
 
@@ -281,7 +281,7 @@ def _googlenet(width: float) -> Trunk:
         layers, name="googlenet", taps={8: "inception3b", 16: "inception4e", 32: "dropout"},
         tap_channels={8: channels["inception3b"], 16: channels["inception4e"], 32: channels["inception5b"]},
         first_conv="conv1.conv", classifier_padding=3,
-        imagenet_norm=TORCHVISION_GOOGLENET, torchvision_names=names,
+        imagenet_norm=BACKBONE_NORMS["googlenet"], torchvision_names=names,
         torchvision_dropped=("fc", "aux1", "aux2"), torchvision_smaller_kernels=("branch3.1.conv.weight",),
         classifier_tail=(nn.AvgPool2d(7, stride=1),),
     )
@@ -289,6 +289,9 @@ def _googlenet(width: float) -> Trunk:
 
 BUILDERS = {"vgg16": _vgg16, "alexnet": _alexnet, "googlenet": _googlenet, "caffe-alexnet": _caffe_alexnet}
 BACKBONES = tuple(BUILDERS)
+if set(BUILDERS) != set(BACKBONE_NORMS):
+    raise ImportError(f"fcn_models.norms.BACKBONE_NORMS names {sorted(BACKBONE_NORMS)}, "
+                      f"but fcn_models.backbones builds {sorted(BUILDERS)}")
 
 
 def build_trunk(backbone: str = "vgg16", width: float = 1.0) -> Trunk:

@@ -18,7 +18,7 @@ from typing import Union
 import torch
 
 from .fcn import FCN, build_fcn
-from .preprocess import InputNorm
+from .norms import InputNorm
 
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"

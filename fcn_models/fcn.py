@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from .backbones import BACKBONES, Trunk, build_trunk
 from .geometry import IDENTITY, Geometry, crop_offset, layer_geometry
-from .preprocess import InputNorm, NormLike, as_input_norm
+from .norms import InputNorm, NormLike, as_input_norm
 from .surgery import upsampling
 
 VARIANTS = ("fcn32s", "fcn16s", "fcn8s", "fcn8s-atonce")

@@ -10,11 +10,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-IGNORE_INDEX = 255
+from .voc import NUM_CLASSES, VOID
+
+# The four scores of the paper's tables, in its column order.
+SCORE_KEYS = ("pixel_acc", "mean_acc", "mean_iu", "fw_iu")
 
 
 class ConfusionMatrix:
-    def __init__(self, num_classes: int = 21, ignore_index: int = IGNORE_INDEX, matrix=None):
+    def __init__(self, num_classes: int = NUM_CLASSES, ignore_index: int = VOID, matrix=None):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes

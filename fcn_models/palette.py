@@ -2,19 +2,17 @@
 
     colorize(mask)            (H, W) class ids -> (H, W, 3) uint8 in the VOC colours
     overlay(image, mask)      the image with the coloured mask blended over it
-    class_names()             the 21 names, index = class id
 
 Pure numpy: used by the mirror generator, tracking artifacts and `fcn predict`.
+The class names and the void label come from fcn_models.voc.
 """
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
-CLASSES_FILE = Path(__file__).with_name("voc_classes.txt")
-IGNORE_INDEX = 255
+from .voc import VOID
 
 
 @lru_cache(maxsize=None)
@@ -42,19 +40,6 @@ def voc_colormap(n: int = 256) -> np.ndarray:
     return _colormap(n).copy()
 
 
-@lru_cache(maxsize=None)
-def _class_names() -> tuple[str, ...]:
-    names = tuple(CLASSES_FILE.read_text().split())
-    if len(names) != 21:
-        raise ValueError(f"{CLASSES_FILE}: lists {len(names)} classes, expected 21")
-    return names
-
-
-def class_names() -> list[str]:
-    """The 21 VOC class names, background first."""
-    return list(_class_names())
-
-
 def colorize(mask: np.ndarray) -> np.ndarray:
     """(H, W) integer class ids (255 = void) -> (H, W, 3) uint8 RGB in the VOC colours."""
     mask = np.asarray(mask)
@@ -76,6 +61,6 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarr
         raise ValueError(f"alpha {alpha}: expected a value in [0, 1]")
     colours = colorize(mask).astype(np.float32)
     out = image.astype(np.float32)
-    objects = (np.asarray(mask) != 0) & (np.asarray(mask) != IGNORE_INDEX)
+    objects = (np.asarray(mask) != 0) & (np.asarray(mask) != VOID)
     out[objects] = (1 - alpha) * out[objects] + alpha * colours[objects]
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)

@@ -41,7 +41,7 @@ from .backbones import build_trunk
 from .caffe import CaffeFormatError, read_caffemodel
 from .checkpoint import save_checkpoint
 from .fcn import ATONCE_SCALES, VARIANTS, build_fcn
-from .preprocess import CAFFE_BGR
+from .norms import CAFFE_BGR
 from .surgery import bilinear_weight
 
 # Published sums: pytorch-fcn's md5s (torchfcn/models/*.py) and OpenCV's sha1 of the

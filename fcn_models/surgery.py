@@ -10,7 +10,7 @@ from typing import Callable, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
-from .preprocess import NormLike, as_input_norm
+from .norms import NormLike, as_input_norm
 
 
 # ---------------------------------------------------------------- upsampling

@@ -1,22 +1,23 @@
 """The `fcn` command.
 
-Each subcommand lives in its own module with a `main(argv) -> int` that parses its
-own arguments, so `fcn fetch ...` and `python -m pipelines.fetch ...` are the same
-thing. Modules are imported only when their subcommand runs: `fcn summary` must
-not pay for importing Ray or MLflow.
+Each subcommand is an entry point in pipelines/stages/ with a `main(argv) -> int`
+that parses its own arguments, so `fcn fetch ...` and `python -m
+pipelines.stages.fetch ...` are the same thing. This is the one module that imports
+the stages, and only the one whose subcommand runs: `fcn summary` must not pay for
+importing Ray or MLflow.
 """
 import importlib
 import sys
 
 COMMANDS = {
     "summary": ("fcn_models.summary", "per-layer table of a trunk, and the paper's Table 1"),
-    "demo-data": ("pipelines.demo_data", "write a generated VOC2012/SBD-format mirror"),
-    "fetch": ("pipelines.fetch", "download, verify and extract VOC2012 and SBD"),
-    "preprocess": ("pipelines.preprocess", "convert the raw datasets into Parquet shards"),
-    "train": ("pipelines.train", "train one FCN stage on Ray Train"),
-    "evaluate": ("pipelines.evaluate", "score each trained stage on all of val: the paper's table"),
-    "register": ("pipelines.register", "log the best checkpoint to MLflow; move the champion alias if it is better"),
-    "predict": ("pipelines.predict", "mask and overlay PNGs for images, from a registered model or a checkpoint"),
+    "demo-data": ("pipelines.stages.demo_data", "write a generated VOC2012/SBD-format mirror"),
+    "fetch": ("pipelines.stages.fetch", "download, verify and extract VOC2012 and SBD"),
+    "preprocess": ("pipelines.stages.preprocess", "convert the raw datasets into Parquet shards"),
+    "train": ("pipelines.stages.train", "train one FCN stage on Ray Train"),
+    "evaluate": ("pipelines.stages.evaluate", "score each trained stage on all of val: the paper's table"),
+    "register": ("pipelines.stages.register", "log the best checkpoint to MLflow; move the champion alias if it is better"),
+    "predict": ("pipelines.stages.predict", "mask and overlay PNGs for images, from a registered model or a checkpoint"),
     "import": ("pipelines.stages.import_weights", "the reference's caffemodels / pytorch-fcn files as our checkpoints"),
 }
 

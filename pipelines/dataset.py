@@ -3,7 +3,8 @@
     train: epoch plan of row slices -> read tasks -> map_batches(DecodeAugment) -> local shuffle
     val:   read_parquet -> map_batches(DecodeAugment, augmentation off)
 
-`build_datasets(params)` builds both on the driver; `training_datasets(...)` is what
+`build_datasets(params)` builds both on the driver (connected to Ray already:
+this module never connects, pipelines.cluster does); `training_datasets(...)` is what
 a training run gives the TorchTrainer (the train dataset as a factory Ray Train calls
 at every worker-group start), `data_config(params)` its `dataset_config`; inside each
 training worker, `iter_train_batches(ray.train.get_dataset_shard("train"), params,
@@ -11,8 +12,9 @@ start_iteration)` and `iter_val_batches(ray.train.get_dataset_shard("val"), para
 yield (images float32 N x 3 x H x W, labels int64 N x H x W) on the worker's device.
 
 Pixels travel through Ray as uint8 RGB (a quarter of float32's bytes) and are
-normalised for the model's weights (model.input_norm) on the device, by
-fcn_models.preprocess.normalize, so the mean and std live in one place.
+normalised for the model's weights (pipelines.recipe.input_norm: model.input_norm or
+the backbone's own) on the device, by fcn_models.preprocess.normalize, so the mean
+and std live in one place.
 
 Epochs: one execution of the train dataset holds every epoch a run needs. Ray Data
 starts its decode actors once per execution, new processes importing torch and
@@ -63,9 +65,12 @@ from ray.data import ActorPoolStrategy, DataContext, ExecutionOptions, Execution
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import DataConfig
 
-from fcn_models.preprocess import as_input_norm, normalize
-from pipelines.params import PROJECT_ROOT, Params, RayParams, resolve
-from pipelines.shards import ShardError, decode_sample
+from fcn_models.norms import InputNorm
+from fcn_models.preprocess import normalize
+from fcn_models.voc import VOID
+from pipelines.params import Params, RayParams
+from pipelines.recipe import input_norm
+from pipelines.shards import SAMPLE_COLUMNS, ShardError, count_rows, decode_sample, shard_files
 
 # albumentations asks PyPI for a newer version when first imported (in build_augmentation,
 # so in every decode actor); the pipeline must not touch the network.
@@ -73,10 +78,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val")
 # Columns the pipeline reads; source, height and width stay on disk.
-READ_COLUMNS = ["id", "image", "label"]
-VOID = 255
+READ_COLUMNS = list(SAMPLE_COLUMNS)
 # Rows per DecodeAugment call: small enough that a batch of 512 x 512 crops is a few
 # MB of object store, large enough that Ray's per-call overhead is noise.
 DECODE_BATCH_ROWS = 16
@@ -104,9 +107,8 @@ class DatasetError(ShardError):
 
 # --------------------------------------------------------------------------- decode + augment
 
-def mean_colour(input_norm: str) -> tuple[int, int, int]:
+def mean_colour(norm: InputNorm) -> tuple[int, int, int]:
     """The normalisation's mean as an RGB 0-255 pixel: padding with it feeds the net zeros."""
-    norm = as_input_norm(input_norm)
     mean = [m / norm.scale for m in norm.mean]
     return tuple(int(round(v)) for v in (mean[::-1] if norm.bgr else mean))
 
@@ -130,7 +132,7 @@ def build_augmentation(params: Params):
     if params.train.batch_mode == "crops":
         size = aug.crop_size
         steps.append(A.PadIfNeeded(min_height=size, min_width=size, position="top_left",
-                                   border_mode=cv2.BORDER_CONSTANT, fill=mean_colour(params.model.input_norm),
+                                   border_mode=cv2.BORDER_CONSTANT, fill=mean_colour(input_norm(params)),
                                    fill_mask=VOID))
         steps.append(A.RandomCrop(height=size, width=size))
     if aug.hflip > 0:
@@ -195,23 +197,6 @@ class DecodeAugment:
 
 # --------------------------------------------------------------------------- datasets (driver)
 
-def shard_files(shards_dir: Path, split: str) -> list[Path]:
-    """The Parquet shards of one split, checked to exist."""
-    split_dir = Path(shards_dir) / split
-    files = sorted(split_dir.glob("part-*.parquet"))
-    if not files:
-        raise DatasetError(f"{split_dir}: no part-*.parquet shards (run `fcn preprocess`, or check data.shards_dir)")
-    return files
-
-
-def shard_rows(params: Params, root: Path = PROJECT_ROOT) -> dict[str, int]:
-    """Rows per split from the Parquet footers, without executing a dataset."""
-    import pyarrow.parquet as pq
-    shards_dir = resolve(params.data.shards_dir, root)
-    return {split: sum(pq.ParquetFile(f).metadata.num_rows for f in shard_files(shards_dir, split))
-            for split in SPLITS}
-
-
 def data_resources(ray_params: RayParams) -> dict:
     """How ray.data_cpus is shared, per dataset: {"cpus", "actors", "actor_cpus", "io_cpus"}.
 
@@ -235,18 +220,6 @@ def execution_options(cpus: float) -> ExecutionOptions:
     return ExecutionOptions(resource_limits=ExecutionResources(cpu=cpus), preserve_order=True)
 
 
-def check_cpu_budget(params: Params, cluster_cpus: float) -> None:
-    """Fail fast when training workers plus Ray Data need more CPUs than the cluster has:
-    otherwise the decode actors wait for a free CPU forever and training hangs."""
-    r = params.ray
-    need = r.num_workers * r.cpus_per_worker + r.data_cpus
-    if need > cluster_cpus + 1e-9:
-        raise DatasetError(
-            f"ray.num_workers ({r.num_workers}) x ray.cpus_per_worker ({r.cpus_per_worker}) + ray.data_cpus "
-            f"({r.data_cpus}) = {need:g} CPUs, but the Ray cluster has {cluster_cpus:g}: lower "
-            "ray.cpus_per_worker or ray.data_cpus (fractions are fine, e.g. 0.75 and 0.5 on 2 cores)")
-
-
 def _read_shards(files: list[str], io_cpus: float) -> ray.data.Dataset:
     # Ray Data's newer Parquet reader (use_datasource_v2) first lists the files in a
     # task that always asks for a whole CPU, which never starts while the training
@@ -259,13 +232,6 @@ def _read_shards(files: list[str], io_cpus: float) -> ray.data.Dataset:
         context.use_datasource_v2 = newer_reader
 
 
-def _connect(params: Params) -> None:
-    # Join or start Ray as training does (ray.address; a local cluster on 127.0.0.1).
-    if not ray.is_initialized():
-        from pipelines.train import connect_ray
-        connect_ray(params.ray)
-
-
 def _decode(ds: ray.data.Dataset, res: dict, *fn_args, **fn_kwargs) -> ray.data.Dataset:
     ds = ds.map_batches(DecodeAugment, batch_size=DECODE_BATCH_ROWS, compute=ActorPoolStrategy(size=res["actors"]),
                         num_cpus=res["actor_cpus"], zero_copy_batch=True, fn_constructor_args=fn_args,
@@ -275,6 +241,11 @@ def _decode(ds: ray.data.Dataset, res: dict, *fn_args, **fn_kwargs) -> ray.data.
     # redrawn by every worker's pipeline, would bury it in the stage log.
     ds.context.enable_progress_bars = False
     return ds
+
+
+def train_rows(params: Params) -> int:
+    """Rows of the train split, from the Parquet footers, without executing a dataset."""
+    return count_rows(shard_files(params.data.shards_dir, "train"))
 
 
 def batch_rows(params: Params) -> int:
@@ -337,21 +308,19 @@ def slice_reader(columns: list[str]):
     return read_slices
 
 
-def build_train_dataset(params: Params, root: Path = PROJECT_ROOT, *, epochs: int = 1,
-                        start_iteration: int = 0) -> ray.data.Dataset:
+def build_train_dataset(params: Params, *, epochs: int = 1, start_iteration: int = 0) -> ray.data.Dataset:
     """The train dataset: `epochs` epochs from the one a run resumed after start_iteration is in.
 
     One execution yields them all, epoch after epoch (preserve_order), so its decode
     actors start once.
     """
-    files = [str(f) for f in shard_files(resolve(params.data.shards_dir, root), "train")]
+    files = [str(f) for f in shard_files(params.data.shards_dir, "train")]
     slices = row_slices(files)
-    train_rows = sum(end - first for _, _, first, end in slices)
-    if train_rows == 0:
+    rows = sum(end - first for _, _, first, end in slices)
+    if rows == 0:
         raise DatasetError(f"{Path(files[0]).parent}: the train shards hold no rows (run `fcn preprocess` again)")
-    _connect(params)
     res = data_resources(params.ray)["train"]
-    first_epoch = resume_epoch(params, train_rows, start_iteration)
+    first_epoch = resume_epoch(params, rows, start_iteration)
     plan = epoch_plan(params, slices, range(first_epoch, first_epoch + epochs), start_iteration)
     ds = ray.data.from_items(plan, override_num_blocks=len(plan))
     ds = ds.map_batches(slice_reader(READ_COLUMNS), batch_size=None, num_cpus=res["io_cpus"] / PARALLEL_READS,
@@ -359,20 +328,19 @@ def build_train_dataset(params: Params, root: Path = PROJECT_ROOT, *, epochs: in
     return _decode(ds, res, params, True)
 
 
-def build_datasets(params: Params, root: Path = PROJECT_ROOT, *, epochs: int = 1, start_iteration: int = 0) -> dict:
+def build_datasets(params: Params, *, epochs: int = 1, start_iteration: int = 0) -> dict:
     """{"train": Dataset, "val": Dataset} over data.shards_dir, lazily defined.
 
-    Joins or starts Ray as training does. The train dataset holds `epochs` epochs,
-    starting with the one a run resumed after start_iteration steps is in.
+    The train dataset holds `epochs` epochs, starting with the one a run resumed
+    after start_iteration steps is in.
     """
-    return {"train": build_train_dataset(params, root, epochs=epochs, start_iteration=start_iteration),
-            "val": build_val_dataset(params, root)}
+    return {"train": build_train_dataset(params, epochs=epochs, start_iteration=start_iteration),
+            "val": build_val_dataset(params)}
 
 
-def build_val_dataset(params: Params, root: Path = PROJECT_ROOT) -> ray.data.Dataset:
+def build_val_dataset(params: Params) -> ray.data.Dataset:
     """The val dataset: every image once per execution, decoded, not augmented."""
-    files = [str(f) for f in shard_files(resolve(params.data.shards_dir, root), "val")]
-    _connect(params)
+    files = [str(f) for f in shard_files(params.data.shards_dir, "val")]
     res = data_resources(params.ray)["val"]
     return _decode(_read_shards(files, res["io_cpus"]), res, params, False)
 
@@ -394,22 +362,22 @@ class TrainDatasetFactory:
     a worker group starts (the first time and after every failure), so the plan starts
     where the workers resume and covers the `iterations` - resumed steps they have left."""
 
-    def __init__(self, params: Params, root: Path, iterations: int, run_dir: str):
-        self.params, self.root, self.iterations, self.run_dir = params, Path(root), iterations, str(run_dir)
+    def __init__(self, params: Params, iterations: int, run_dir: str):
+        self.params, self.iterations, self.run_dir = params, iterations, str(run_dir)
 
     def __call__(self) -> ray.data.Dataset:
         done = checkpoint_iteration(self.run_dir)
-        rows = shard_rows(self.params, self.root)["train"]
+        rows = train_rows(self.params)
         epochs = train_epochs(self.params, rows, max(self.iterations - done, 0))
         log.info("train plan: %d epochs from epoch %d (resuming after iteration %d)", epochs,
                  resume_epoch(self.params, rows, done), done)
-        return build_train_dataset(self.params, self.root, epochs=epochs, start_iteration=done)
+        return build_train_dataset(self.params, epochs=epochs, start_iteration=done)
 
 
-def training_datasets(params: Params, root: Path, iterations: int, run_dir: str) -> dict:
+def training_datasets(params: Params, iterations: int, run_dir: str) -> dict:
     """The TorchTrainer's `datasets` for a run of `iterations` steps stored in run_dir:
     {"train": TrainDatasetFactory, "val": Dataset}."""
-    return {"train": TrainDatasetFactory(params, root, iterations, run_dir), "val": build_val_dataset(params, root)}
+    return {"train": TrainDatasetFactory(params, iterations, run_dir), "val": build_val_dataset(params)}
 
 
 class ShardConfig(DataConfig):
@@ -429,12 +397,7 @@ class ShardConfig(DataConfig):
 
 
 def data_config(params: Params) -> ShardConfig:
-    """The TorchTrainer's dataset_config: ShardConfig, each dataset under its CPU cap.
-
-    Checks first that the training workers and Ray Data fit in the cluster's CPUs.
-    """
-    _connect(params)
-    check_cpu_budget(params, ray.cluster_resources().get("CPU", 0.0))
+    """The TorchTrainer's dataset_config: ShardConfig, each dataset under its CPU cap."""
     plan = data_resources(params.ray)
     return ShardConfig(execution_options={name: execution_options(res["cpus"]) for name, res in plan.items()})
 
@@ -472,8 +435,18 @@ class ToTensors(NumpyBatchCollateFn):
                 "label": torch.from_numpy(_stack(batch["label"]))}
 
 
+def to_model_input(images, labels, params: Params, norm: Optional[InputNorm] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of uint8 RGB images (N x H x W x 3) and labels (N x H x W), arrays or tensors on
+    any device, as the network takes them: normalised float32 N x 3 x H x W (for the stage's
+    input normalisation, pipelines.recipe.input_norm) and int64 labels, on the same device."""
+    images, labels = torch.as_tensor(images), torch.as_tensor(labels)
+    return normalize(images.permute(0, 3, 1, 2), norm or input_norm(params)), labels.long()
+
+
 def _iter_batches(shard, params: Params, batch_size: int, drop_last: bool, start_iteration: Optional[int],
                   shuffle_seed: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    norm = input_norm(params)
     shuffle = {} if shuffle_seed is None else {
         "local_shuffle_buffer_size": max(SHUFFLE_BUFFER_ROWS, batch_size), "local_shuffle_seed": shuffle_seed}
     # device "auto": the Ray Train worker's device (its GPU when it has one), else the CPU.
@@ -481,8 +454,7 @@ def _iter_batches(shard, params: Params, batch_size: int, drop_last: bool, start
                                        device="auto", drop_last=drop_last, prefetch_batches=2,
                                        pin_memory=torch.cuda.is_available(), **shuffle)
     for batch in batches:
-        images = normalize(batch["image"].permute(0, 3, 1, 2), params.model.input_norm)
-        yield images, batch["label"].long()
+        yield to_model_input(batch["image"], batch["label"], params, norm)
 
 
 def iter_train_batches(shard, params: Params, start_iteration: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

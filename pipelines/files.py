@@ -1,11 +1,14 @@
-"""Writing a file so that no reader ever sees half of it.
+"""Writing files and directories so that no reader ever sees half of one.
 
 Every stage output that a later stage (or DVC) reads goes through here: the bytes
-go to a temp file beside the target, which is then renamed over it.
+go to a temp file beside the target, which is then renamed over it; a directory is
+built beside its target and swapped in.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -28,3 +31,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """atomic_write_bytes for UTF-8 text."""
     atomic_write_bytes(path, text.encode())
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Move the complete directory `staging` into place as `target` (same filesystem).
+
+    A directory cannot be renamed over a non-empty one, so an existing target is first
+    renamed aside, then removed once the new one is in place: a reader sees the old
+    directory or the new one, never a mix.
+    """
+    staging, target = Path(staging), Path(target)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(staging, target)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in blocks."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()

@@ -3,8 +3,12 @@
 Every section is a frozen dataclass. Loading checks each key against the
 dataclass fields and each value against its type annotation, so a typo or a bad
 value fails at start-up with the key's full dotted path, not hours into a run.
-Relative paths are kept as written; callers resolve them against the project
-root (the directory holding params.yaml).
+
+Paths are resolved here, once: every field marked PATH that holds a relative path
+becomes absolute against the directory of the params file (`load_params`) or the
+root given to `parse_params`. URIs (s3://, file://, http://) are kept as they are;
+a relative SQLite URI (sqlite:///mlflow.db) is made absolute the same way.
+Nothing else in the project resolves a params path.
 """
 from __future__ import annotations
 
@@ -17,12 +21,23 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from fcn_models.norms import BACKBONE_NORMS, PRESETS as INPUT_NORMS
+from fcn_models.voc import NUM_CLASSES
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = PROJECT_ROOT / "params.yaml"
 
 
 class ParamsError(ValueError):
     """A params file has an unknown key, a missing key or a bad value."""
+
+
+# Field metadata: a filesystem path (or URI) to resolve against the params file's directory.
+PATH = {"path": True}
+
+
+def _path(default: Optional[str]):
+    return field(default=default, metadata=PATH)
 
 
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
@@ -44,12 +59,12 @@ class ArchiveParams:
 @dataclass(frozen=True)
 class DataParams:
     # Where archives are looked for before any mirror: a directory or a file:// URL.
-    local_dir: Optional[str] = None
-    download_dir: str = "data/downloads"
-    raw_dir: str = "data/raw"
-    shards_dir: str = "data/shards"
-    stats_file: str = "data/stats.json"
-    rejected_file: str = "data/rejected.json"
+    local_dir: Optional[str] = _path(None)
+    download_dir: str = _path("data/downloads")
+    raw_dir: str = _path("data/raw")
+    shards_dir: str = _path("data/shards")
+    stats_file: str = _path("data/stats.json")
+    rejected_file: str = _path("data/rejected.json")
     voc: ArchiveParams = field(default_factory=lambda: ArchiveParams(
         filename="VOCtrainval_11-May-2012.tar",
         md5="6cd6e144f989b92b3379bac3b3de84fd",
@@ -79,19 +94,24 @@ class DataParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    backbone: Literal["vgg16", "alexnet", "googlenet"] = "vgg16"
+    backbone: str = "vgg16"
     # Scales every channel count of the trunk and fc layers: 1.0 is the paper's net.
     width: float = 1.0
-    num_classes: int = 21
+    num_classes: int = NUM_CLASSES
     # ImageNet classifier weights in torchvision's state-dict format. When the file is
     # absent, FCN-32s starts from random weights, says so loudly and records it.
-    imagenet_weights: Optional[str] = "models/imagenet/vgg16.pth"
-    # Input normalisation the weights expect: torchvision-rgb or caffe-bgr.
-    input_norm: Literal["torchvision-rgb", "caffe-bgr"] = "torchvision-rgb"
+    imagenet_weights: Optional[str] = _path("models/imagenet/vgg16.pth")
+    # Input normalisation the weights expect (a name of fcn_models.norms.PRESETS, e.g.
+    # caffe-bgr for Caffe-converted weights); null: the backbone's own.
+    input_norm: Optional[str] = None
 
     def __post_init__(self):
+        _check(self.backbone in BACKBONE_NORMS, "model.backbone", self.backbone,
+               f"must be one of {', '.join(BACKBONE_NORMS)}")
         _check(0 < self.width <= 4, "model.width", self.width, "must be in (0, 4]")
         _check(self.num_classes >= 2, "model.num_classes", self.num_classes, "must be >= 2")
+        _check(self.input_norm is None or self.input_norm in INPUT_NORMS, "model.input_norm", self.input_norm,
+               f"must be null (the backbone's own) or one of {', '.join(INPUT_NORMS)}")
 
 
 @dataclass(frozen=True)
@@ -156,8 +176,8 @@ class TrainParams:
     # Rank 0 prints iteration, loss and it/s every this many iterations.
     log_every: int = 20
     checkpoints_to_keep: int = 2
-    models_dir: str = "models"
-    reports_dir: str = "reports"
+    models_dir: str = _path("models")
+    reports_dir: str = _path("reports")
     stages: dict[str, StageParams] = field(default_factory=_reference_stages)
 
     def __post_init__(self):
@@ -188,7 +208,7 @@ class RayParams:
     data_cpus: float = 1.0
     max_failures: int = 2
     # Where Ray Train keeps run state and checkpoints; every node must reach it.
-    storage_path: str = "ray_results"
+    storage_path: str = _path("ray_results")
 
     def __post_init__(self):
         _check(self.num_workers >= 1, "ray.num_workers", self.num_workers, "must be >= 1")
@@ -202,8 +222,8 @@ class EvaluateParams:
     # Rows of the table, in the paper's order; a stage without a checkpoint is left out.
     stages: list[str] = field(default_factory=lambda: ["fcn32s-fixed", "fcn32s", "fcn16s", "fcn8s"])
     # DVC metrics (scores per stage) and the same scores as a table in the paper's layout.
-    report_file: str = "reports/evaluation.json"
-    table_file: str = "reports/evaluation.md"
+    report_file: str = _path("reports/evaluation.json")
+    table_file: str = _path("reports/evaluation.md")
     # Images timed for the forward time per image (after one warm-up).
     timing_images: int = 20
 
@@ -216,9 +236,9 @@ class EvaluateParams:
 class MlflowParams:
     # A tracking server (http://host:5000, ...); null: MLFLOW_TRACKING_URI if set, else
     # the SQLite store db_file with artifacts in artifacts_dir, both under the project.
-    tracking_uri: Optional[str] = None
-    db_file: str = "mlflow.db"
-    artifacts_dir: str = "mlartifacts"
+    tracking_uri: Optional[str] = _path(None)
+    db_file: str = _path("mlflow.db")
+    artifacts_dir: str = _path("mlartifacts")
     # One experiment for the whole pipeline, one run per training stage.
     experiment: str = "fcn-voc"
     # Validation images logged per stage with their predicted and true masks.
@@ -228,7 +248,7 @@ class MlflowParams:
     register_stage: str = "fcn8s"
     model_name: str = "fcn-voc"
     alias: str = "champion"
-    registry_file: str = "reports/registry.json"
+    registry_file: str = _path("reports/registry.json")
 
     def __post_init__(self):
         _check(self.val_images_logged >= 0, "mlflow.val_images_logged", self.val_images_logged, "must be >= 0")
@@ -325,15 +345,43 @@ def _build(cls: type, mapping: Any, prefix: str) -> Any:
         raise ParamsError(message if not prefix or message.startswith(prefix) else f"{prefix}.{message}") from None
 
 
-def parse_params(mapping: Any, source: str = "params") -> Params:
+def _resolved(value: str, root: Path) -> str:
+    """A params path made absolute against root; URIs stay as they are, but a relative
+    SQLite URI gets an absolute path."""
+    sqlite = "sqlite:///"
+    if value.startswith(sqlite):
+        rest = value[len(sqlite):]
+        return value if not rest or Path(rest).is_absolute() else sqlite + str(Path(root) / rest)
+    if "://" in value or value.startswith("file:"):
+        return value
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else Path(root) / path)
+
+
+def _resolve_paths(obj: Any, root: Path) -> Any:
+    """A copy of a params dataclass with every PATH field resolved against root."""
+    changes = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get("path") and isinstance(value, str):
+            changes[f.name] = _resolved(value, root)
+        elif dataclasses.is_dataclass(value):
+            changes[f.name] = _resolve_paths(value, root)
+    return dataclasses.replace(obj, **changes) if changes else obj
+
+
+def parse_params(mapping: Any, source: str = "params", root: str | Path | None = None) -> Params:
+    """Params from a mapping, checked; with root, every relative path made absolute against it."""
     try:
-        return _build(Params, mapping, "")
+        params = _build(Params, mapping, "")
     except ParamsError as err:
         raise ParamsError(f"{source}: {err}") from None
+    return _resolve_paths(params, Path(root).resolve()) if root is not None else params
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
-    """Read and validate a params file; raise ParamsError naming the file and key."""
+    """Read and validate a params file; paths in it are taken from its directory.
+    Raises ParamsError naming the file and key."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found (run from the project root, or pass --params)")
@@ -342,10 +390,9 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
             mapping = yaml.safe_load(fh)
         except yaml.YAMLError as err:
             raise ParamsError(f"{path}: not valid YAML: {err}") from None
-    return parse_params(mapping, str(path))
+    return parse_params(mapping, str(path), root=path.resolve().parent)
 
 
-def resolve(path: str | Path, root: Path = PROJECT_ROOT) -> Path:
-    """A params path made absolute against the project root."""
-    path = Path(path)
-    return path if path.is_absolute() else root / path
+def project_dir(params_path: str | Path) -> Path:
+    """The directory a params file's paths are taken from: the project it belongs to."""
+    return Path(params_path).resolve().parent

@@ -14,12 +14,16 @@ Every training stage is one MLflow run in the pipeline's experiment (mlflow.expe
     MetricsLog            Ray Train rank 0, while training: each validation row (loss
                           and the four scores, step = iteration) and the training loss
     finish_stage_run(...) driver, after the outputs are written: any validation row
-                          still missing, the plots, a few val images, the outputs; FINISHED
+                          still missing (from the history it is handed), the plots and a
+                          few val images (pipelines.figures), the outputs; FINISHED
     end_stage_run(...)    driver, when the stage fails: FAILED
+    log_evaluation(...)   the evaluate stage: full-resolution scores on the stage's run
 
 A stage resumed under the same Ray run name (after a worker failure, or run again
 for more iterations) continues the same MLflow run; a new Ray run name (changed
-params) is a new MLflow run. Artifacts: plots/confusion_matrix.png and
+params) is a new MLflow run; its params are pipelines.recipe's RESULT_PARAMS, the
+same list that names the Ray run and that dvc.yaml re-runs the stage on, with the
+stage's own entry as stage.*. Artifacts: plots/confusion_matrix.png and
 plots/per_class_iu.png of the best checkpoint, val_images/<id>.png (image | its
 prediction | the truth, in the VOC colours) for the first mlflow.val_images_logged
 val images, outputs/metrics.json and outputs/history.csv.
@@ -37,10 +41,7 @@ fails the stage).
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
-import math
 import os
 import subprocess
 import sys
@@ -48,10 +49,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
 
-from pipelines.params import Params, resolve
+from pipelines import figures
+from pipelines.params import Params
+from pipelines.recipe import result_params
 
 RAY_RUN_TAG = "fcn.ray_run"
 RAY_STORAGE_TAG = "fcn.ray_storage"
@@ -67,34 +69,32 @@ CHANGED_PARAM_TAG = "fcn.param."
 # The training loss every train.log_every iterations, beside the validation rows' `loss`
 # (the mean training loss since the previous validation, as history.csv has it).
 TRAIN_LOSS_KEY = "train_loss"
-DPI = 100
+# Evaluate's full-resolution scores on a stage's run: eval/<score> and eval/iu/<class>.
+EVAL_PREFIX = "eval/"
 
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used; the message names it and the fix."""
 
 
-def _absolute_sqlite(uri: str, base: Path) -> str:
-    """A sqlite:///relative/path URI made absolute against base; any other URI as it is."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and uri[len(prefix):] and not Path(uri[len(prefix):]).is_absolute():
-        return prefix + str(Path(base).resolve() / uri[len(prefix):])
-    return uri
-
-
-def tracking_uri(params: Params, root: Path) -> str:
+def tracking_uri(params: Params) -> str:
     """params' mlflow.tracking_uri, else MLFLOW_TRACKING_URI, else the project's SQLite store."""
     if params.mlflow.tracking_uri:
-        # A relative SQLite path in params is taken from the project, as every params path.
-        return _absolute_sqlite(params.mlflow.tracking_uri, root)
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return "sqlite:///" + str(resolve(params.mlflow.db_file, Path(root).resolve()))
+        return params.mlflow.tracking_uri
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        # Workers run elsewhere (another working directory): a relative SQLite path is taken
+        # from where the variable was set, this process's directory.
+        prefix = "sqlite:///"
+        if uri.startswith(prefix) and uri[len(prefix):] and not Path(uri[len(prefix):]).is_absolute():
+            return prefix + str(Path.cwd() / uri[len(prefix):])
+        return uri
+    return "sqlite:///" + str(Path(params.mlflow.db_file).absolute())
 
 
-def artifact_location(params: Params, root: Path) -> str:
+def artifact_location(params: Params) -> str:
     """The experiment's artifact root for a local store (a file:// URI, absolute)."""
-    return resolve(params.mlflow.artifacts_dir, Path(root).resolve()).as_uri()
+    return Path(params.mlflow.artifacts_dir).absolute().as_uri()
 
 
 def use_store(uri: str) -> None:
@@ -116,18 +116,18 @@ def use_store(uri: str) -> None:
             os.environ[name] = value
 
 
-def set_up(params: Params, root: Path) -> str:
+def set_up(params: Params) -> str:
     """Point mlflow at the store and make sure the experiment exists; return its id."""
     import mlflow
 
-    uri = tracking_uri(params, root)
+    uri = tracking_uri(params)
     use_store(uri)
     name = params.mlflow.experiment
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     # A server decides where artifacts go; a local store keeps them in the project.
-    location = artifact_location(params, root) if uri.startswith("sqlite:") else None
+    location = artifact_location(params) if uri.startswith("sqlite:") else None
     return mlflow.create_experiment(name, artifact_location=location)
 
 
@@ -176,7 +176,7 @@ def _locked_hash(shards_dir: Path, root: Path) -> str | None:
         for out in (stage or {}).get("outs") or []:
             if not isinstance(out, dict) or "path" not in out:
                 continue
-            if resolve(out["path"], root).resolve() != shards_dir.resolve():
+            if (Path(root) / out["path"]).resolve() != shards_dir.resolve():
                 continue
             md5 = str(out.get("md5") or "")
             if md5.endswith(".dir") and (out.get("nfiles"), out.get("size")) == _files_size(shards_dir):
@@ -230,14 +230,11 @@ class StageRun:
 
 
 def stage_params(params: Params, stage: str) -> dict[str, str]:
-    """Everything the stage is trained with, flat ("stage.lr", "train.seed", ...), as strings."""
-    flat = {f"stage.{k}": v for k, v in dataclasses.asdict(params.train.stages[stage]).items()}
-    flat.update({f"train.{k}": v for k, v in dataclasses.asdict(params.train).items() if k != "stages"})
-    for section in ("model", "augment", "ray"):
-        flat.update({f"{section}.{k}": v for k, v in dataclasses.asdict(getattr(params, section)).items()})
-    flat["data.shards_dir"] = params.data.shards_dir
-    flat["mlflow.val_images_logged"] = params.mlflow.val_images_logged
-    return {k: str(v) for k, v in flat.items()}
+    """What decides the stage's result (recipe.RESULT_PARAMS), flat, as strings; the stage's
+    own entry as stage.* ("stage.lr"), so runs of different stages share their keys."""
+    own = f"train.stages.{stage}."
+    return {("stage." + k[len(own):] if k.startswith(own) else k): str(v)
+            for k, v in result_params(params, stage).items()}
 
 
 def _filter_value(value: str) -> str:
@@ -265,10 +262,9 @@ def open_stage_run(params: Params, stage: str, root: Path, ray_run: str, storage
     from mlflow.entities import Param, RunTag
 
     root = Path(root).resolve()
-    # Workers run elsewhere (another working directory): they need an absolute store.
-    uri = _absolute_sqlite(tracking_uri(params, root), Path.cwd())
+    uri = tracking_uri(params)
     try:
-        experiment_id = set_up(params, root)
+        experiment_id = set_up(params)
         client = MlflowClient(tracking_uri=uri)
         run = _find_run(client, experiment_id, stage, ray_run, storage)
     except TrackingError:
@@ -280,7 +276,7 @@ def open_stage_run(params: Params, stage: str, root: Path, ray_run: str, storage
             "(both unset: the local SQLite store in the project)") from err
 
     commit, dirty = git_state(root)
-    shards_md5, hash_from = shards_hash(resolve(params.data.shards_dir, root), root)
+    shards_md5, hash_from = shards_hash(Path(params.data.shards_dir), root)
     tags = {STAGE_TAG: stage, RAY_RUN_TAG: ray_run, RAY_STORAGE_TAG: storage, INIT_TAG: init_note,
             GIT_COMMIT_TAG: commit, SHARDS_HASH_TAG: shards_md5, SHARDS_HASH_SOURCE_TAG: hash_from}
     if dirty is not None:
@@ -332,40 +328,23 @@ def log_missing_rows(client, run_id: str, rows: list[dict]) -> int:
     return len(missing)
 
 
-def read_history_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as fh:
-        return [{k: (int(float(v)) if k == "iteration" else float(v)) for k, v in row.items()}
-                for row in csv.DictReader(fh)]
-
-
-def finish_stage_run(stage_run: StageRun, params: Params, stage: str, root: Path,
-                     models_dir: Path, reports_dir: Path) -> None:
-    """After the stage's outputs are written: log the validation rows rank 0 could not,
-    the plots and val images of the best checkpoint and the outputs; mark it FINISHED."""
+def finish_stage_run(stage_run: StageRun, params: Params, stage: str, models_dir: Path,
+                     history: list[dict], outputs: dict[str, str]) -> None:
+    """After the stage's outputs are written: log the validation rows of `history` that rank 0
+    could not, the plots and val images of the best checkpoint and the output files
+    ({name: text}); mark it FINISHED."""
     client = stage_run.client()
     run_id = stage_run.run_id
-    history = read_history_csv(Path(reports_dir) / "history.csv")
     caught_up = log_missing_rows(client, run_id, history)
     if caught_up:
         print(f"[{stage}] MLflow: logged {caught_up} metric values the training workers had not", flush=True)
-    meta = json.loads((Path(models_dir) / "meta.json").read_text())
     with tempfile.TemporaryDirectory(prefix="fcn-mlflow-") as scratch:
         scratch = Path(scratch)
-        (scratch / "plots").mkdir()
-        iteration = meta["iterations"]
-        plot_confusion_matrix(np.array(meta["confusion_matrix"]), scratch / "plots" / "confusion_matrix.png",
-                              f"{stage}: confusion matrix at iteration {iteration} (rows: truth, normalised)")
-        per_class = [math.nan if v is None else v for v in meta["val"]["per_class_iu"]]
-        plot_per_class_iu(per_class, scratch / "plots" / "per_class_iu.png",
-                          f"{stage}: IU per class at iteration {iteration}, mean {meta['val']['mean_iu']:.3f}")
-        count = params.mlflow.val_images_logged
-        if count:
-            (scratch / "val_images").mkdir()
-            write_val_images(Path(models_dir), resolve(params.data.shards_dir, root), count,
-                             scratch / "val_images")
+        figures.stage_figures(Path(models_dir), Path(params.data.shards_dir), params.mlflow.val_images_logged,
+                              scratch, stage)
         (scratch / "outputs").mkdir()
-        for name in ("metrics.json", "history.csv"):
-            (scratch / "outputs" / name).write_bytes((Path(reports_dir) / name).read_bytes())
+        for name, text in outputs.items():
+            (scratch / "outputs" / name).write_text(text)
         client.log_artifacts(run_id, str(scratch))
     client.set_terminated(run_id, status="FINISHED")
 
@@ -453,107 +432,37 @@ class MetricsLog:
 
 
 # ---------------------------------------------------------------------------
-# Artifacts: plots of the best checkpoint's scores, and val images with its predictions.
+# The evaluate stage's scores, on the run that trained the checkpoint.
 
 
-def _figure(width: float, height: float):
-    # The Agg canvas directly: no pyplot, no global backend, nothing needs a display.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def log_evaluation(params: Params, run_id: str, entry: dict) -> bool:
+    """Log an evaluate entry (the four scores, per-class IU by name) to the training run
+    `run_id` as eval/<score> and eval/iu/<class>; False (with a line saying why) when
+    the store has no such run, e.g. a checkpoint trained against another store."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
 
-    figure = Figure(figsize=(width, height), dpi=DPI)
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def plot_confusion_matrix(matrix: np.ndarray, path: Path, title: str) -> None:
-    """The confusion matrix, each row (true class) divided by its pixel count, as a PNG."""
-    from fcn_models.palette import class_names
-
-    matrix = np.asarray(matrix, dtype=np.float64)
-    rows = matrix.sum(axis=1, keepdims=True)
-    share = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
-    names = class_names() if len(matrix) == 21 else [str(i) for i in range(len(matrix))]
-    figure = _figure(8.5, 7.5)
-    axes = figure.add_subplot()
-    image = axes.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
-    axes.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-    axes.set_yticks(range(len(names)), names, fontsize=7)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    axes.set_title(title, fontsize=9)
-    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
-    figure.tight_layout()
-    figure.savefig(path, format="png")
+    uri = tracking_uri(params)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        print(f"[evaluate] no MLflow store at {uri}: the scores of run {run_id} are in the report file only",
+              flush=True)
+        return False
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        print(f"[evaluate] MLflow run {run_id} is not in {tracking_uri(params)}: its scores are in the "
+              "report file only", flush=True)
+        return False
+    now = int(time.time() * 1000)
+    values = {f"{EVAL_PREFIX}{k}": entry[k] for k in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu")}
+    values.update({f"{EVAL_PREFIX}iu/{name}": iu for name, iu in entry["per_class_iu"].items()})
+    metrics = [Metric(_metric_key(k), float(v), now, 0) for k, v in values.items() if v is not None]
+    client.log_batch(run_id, metrics=metrics)
+    return True
 
 
-def plot_per_class_iu(per_class_iu: list[float], path: Path, title: str) -> None:
-    """IU per class as horizontal bars; a class in neither truth nor prediction says n/a."""
-    from fcn_models.palette import class_names, voc_colormap
-
-    values = np.asarray(per_class_iu, dtype=np.float64)
-    names = class_names() if len(values) == 21 else [str(i) for i in range(len(values))]
-    colours = voc_colormap(len(values)) / 255.0
-    figure = _figure(7.0, 6.5)
-    axes = figure.add_subplot()
-    positions = np.arange(len(values))
-    axes.barh(positions, np.nan_to_num(values), color=colours, edgecolor="black", linewidth=0.5)
-    for y, v in zip(positions, values):
-        axes.text(0.005 if math.isnan(v) else v + 0.005, y, "n/a" if math.isnan(v) else f"{v:.2f}",
-                  va="center", fontsize=7)
-    if not np.all(np.isnan(values)):
-        axes.axvline(float(np.nanmean(values)), color="grey", linestyle="--", linewidth=1)
-    axes.set_yticks(positions, names, fontsize=7)
-    axes.invert_yaxis()
-    axes.set_xlim(0.0, 1.05)
-    axes.set_xlabel("IU")
-    axes.set_title(title, fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, format="png")
-
-
-def first_val_samples(shards_dir: Path, count: int) -> list[tuple[str, bytes, bytes]]:
-    """(id, JPEG bytes, PNG bytes) of the first `count` val rows, in shard order."""
-    import pyarrow.parquet as pq
-
-    from pipelines.dataset import shard_files
-
-    samples = []
-    for path in shard_files(Path(shards_dir), "val"):
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=count, columns=["id", "image", "label"]):
-            samples += zip(*(batch.column(c).to_pylist() for c in ("id", "image", "label")))
-            if len(samples) >= count:
-                return samples[:count]
-    return samples
-
-
-def prediction_panel(image: np.ndarray, prediction: np.ndarray, truth: np.ndarray, gap: int = 4) -> np.ndarray:
-    """image | prediction over it | truth over it, side by side, in the VOC colours."""
-    from fcn_models.palette import overlay
-
-    spacer = np.full((image.shape[0], gap, 3), 255, np.uint8)
-    return np.concatenate([image, spacer, overlay(image, prediction), spacer, overlay(image, truth)], axis=1)
-
-
-def write_val_images(model_dir: Path, shards_dir: Path, count: int, out_dir: Path) -> list[Path]:
-    """<out_dir>/<id>.png for the first `count` val images, predicted by the checkpoint in model_dir."""
-    import torch
-    from PIL import Image
-
-    from fcn_models.checkpoint import load_checkpoint
-    from fcn_models.preprocess import normalize
-    from pipelines.shards import decode_sample
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = load_checkpoint(model_dir)
-    model.to(device).eval()
-    written = []
-    with torch.no_grad():
-        for sample_id, image_bytes, label_bytes in first_val_samples(shards_dir, count):
-            image, label = decode_sample(sample_id, image_bytes, label_bytes)
-            logits = model(normalize(image, model.input_norm)[None].to(device))
-            prediction = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
-            path = Path(out_dir) / f"{sample_id}.png"
-            Image.fromarray(prediction_panel(image, prediction, label)).save(path, format="PNG")
-            written.append(path)
-    return written
+def _metric_key(key: str) -> str:
+    # MLflow keys take letters, digits, _ - . / and spaces only.
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)

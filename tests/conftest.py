@@ -7,10 +7,10 @@ def ray_cluster():
     import ray
     from ray.data import DataContext
 
-    from pipelines import train
+    from pipelines import cluster
     from pipelines.params import parse_params
 
-    train.connect_ray(parse_params({"ray": {"num_workers": 2, "cpus_per_worker": 0.5, "data_cpus": 0.5}}).ray)
+    cluster.connect(parse_params({"ray": {"num_workers": 2, "cpus_per_worker": 0.5, "data_cpus": 0.5}}).ray)
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -19,13 +19,13 @@ from PIL import Image
 from ray import cloudpickle
 
 from fcn_models.preprocess import CAFFE_BGR, TORCHVISION_RGB, normalize
+from pipelines.cluster import ClusterError, bind_loopback, check_cpu_budget
 from pipelines.dataset import (
-    DatasetError, DecodeAugment, ToTensors, TrainDatasetFactory, build_datasets, check_cpu_budget,
-    checkpoint_iteration, data_config, data_resources, decode_sample, iter_train_batches, iter_val_batches,
-    resume_epoch, sample_seed, shard_files, shard_rows, train_epochs,
+    DecodeAugment, ToTensors, TrainDatasetFactory, build_datasets, checkpoint_iteration, data_config,
+    data_resources, iter_train_batches, iter_val_batches, resume_epoch, sample_seed, train_epochs, train_rows,
 )
 from pipelines.params import parse_params
-from pipelines.shards import ShardError
+from pipelines.shards import ShardError, count_rows, decode_sample, shard_files
 
 N_TRAIN, N_VAL = 24, 10
 CROP = 64
@@ -102,8 +102,7 @@ def ray_local():
     import ray
     from ray.data import DataContext
 
-    from pipelines.train import _bind_loopback
-    _bind_loopback()  # the local cluster listens on 127.0.0.1 only
+    bind_loopback()  # the local cluster listens on 127.0.0.1 only
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     DataContext.get_current().enable_progress_bars = False
     yield ray
@@ -206,13 +205,14 @@ def test_samples_in_one_batch_get_their_own_crops_and_flips(shards):
 
 def test_bad_shards_fail_with_the_path_or_id(tmp_path, shards):
     root, rows = shards
-    with pytest.raises(DatasetError, match=r"val: no part-\*\.parquet shards .*fcn preprocess"):
+    with pytest.raises(ShardError, match=r"val: no part-\*\.parquet shards; .*fcn preprocess"):
         shard_files(tmp_path, "val")
     with pytest.raises(ShardError, match="sample 2008_x: image bytes are not a decodable JPEG"):
         decode_sample("2008_x", b"not a jpeg", rows["train"][0]["label"])
     with pytest.raises(ShardError, match="sample 2008_y: label is not a single-channel"):
         decode_sample("2008_y", rows["train"][0]["image"], rows["train"][0]["image"])
-    assert shard_rows(make_params(root), root) == {"train": N_TRAIN, "val": N_VAL}
+    assert train_rows(make_params(root)) == N_TRAIN
+    assert count_rows(shard_files(root, "val")) == N_VAL
 
 
 def test_collate_makes_tensors_and_warns_once_when_the_plan_is_for_another_resume(caplog):
@@ -246,9 +246,9 @@ def test_epochs_planned_for_the_steps_left_and_resumed_in_the_current_epoch():
 
 def test_cpu_budget_names_the_params():
     params = make_params("unused", ray={"num_workers": 2, "cpus_per_worker": 1.0, "data_cpus": 1.0})
-    with pytest.raises(DatasetError, match=r"ray.cpus_per_worker \(1.0\).*= 3 CPUs, but the Ray cluster has 2"):
-        check_cpu_budget(params, 2.0)
-    check_cpu_budget(make_params("unused"), 2.0)  # 2 x 0.75 + 0.5 fits
+    with pytest.raises(ClusterError, match=r"ray.cpus_per_worker \(1.0\).*= 3 CPUs, but the Ray cluster has 2"):
+        check_cpu_budget(params.ray, 2.0)
+    check_cpu_budget(make_params("unused").ray, 2.0)  # 2 x 0.75 + 0.5 fits
     for data_cpus, actors in ((0.5, 1), (2.0, 2), (3.0, 3)):
         plan = data_resources(make_params("unused", ray={"data_cpus": data_cpus}).ray)
         # Every decode actor and task of both pipelines at once stays within ray.data_cpus.
@@ -262,7 +262,7 @@ def test_cpu_budget_names_the_params():
 def test_one_execution_holds_the_epochs_each_shuffled_and_augmented_for_its_epoch(shards, ray_local):
     root, rows = shards
     params = make_params(root)
-    train = build_datasets(params, root, epochs=3)["train"]
+    train = build_datasets(params, epochs=3)["train"]
     by_id = {r["id"]: r for r in rows["train"]}
     batches = list(train.iter_batches(batch_size=None, batch_format="numpy"))
     epochs = np.concatenate([b["epoch"] for b in batches])
@@ -281,9 +281,9 @@ def test_one_execution_holds_the_epochs_each_shuffled_and_augmented_for_its_epoc
         assert np.array_equal(images[row], local["image"][0])
     # A second build with the same seed replays the same orders; one resumed after
     # iteration 3 (24 rows of 2 workers x 4: epoch 1) starts with epoch 1's order.
-    rebuilt = build_datasets(make_params(root), root, epochs=1)["train"]
+    rebuilt = build_datasets(make_params(root), epochs=1)["train"]
     assert [i for b in rebuilt.iter_batches(batch_size=None) for i in b["id"]] == orders[0]
-    resumed = list(build_datasets(params, root, epochs=2, start_iteration=3)["train"].iter_batches(batch_size=None))
+    resumed = list(build_datasets(params, epochs=2, start_iteration=3)["train"].iter_batches(batch_size=None))
     assert [i for b in resumed for i in b["id"]] == orders[1] + orders[2]
     assert np.concatenate([b["start_iteration"] for b in resumed]).tolist() == [3] * 2 * N_TRAIN
 
@@ -291,7 +291,7 @@ def test_one_execution_holds_the_epochs_each_shuffled_and_augmented_for_its_epoc
 def test_crop_and_whole_image_batches(shards, ray_local):
     root, rows = shards
     params = make_params(root)
-    datasets = build_datasets(params, root)
+    datasets = build_datasets(params)
     batches = list(iter_train_batches(datasets["train"].iterator(), params))
     assert len(batches) == N_TRAIN // 4
     for images, labels in batches:
@@ -309,7 +309,7 @@ def test_crop_and_whole_image_batches(shards, ray_local):
     whole = make_params(root, train={"batch_mode": "whole", "batch_size": 1},
                         augment={"scale_min": 1.0, "scale_max": 1.0, "hflip": 1.0})
     shapes = [(images.shape, labels.shape) for images, labels in
-              iter_train_batches(build_datasets(whole, root)["train"].iterator(), whole)]
+              iter_train_batches(build_datasets(whole)["train"].iterator(), whole)]
     assert sorted((s[1][1], s[1][2]) for s in shapes) == sorted((r["height"], r["width"]) for r in rows["train"])
     assert all(i[0] == 1 and i[1] == 3 and i[2:] == l[1:] for i, l in shapes)
 
@@ -343,7 +343,7 @@ def test_two_training_workers_holding_most_cpus_do_not_starve_the_pipeline(shard
     root, rows = shards
     params = make_params(root)  # 2 workers x 0.75 CPU + 0.5 CPU for Ray Data = the machine's 2
     assert ray_local.cluster_resources()["CPU"] == 2
-    datasets = build_datasets(params, root, epochs=2)
+    datasets = build_datasets(params, epochs=2)
     trainer = TorchTrainer(
         train_loop, train_loop_config={"params": params, "out": str(tmp_path)}, datasets=datasets,
         dataset_config=data_config(params),
@@ -376,7 +376,7 @@ def test_two_training_workers_holding_most_cpus_do_not_starve_the_pipeline(shard
     # in epoch 5 x 8 // 24 = 1: the factory plans from there, for the 7 steps left of 12.
     run_dir = tmp_path / "ray_results" / "dataset-test"
     assert checkpoint_iteration(str(run_dir)) == 5 and checkpoint_iteration(str(tmp_path / "no-run")) == 0
-    planned = list(TrainDatasetFactory(params, root, 12, str(run_dir))().iter_batches(batch_size=None))
+    planned = list(TrainDatasetFactory(params, 12, str(run_dir))().iter_batches(batch_size=None))
     epochs = np.concatenate([b["epoch"] for b in planned])
     assert epochs.tolist() == [1] * N_TRAIN + [2] * N_TRAIN + [3] * N_TRAIN + [4] * N_TRAIN
     assert all((b["start_iteration"] == 5).all() for b in planned)

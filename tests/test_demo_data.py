@@ -12,7 +12,8 @@ import scipy.sparse
 import yaml
 from PIL import Image
 
-from pipelines import demo_data
+from pipelines import mirror as demo_data
+from pipelines.stages import demo_data as demo_data_stage
 from pipelines.params import PROJECT_ROOT, parse_params
 
 VOC = "VOCdevkit/VOC2012"
@@ -314,7 +315,7 @@ def test_bad_arguments_name_the_value(tmp_path):
 
 def test_cli_prints_paths_md5s_and_a_params_snippet(tmp_path, capsys):
     out = tmp_path / "mirror"
-    rc = demo_data.main(["--out", str(out), "--train", "5", "--val", "3", "--seed", "1", "--max-side", "64"])
+    rc = demo_data_stage.main(["--out", str(out), "--train", "5", "--val", "3", "--seed", "1", "--max-side", "64"])
     assert rc == 0
     printed = capsys.readouterr().out
     voc_md5 = hashlib.md5((out / "VOCtrainval_11-May-2012.tar").read_bytes()).hexdigest()
@@ -329,6 +330,6 @@ def test_cli_prints_paths_md5s_and_a_params_snippet(tmp_path, capsys):
 
 
 def test_cli_rejects_bad_counts(tmp_path, capsys):
-    rc = demo_data.main(["--out", str(tmp_path), "--train", "5", "--val", "1000"])
+    rc = demo_data_stage.main(["--out", str(tmp_path), "--train", "5", "--val", "1000"])
     assert rc == 2
     assert "n_val = 1000" in capsys.readouterr().err

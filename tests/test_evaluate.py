@@ -21,10 +21,13 @@ from PIL import Image
 
 from fcn_models.checkpoint import save_checkpoint
 from fcn_models.fcn import build_fcn
-from fcn_models.palette import class_names
+from fcn_models.voc import class_names
 from fcn_models.preprocess import normalize
 from fcn_models.summary import cpu_model
-from pipelines import cli, evaluate
+from pipelines import cli, scoring, tracking
+from pipelines.files import file_sha256
+from pipelines.params import parse_params
+from pipelines.stages import evaluate
 from test_train import WIDTH, write_shards
 
 N_VAL = 7
@@ -88,7 +91,7 @@ def write_params(path, root, shards_dir, models_dir, stages=("fcn32s-fixed", "fc
     return path
 
 
-def run(params_file):
+def evaluate_cli(params_file):
     """evaluate.main on CPU: (exit status, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -109,8 +112,8 @@ def evaluated(tmp_path_factory):
         save_checkpoint(root / "models" / stage, model, {"stage": stage})
     params_file = write_params(root / "params.yaml", root, root / "shards", root / "models")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(evaluate, "PROGRESS_EVERY", 5)  # 7 images: one progress line per stage
-        status, out, err = run(params_file)
+        patch.setattr(scoring, "PROGRESS_EVERY", 5)  # 7 images: one progress line per stage
+        status, out, err = evaluate_cli(params_file)
     assert status == 0, err
     val_rows = decoded_rows(root / "shards" / "val")
     matrices = {stage: direct_confusion(model, val_rows) for stage, model in models.items()}
@@ -173,9 +176,9 @@ def test_missing_stage_skipped_with_a_line_and_progress_reported(evaluated):
 def test_no_checkpoint_at_all_is_an_error_naming_the_directory_and_command(tmp_path):
     write_shards(tmp_path / "shards", n_train=1, n_val=2)
     params_file = write_params(tmp_path / "params.yaml", tmp_path, tmp_path / "shards", tmp_path / "models")
-    status, out, err = run(params_file)
+    status, out, err = evaluate_cli(params_file)
     assert status == 1
-    assert str(tmp_path / "models") in err and "python -m pipelines.train --stage fcn32s" in err
+    assert str(tmp_path / "models") in err and "fcn train --stage fcn32s" in err
     assert not (tmp_path / "reports").exists()
     # The same through the `fcn` command.
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as cli_err:
@@ -208,14 +211,14 @@ def test_bad_shards_are_errors_naming_the_file(tmp_path, evaluated):
     params_file = bad_shard_setup(tmp_path, evaluated)
     garbage = tmp_path / "shards" / "val" / "part-00001.parquet"
     garbage.write_bytes(b"not parquet at all")
-    status, _, err = run(params_file)
+    status, _, err = evaluate_cli(params_file)
     assert status == 1 and str(garbage) in err and "not a readable Parquet shard" in err
     garbage.unlink()
 
     def corrupt_image(rows):
         rows[1]["image"] = b"\xff\xd8 truncated"
     path = rewrite_val(tmp_path / "shards", corrupt_image)
-    status, _, err = run(params_file)
+    status, _, err = evaluate_cli(params_file)
     assert status == 1 and str(path) in err and "val_000001" in err and "JPEG" in err
 
     write_shards(tmp_path / "other", n_train=1, n_val=3)
@@ -229,11 +232,11 @@ def test_bad_shards_are_errors_naming_the_file(tmp_path, evaluated):
         Image.fromarray(label, "L").save(png, "PNG")
         rows[2]["label"] = png.getvalue()
     rewrite_val(tmp_path / "shards", label_out_of_range)
-    status, _, err = run(params_file)
+    status, _, err = evaluate_cli(params_file)
     assert status == 1 and str(path) in err and "val_000002" in err and "label 30" in err
 
     pq.write_table(pq.read_table(path).drop_columns(["label"]), path)
-    status, _, err = run(params_file)
+    status, _, err = evaluate_cli(params_file)
     assert status == 1 and str(path) in err and "lacks column label" in err
 
     assert (tmp_path / "reports" / "evaluation.json").read_text() == '{"earlier": 1}\n'
@@ -242,12 +245,42 @@ def test_bad_shards_are_errors_naming_the_file(tmp_path, evaluated):
 
 def test_missing_val_shards_and_incomplete_checkpoint(tmp_path, evaluated):
     params_file = write_params(tmp_path / "params.yaml", tmp_path, tmp_path / "shards", evaluated[0] / "models")
-    status, _, err = run(params_file)
-    assert status == 1 and str(tmp_path / "shards" / "val") in err and "pipelines.preprocess" in err
+    status, _, err = evaluate_cli(params_file)
+    assert status == 1 and str(tmp_path / "shards" / "val") in err and "fcn preprocess" in err
 
     write_shards(tmp_path / "shards", n_train=1, n_val=2)
     (tmp_path / "models" / "fcn32s").mkdir(parents=True)
     (tmp_path / "models" / "fcn32s" / "meta.json").write_text("{}")
     params_file = write_params(tmp_path / "params.yaml", tmp_path, tmp_path / "shards", tmp_path / "models")
-    status, _, err = run(params_file)
+    status, _, err = evaluate_cli(params_file)
     assert status == 1 and str(tmp_path / "models" / "fcn32s") in err and "model.pt is missing" in err
+
+
+def test_scores_go_to_the_run_that_trained_the_checkpoint(tmp_path, monkeypatch):
+    """The checkpoint names its MLflow run (training writes it into meta.json): evaluate logs
+    the full-resolution scores there, and records which weights and run the scores belong to."""
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    write_shards(tmp_path / "shards", n_train=1, n_val=3)
+    params_file = write_params(tmp_path / "params.yaml", tmp_path, tmp_path / "shards", tmp_path / "models",
+                               stages=["fcn32s", "fcn8s"])
+    params = parse_params(yaml.safe_load(params_file.read_text()), root=tmp_path)
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(params))
+    run = client.create_run(tracking.set_up(params), run_name="fcn32s-trained")
+    save_checkpoint(tmp_path / "models" / "fcn32s", random_scorer("fcn32s", 2, 3.0, 2.0),
+                    {"stage": "fcn32s", "mlflow_run_id": run.info.run_id})
+    # A run id from another store: the scores stay in the report, with a line saying so.
+    save_checkpoint(tmp_path / "models" / "fcn8s", random_scorer("fcn8s", 4, 0.3, 1.0),
+                    {"stage": "fcn8s", "mlflow_run_id": "f" * 32})
+    status, out, err = evaluate_cli(params_file)
+    assert status == 0, err
+    report = json.loads((tmp_path / "reports" / "evaluation.json").read_text())
+    assert report["fcn32s"]["mlflow_run_id"] == run.info.run_id
+    assert report["fcn32s"]["weights_sha256"] == file_sha256(tmp_path / "models" / "fcn32s" / "model.pt")
+    logged = client.get_run(run.info.run_id).data.metrics
+    for key in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu"):
+        assert logged[f"eval/{key}"] == pytest.approx(report["fcn32s"][key], rel=1e-12)
+    for name, iu in report["fcn32s"]["per_class_iu"].items():
+        assert (f"eval/iu/{name}" in logged) == (iu is not None)
+    assert f"MLflow run {'f' * 32} is not in" in out

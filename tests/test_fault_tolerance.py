@@ -3,7 +3,7 @@
 The run must go on from its last checkpoint (the steps after it redone, none
 skipped) and end where an uninterrupted run ends. The training loop writes each
 worker's pid and every completed iteration, with its attempt number, to
-<run dir>/progress; the kill comes once Ray has registered a checkpoint and a
+a trace directory (pipelines.loop.Trace, which only tests turn on); the kill comes once Ray has registered a checkpoint and a
 couple of steps past it have been taken.
 """
 import json
@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from pipelines import tracking, train
+from pipelines import tracking, training
 from test_train import make_params, read_history, write_shards
 
 ITERATIONS, VAL_EVERY = 12, 4
@@ -36,8 +36,7 @@ def parse_log(path):
     return {"starts": starts, "checkpoints": checkpoints, "steps": steps}
 
 
-def kill_a_worker_after_the_first_checkpoint(run_dir, killed, timeout_s=240):
-    progress = run_dir / "progress"
+def kill_a_worker_after_the_first_checkpoint(run_dir, progress, killed, timeout_s=240):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         # The snapshot appears once Ray Train has registered a checkpoint.
@@ -59,16 +58,17 @@ def test_killed_worker_resumes_from_the_last_checkpoint_and_finishes(tmp_path, r
     write_shards(tmp_path / "shards", n_train=16)
     stages = {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": ITERATIONS}}
     params = make_params(tmp_path, stages, max_failures=1, val_every=VAL_EVERY, log_every=VAL_EVERY)
-    run_dir = tmp_path / "ray_results" / "faulty"
+    run_dir, trace = tmp_path / "ray_results" / "faulty", tmp_path / "trace"
     killed = {}
-    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, args=(run_dir, killed), daemon=True)
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, args=(run_dir, trace, killed),
+                              daemon=True)
     killer.start()
-    metrics = train.run_stage(params, "fcn32s", tmp_path, run_name="faulty")
+    metrics = training.run_stage(params, "fcn32s", tmp_path, run_name="faulty", trace_dir=str(trace))
     killer.join(timeout=5)
 
     assert killed, "no worker was killed: the run ended before a checkpoint was registered"
     assert killed["after"] < ITERATIONS
-    log = parse_log(run_dir / "progress" / "iterations.log")
+    log = parse_log(trace / "iterations.log")
     # Two attempts: the first from scratch, the second from the last checkpoint the first reported.
     assert [attempt for attempt, _ in log["starts"]] == [1, 2]
     assert log["starts"][0] == (1, 0)
@@ -88,13 +88,13 @@ def test_killed_worker_resumes_from_the_last_checkpoint_and_finishes(tmp_path, r
     assert metrics["iterations"] == ITERATIONS
     history = read_history(tmp_path / "reports" / "fcn32s" / "history.csv")
     assert [row["iteration"] for row in history] == list(range(VAL_EVERY, ITERATIONS + 1, VAL_EVERY))
-    pids = [json.loads(line) for line in (run_dir / "progress" / "workers.jsonl").read_text().splitlines()]
+    pids = [json.loads(line) for line in (trace / "workers.jsonl").read_text().splitlines()]
     assert len(pids) == 4 and killed["pid"] not in [w["pid"] for w in pids[2:]]
 
     # MLflow: one run through both attempts, finished, every validation logged once as in history.csv.
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking.tracking_uri(params, tmp_path))
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(params))
     runs = client.search_runs([client.get_experiment_by_name(params.mlflow.experiment).experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     logged = sorted((m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, "mean_iu"))

@@ -1,4 +1,4 @@
-"""pipelines.fetch against a Range-capable HTTP server on 127.0.0.1 and small archives built here."""
+"""The fetch stage (pipelines.download, pipelines.archives, pipelines.stages.fetch) against a Range-capable HTTP server on 127.0.0.1 and small archives built here."""
 import hashlib
 import io
 import os
@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import fetch
-from pipelines.params import ArchiveParams, DataParams
+import dataclasses
+
+from pipelines import archives, download
+from pipelines.params import ArchiveParams, DataParams, parse_params
+from pipelines.stages import fetch as fetch_stage
 
 
 # ---------------------------------------------------------------------------------------
@@ -149,12 +152,12 @@ def _closed_port() -> int:
 def test_full_download_is_verified_and_recorded(server, voc_tar, tmp_path):
     server.files["/voc.tar"] = voc_tar
     dest = tmp_path / "dl" / "VOCtrainval_11-May-2012.tar"
-    out = fetch.download(server.url("/voc.tar"), dest, _md5(voc_tar), timeout_s=5, retries=0)
+    out = download.download(server.url("/voc.tar"), dest, _md5(voc_tar), timeout_s=5, retries=0)
     assert out == dest
     assert dest.read_bytes() == voc_tar
     assert not dest.with_name(dest.name + ".part").exists()
     assert server.requests == [("/voc.tar", None)]
-    assert fetch.file_md5(dest) == _md5(voc_tar)
+    assert download.file_md5(dest) == _md5(voc_tar)
 
 
 def test_interrupted_transfer_resumes_with_range(server, voc_tar, tmp_path):
@@ -162,7 +165,7 @@ def test_interrupted_transfer_resumes_with_range(server, voc_tar, tmp_path):
     server.files["/voc.tar"] = voc_tar
     server.drop_after["/voc.tar"] = cut
     dest = tmp_path / "VOCtrainval_11-May-2012.tar"
-    fetch.download(server.url("/voc.tar"), dest, _md5(voc_tar), timeout_s=5, retries=2)
+    download.download(server.url("/voc.tar"), dest, _md5(voc_tar), timeout_s=5, retries=2)
     assert server.requests == [("/voc.tar", None), ("/voc.tar", f"bytes={cut}-")]
     assert _md5(dest.read_bytes()) == _md5(voc_tar)
     assert not dest.with_name(dest.name + ".part").exists()
@@ -174,12 +177,12 @@ def test_broken_transfer_keeps_part_and_next_run_resumes(server, voc_tar, tmp_pa
     server.drop_after["/voc.tar"] = cut
     dest = tmp_path / "VOCtrainval_11-May-2012.tar"
     part = dest.with_name(dest.name + ".part")
-    with pytest.raises(fetch.FetchError, match="gave up after 1 attempts") as err:
-        fetch.download(server.url("/voc.tar"), dest, _md5(voc_tar), timeout_s=5, retries=0)
+    with pytest.raises(download.FetchError, match="gave up after 1 attempts") as err:
+        download.download(server.url("/voc.tar"), dest, _md5(voc_tar), timeout_s=5, retries=0)
     assert str(part) in str(err.value)
     assert part.stat().st_size == cut
     assert not dest.exists()
-    fetch.download(server.url("/voc.tar"), dest, _md5(voc_tar), timeout_s=5, retries=0)
+    download.download(server.url("/voc.tar"), dest, _md5(voc_tar), timeout_s=5, retries=0)
     assert server.requests[-1] == ("/voc.tar", f"bytes={cut}-")
     assert dest.read_bytes() == voc_tar
 
@@ -190,7 +193,7 @@ def test_server_ignoring_range_restarts_cleanly(server, voc_tar, tmp_path):
     dest = tmp_path / "VOCtrainval_11-May-2012.tar"
     part = dest.with_name(dest.name + ".part")
     part.write_bytes(voc_tar[:20_000])
-    fetch.download(server.url("/voc.tar"), dest, _md5(voc_tar), timeout_s=5, retries=0)
+    download.download(server.url("/voc.tar"), dest, _md5(voc_tar), timeout_s=5, retries=0)
     assert server.requests == [("/voc.tar", "bytes=20000-")]
     assert dest.read_bytes() == voc_tar
     assert not part.exists()
@@ -201,13 +204,13 @@ def test_416_with_complete_part_is_accepted_and_oversized_part_restarts(server, 
     dest = tmp_path / "VOCtrainval_11-May-2012.tar"
     part = dest.with_name(dest.name + ".part")
     part.write_bytes(voc_tar)
-    fetch.download(server.url("/voc.tar"), dest, _md5(voc_tar), timeout_s=5, retries=0)
+    download.download(server.url("/voc.tar"), dest, _md5(voc_tar), timeout_s=5, retries=0)
     assert server.requests == [("/voc.tar", f"bytes={len(voc_tar)}-")]
     assert dest.read_bytes() == voc_tar
 
     dest.unlink()
     part.write_bytes(voc_tar + b"stale tail")
-    fetch.download(server.url("/voc.tar"), dest, _md5(voc_tar), timeout_s=5, retries=0)
+    download.download(server.url("/voc.tar"), dest, _md5(voc_tar), timeout_s=5, retries=0)
     assert server.requests[1:] == [("/voc.tar", f"bytes={len(voc_tar) + 10}-"), ("/voc.tar", None)]
     assert dest.read_bytes() == voc_tar
 
@@ -218,16 +221,16 @@ def test_wrong_checksum_is_rejected_and_nothing_is_left(server, voc_tar, tmp_pat
     server.files["/voc.tar"] = bytes(corrupted)
     url = server.url("/voc.tar")
     dest = tmp_path / "VOCtrainval_11-May-2012.tar"
-    with pytest.raises(fetch.ChecksumError) as err:
-        fetch.download(url, dest, _md5(voc_tar), timeout_s=5, retries=0)
+    with pytest.raises(download.ChecksumError) as err:
+        download.download(url, dest, _md5(voc_tar), timeout_s=5, retries=0)
     message = str(err.value)
     for needed in (dest.name, url, _md5(voc_tar), _md5(bytes(corrupted))):
         assert needed in message
     assert sorted(os.listdir(tmp_path)) == []
 
     # Through fetch_archive the same facts reach the final error, and nothing is trusted later.
-    with pytest.raises(fetch.FetchError) as err:
-        fetch.fetch_archive(_spec(voc_tar, url), tmp_path, timeout_s=5, retries=0)
+    with pytest.raises(download.FetchError) as err:
+        download.fetch_archive(_spec(voc_tar, url), tmp_path, timeout_s=5, retries=0)
     for needed in (dest.name, url, _md5(voc_tar), _md5(bytes(corrupted))):
         assert needed in str(err.value)
     assert sorted(os.listdir(tmp_path)) == []
@@ -236,7 +239,7 @@ def test_wrong_checksum_is_rejected_and_nothing_is_left(server, voc_tar, tmp_pat
 def test_falls_back_to_second_mirror_when_first_404s(server, voc_tar, tmp_path):
     server.files["/good/voc.tar"] = voc_tar
     spec = _spec(voc_tar, server.url("/gone/voc.tar"), server.url("/good/voc.tar"))
-    out = fetch.fetch_archive(spec, tmp_path / "dl", timeout_s=5, retries=3)
+    out = download.fetch_archive(spec, tmp_path / "dl", timeout_s=5, retries=3)
     assert out.read_bytes() == voc_tar
     # A 404 is not retried: one request to the first mirror, then the second.
     assert server.requests == [("/gone/voc.tar", None), ("/good/voc.tar", None)]
@@ -245,15 +248,15 @@ def test_falls_back_to_second_mirror_when_first_404s(server, voc_tar, tmp_path):
 def test_server_error_is_retried_with_backoff(server, voc_tar, tmp_path):
     server.files["/voc.tar"] = voc_tar
     server.fail_next["/voc.tar"] = [503]
-    out = fetch.fetch_archive(_spec(voc_tar, server.url("/voc.tar")), tmp_path, timeout_s=5, retries=1)
+    out = download.fetch_archive(_spec(voc_tar, server.url("/voc.tar")), tmp_path, timeout_s=5, retries=1)
     assert out.read_bytes() == voc_tar
     assert server.requests == [("/voc.tar", None), ("/voc.tar", None)]
 
     # Out of retries, the 5xx is reported and nothing is left behind.
     server.fail_next["/voc.tar"] = [500]
     out.unlink()
-    with pytest.raises(fetch.FetchError, match="HTTP 500") as err:
-        fetch.fetch_archive(_spec(voc_tar, server.url("/voc.tar")), tmp_path, timeout_s=5, retries=0)
+    with pytest.raises(download.FetchError, match="HTTP 500") as err:
+        download.fetch_archive(_spec(voc_tar, server.url("/voc.tar")), tmp_path, timeout_s=5, retries=0)
     assert "gave up after 1 attempts" in str(err.value)
     assert os.listdir(tmp_path) == []
 
@@ -261,14 +264,14 @@ def test_server_error_is_retried_with_backoff(server, voc_tar, tmp_path):
 def test_existing_archive_is_reused_and_a_bad_one_replaced(server, voc_tar, tmp_path):
     server.files["/voc.tar"] = voc_tar
     spec = _spec(voc_tar, server.url("/voc.tar"))
-    out = fetch.fetch_archive(spec, tmp_path, timeout_s=5, retries=0)
+    out = download.fetch_archive(spec, tmp_path, timeout_s=5, retries=0)
     mtime = out.stat().st_mtime_ns
-    assert fetch.fetch_archive(spec, tmp_path, timeout_s=5, retries=0) == out
+    assert download.fetch_archive(spec, tmp_path, timeout_s=5, retries=0) == out
     assert len(server.requests) == 1
     assert out.stat().st_mtime_ns == mtime
 
     out.write_bytes(b"not the archive")
-    fetch.fetch_archive(spec, tmp_path, timeout_s=5, retries=0)
+    download.fetch_archive(spec, tmp_path, timeout_s=5, retries=0)
     assert len(server.requests) == 2
     assert out.read_bytes() == voc_tar
 
@@ -279,7 +282,7 @@ def test_local_dir_as_directory_and_as_file_url(server, voc_tar, tmp_path):
     (local / "VOCtrainval_11-May-2012.tar").write_bytes(voc_tar)
     spec = _spec(voc_tar, server.url("/voc.tar"))  # the server has no file: any request would fail
     for i, where in enumerate([local, local.as_uri()]):
-        out = fetch.fetch_archive(spec, tmp_path / f"dl{i}", local_dir=where, timeout_s=5, retries=0)
+        out = download.fetch_archive(spec, tmp_path / f"dl{i}", local_dir=where, timeout_s=5, retries=0)
         assert out == tmp_path / f"dl{i}" / "VOCtrainval_11-May-2012.tar"
         assert out.read_bytes() == voc_tar
     assert server.requests == []
@@ -291,8 +294,8 @@ def test_local_file_with_wrong_md5_is_an_error_and_never_used(server, voc_tar, t
     (local / "VOCtrainval_11-May-2012.tar").write_bytes(b"something else")
     server.files["/voc.tar"] = voc_tar
     spec = _spec(voc_tar, server.url("/voc.tar"))
-    with pytest.raises(fetch.ChecksumError) as err:
-        fetch.fetch_archive(spec, tmp_path / "dl", local_dir=local, timeout_s=5, retries=0)
+    with pytest.raises(download.ChecksumError) as err:
+        download.fetch_archive(spec, tmp_path / "dl", local_dir=local, timeout_s=5, retries=0)
     message = str(err.value)
     for needed in (str(local / "VOCtrainval_11-May-2012.tar"), _md5(voc_tar), _md5(b"something else")):
         assert needed in message
@@ -304,11 +307,11 @@ def test_local_dir_without_the_file_falls_back_to_mirror(server, voc_tar, tmp_pa
     server.files["/voc.tar"] = voc_tar
     empty = tmp_path / "empty"
     empty.mkdir()
-    out = fetch.fetch_archive(_spec(voc_tar, server.url("/voc.tar")), tmp_path / "dl", local_dir=empty,
+    out = download.fetch_archive(_spec(voc_tar, server.url("/voc.tar")), tmp_path / "dl", local_dir=empty,
                               timeout_s=5, retries=0)
     assert out.read_bytes() == voc_tar
-    with pytest.raises(fetch.FetchError, match="not a directory"):
-        fetch.fetch_archive(_spec(voc_tar), tmp_path / "dl2", local_dir=tmp_path / "missing")
+    with pytest.raises(download.FetchError, match="not a directory"):
+        download.fetch_archive(_spec(voc_tar), tmp_path / "dl2", local_dir=tmp_path / "missing")
 
 
 def test_no_network_fails_fast_with_guidance(tmp_path):
@@ -318,8 +321,8 @@ def test_no_network_fails_fast_with_guidance(tmp_path):
                  f"http://127.0.0.1:{_closed_port()}/VOCtrainval_11-May-2012.tar"],
     )
     started = time.monotonic()
-    with pytest.raises(fetch.FetchError) as err:
-        fetch.fetch_archive(spec, tmp_path, timeout_s=30, retries=3)
+    with pytest.raises(download.FetchError) as err:
+        download.fetch_archive(spec, tmp_path, timeout_s=30, retries=3)
     assert time.monotonic() - started < 20
     message = str(err.value)
     for needed in ("nonexistent.invalid", "127.0.0.1", "data.local_dir", "--local-dir", "fcn demo-data"):
@@ -362,8 +365,8 @@ def test_malicious_members_are_refused(tmp_path, bad, why):
     archive = tmp_path / "bad.tar"
     _malicious_tar(archive, bad)
     target = tmp_path / "raw"
-    with pytest.raises(fetch.UnsafeArchiveError) as err:
-        fetch.safe_extract(archive, target)
+    with pytest.raises(archives.UnsafeArchiveError) as err:
+        archives.safe_extract(archive, target)
     assert bad.name in str(err.value) and why in str(err.value) and str(archive) in str(err.value)
     # Nothing landed anywhere: not in the target (not even the good member), not beside it.
     assert os.listdir(target) == []
@@ -375,46 +378,46 @@ def test_extract_then_skip_then_reextract_after_deletion(voc_tar, tmp_path):
     archive = tmp_path / "VOCtrainval_11-May-2012.tar"
     archive.write_bytes(voc_tar)
     target = tmp_path / "raw"
-    top = fetch.safe_extract(archive, target)
+    top = archives.safe_extract(archive, target)
     assert top == [target / "VOCdevkit"]
     for name, content in _voc_files().items():
         assert (target / name).read_bytes() == content
-    assert fetch.is_extracted(archive, target)
+    assert archives.is_extracted(archive, target)
     assert [p.name for p in target.iterdir() if p.name.startswith(".extract-")] == []
 
     files = sorted(p for p in target.rglob("*"))
     before = {p: p.stat().st_mtime_ns for p in files}
-    assert fetch.safe_extract(archive, target) == top
+    assert archives.safe_extract(archive, target) == top
     assert {p: p.stat().st_mtime_ns for p in sorted(target.rglob("*"))} == before
 
     victim = target / "VOCdevkit/VOC2012/JPEGImages/2008_000001.jpg"
     victim.unlink()
     stray = target / "VOCdevkit/stray.txt"
     stray.write_text("left from an older tree")
-    assert not fetch.is_extracted(archive, target)
-    fetch.safe_extract(archive, target)
+    assert not archives.is_extracted(archive, target)
+    archives.safe_extract(archive, target)
     assert victim.read_bytes() == _voc_files()[str(victim.relative_to(target))]
     assert not stray.exists()  # the top-level directory was replaced as a whole
-    assert fetch.is_extracted(archive, target)
+    assert archives.is_extracted(archive, target)
 
 
 def test_changed_file_size_triggers_reextraction(sbd_tgz, tmp_path):
     archive = tmp_path / "benchmark.tgz"
     archive.write_bytes(sbd_tgz)
     target = tmp_path / "raw"
-    assert fetch.safe_extract(archive, target) == [target / "benchmark_RELEASE"]
+    assert archives.safe_extract(archive, target) == [target / "benchmark_RELEASE"]
     train = target / "benchmark_RELEASE/dataset/train.txt"
     train.write_text("truncated")
-    assert not fetch.is_extracted(archive, target)
-    fetch.safe_extract(archive, target)
+    assert not archives.is_extracted(archive, target)
+    archives.safe_extract(archive, target)
     assert train.read_bytes() == _sbd_files()["benchmark_RELEASE/dataset/train.txt"]
 
 
 def test_corrupt_archive_is_a_clear_error(tmp_path):
     archive = tmp_path / "benchmark.tgz"
     archive.write_bytes(b"\x1f\x8b" + os.urandom(500))
-    with pytest.raises(fetch.FetchError, match="benchmark.tgz: cannot be read as a tar archive"):
-        fetch.safe_extract(archive, tmp_path / "raw")
+    with pytest.raises(download.FetchError, match="benchmark.tgz: cannot be read as a tar archive"):
+        archives.safe_extract(archive, tmp_path / "raw")
     assert os.listdir(tmp_path / "raw") == []
 
 
@@ -428,6 +431,11 @@ def _write_params(path: Path, **data) -> Path:
     return path
 
 
+def _resolved(data: DataParams, root):
+    """The data section as load_params gives it for a params file in root: paths made absolute."""
+    return parse_params({"data": dataclasses.asdict(data)}, root=root).data
+
+
 def test_fetch_all_over_http(server, voc_tar, sbd_tgz, tmp_path):
     server.files["/mirror/VOCtrainval_11-May-2012.tar"] = voc_tar
     server.files["/mirror/benchmark.tgz"] = sbd_tgz
@@ -436,7 +444,7 @@ def test_fetch_all_over_http(server, voc_tar, sbd_tgz, tmp_path):
         sbd=_spec(sbd_tgz, server.url("/mirror/benchmark.tgz"), filename="benchmark.tgz"),
         timeout_s=5, retries=1,
     )
-    result = fetch.fetch_all(data, tmp_path)
+    result = fetch_stage.fetch_all(_resolved(data, tmp_path))
     assert result["voc"]["archive"] == tmp_path / "data/downloads/VOCtrainval_11-May-2012.tar"
     assert result["sbd"]["tree"] == tmp_path / "data/raw/benchmark_RELEASE/dataset"
     assert (tmp_path / "data/raw/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").is_file()
@@ -444,7 +452,7 @@ def test_fetch_all_over_http(server, voc_tar, sbd_tgz, tmp_path):
 
 
 def test_fetch_all_serves_the_generated_mirror(server, tmp_path):
-    from pipelines.demo_data import write_mirror
+    from pipelines.mirror import write_mirror
 
     mirror = write_mirror(tmp_path / "mirror", n_train=4, n_val=3, max_side=64, workers=1)
     for key in ("voc", "sbd"):
@@ -457,7 +465,7 @@ def test_fetch_all_serves_the_generated_mirror(server, tmp_path):
                           mirrors=[server.url(f"/{mirror['sbd'].name}")]),
         timeout_s=5, retries=2,
     )
-    result = fetch.fetch_all(data, tmp_path)
+    result = fetch_stage.fetch_all(_resolved(data, tmp_path))
     assert ("/benchmark.tgz", "bytes=10000-") in server.requests
     with tarfile.open(mirror["voc"]) as tar:
         expected = {m.name: m.size for m in tar if m.isreg()}
@@ -477,8 +485,8 @@ def test_fetch_all_rejects_archive_without_expected_tree(voc_tar, tmp_path):
     (local / "benchmark.tgz").write_bytes(wrong)
     data = DataParams(local_dir=str(local), voc=_spec(voc_tar),
                       sbd=_spec(wrong, filename="benchmark.tgz"))
-    with pytest.raises(fetch.FetchError, match="does not contain benchmark_RELEASE/dataset"):
-        fetch.fetch_all(data, tmp_path)
+    with pytest.raises(download.FetchError, match="does not contain benchmark_RELEASE/dataset"):
+        fetch_stage.fetch_all(_resolved(data, tmp_path))
 
 
 def test_main_with_local_dir_and_offline_failure(voc_tar, sbd_tgz, tmp_path, capsys):
@@ -493,9 +501,9 @@ def test_main_with_local_dir_and_offline_failure(voc_tar, sbd_tgz, tmp_path, cap
         sbd={"filename": "benchmark.tgz", "md5": _md5(sbd_tgz), "mirrors": offline},
     )
     # Offline and no local archives: non-zero exit, one clear message, no traceback.
-    assert fetch.main(["--params", str(params)]) == 1
+    assert fetch_stage.main(["--params", str(params)]) == 1
     err = capsys.readouterr().err
-    assert "fetch: error: could not obtain VOCtrainval_11-May-2012.tar" in err and "--local-dir" in err
+    assert "fetch: could not obtain VOCtrainval_11-May-2012.tar" in err and "--local-dir" in err
     assert "Traceback" not in err
 
     from pipelines import cli
@@ -505,13 +513,13 @@ def test_main_with_local_dir_and_offline_failure(voc_tar, sbd_tgz, tmp_path, cap
     assert (tmp_path / "data/raw/VOCdevkit/VOC2012/JPEGImages/2008_000000.jpg").is_file()
 
     # Second run: nothing copied or extracted again.
-    assert fetch.main(["--params", str(params), "--local-dir", local.as_uri()]) == 0
+    assert fetch_stage.main(["--params", str(params), "--local-dir", local.as_uri()]) == 0
     out = capsys.readouterr().out
     assert "reusing" in out and "already extracted" in out and "copying" not in out
 
 
 def test_main_reports_bad_params(tmp_path, capsys):
     params = _write_params(tmp_path / "params.yaml", retries=-1)
-    assert fetch.main(["--params", str(params)]) == 1
+    assert fetch_stage.main(["--params", str(params)]) == 2
     err = capsys.readouterr().err
     assert "data.retries" in err and "Traceback" not in err

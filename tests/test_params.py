@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from pipelines.params import (
-    PROJECT_ROOT, ArchiveParams, DataParams, ParamsError, load_params, parse_params, resolve,
+    PROJECT_ROOT, ArchiveParams, DataParams, Params, ParamsError, load_params, parse_params,
 )
 
 PROJECT_PARAMS = PROJECT_ROOT / "params.yaml"
@@ -28,7 +28,7 @@ def test_project_params_name_every_data_key_and_match_the_defaults():
     assert set(written) == {f.name for f in dataclasses.fields(DataParams)}
     assert set(written["voc"]) == set(written["sbd"]) == {f.name for f in dataclasses.fields(ArchiveParams)}
     # the file and the code's defaults describe the same real archives
-    assert load_params(PROJECT_PARAMS).data == DataParams()
+    assert load_params(PROJECT_PARAMS).data == parse_params({}, root=PROJECT_ROOT).data
     assert written["voc"]["mirrors"][0].startswith("http://host.robots.ox.ac.uk/")
 
 
@@ -78,7 +78,51 @@ def test_missing_and_malformed_files_are_named(tmp_path):
         load_params(broken)
 
 
-def test_resolve_keeps_absolute_paths_and_anchors_relative_ones(tmp_path):
-    assert resolve("data/raw", tmp_path) == tmp_path / "data" / "raw"
-    assert resolve(tmp_path / "x", Path("/elsewhere")) == tmp_path / "x"
-    assert resolve("data/raw") == PROJECT_ROOT / "data" / "raw"
+def _path_fields(params, prefix=""):
+    """{dotted key: value} of every field marked as a path."""
+    out = {}
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        if f.metadata.get("path"):
+            out[prefix + f.name] = value
+        elif dataclasses.is_dataclass(value):
+            out.update(_path_fields(value, f"{prefix}{f.name}."))
+    return out
+
+
+def test_paths_are_resolved_once_against_the_params_files_directory(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    path = _write(project, {
+        "data": {"raw_dir": "data/raw", "local_dir": "file:///srv/archives", "shards_dir": str(tmp_path / "abs")},
+        "ray": {"storage_path": "s3://bucket/runs"},
+        "mlflow": {"tracking_uri": "sqlite:///db/mlflow.db"},
+    })
+    monkeypatch.chdir(tmp_path)  # not the project: a relative path must not follow the working directory
+    params = load_params(path)
+    paths = _path_fields(params)
+    assert params.data.raw_dir == str(project / "data" / "raw")
+    assert params.data.shards_dir == str(tmp_path / "abs")          # absolute: kept
+    assert params.data.local_dir == "file:///srv/archives"           # a URI: kept
+    assert params.ray.storage_path == "s3://bucket/runs"
+    assert params.mlflow.tracking_uri == f"sqlite:///{project / 'db' / 'mlflow.db'}"
+    assert params.train.models_dir == str(project / "models")         # defaults too
+    assert params.model.imagenet_weights == str(project / "models" / "imagenet" / "vgg16.pth")
+    # Every path field is absolute (or a URI, or unset) after loading.
+    assert all(v is None or "://" in v or Path(v).is_absolute() for v in paths.values()), paths
+    assert {"data.raw_dir", "train.models_dir", "evaluate.report_file", "mlflow.registry_file",
+            "mlflow.db_file", "ray.storage_path"} <= set(paths)
+    # Without a root (a mapping built in code) paths stay as written.
+    assert parse_params({"data": {"raw_dir": "data/raw"}}).data.raw_dir == "data/raw"
+    assert isinstance(params, Params)
+
+
+def test_input_norm_is_the_backbones_own_unless_named():
+    from fcn_models.norms import PRESETS
+
+    assert parse_params({}).model.input_norm is None
+    assert parse_params({"model": {"input_norm": "caffe-bgr"}}).model.input_norm == "caffe-bgr"
+    with pytest.raises(ParamsError, match="model.input_norm.*" + ", ".join(PRESETS)):
+        parse_params({"model": {"input_norm": "bgr"}})
+    with pytest.raises(ParamsError, match="model.backbone"):
+        parse_params({"model": {"backbone": "resnet50"}})

@@ -7,8 +7,12 @@ import yaml
 from PIL import Image
 
 from fcn_models import palette
-from pipelines import cli, predict, register
-from test_register import WIDTH, checkpoint_mask, make_checkpoint
+from fcn_models.voc import class_names
+from pipelines import cli
+from pipelines.params import parse_params
+from pipelines.stages import predict
+from pipelines.stages import register as register_stage
+from test_register import WIDTH, checkpoint_mask, make_checkpoint, write_evaluation
 from test_train import write_shards
 
 
@@ -30,7 +34,7 @@ def printed_shares(out: str) -> dict:
 
 
 def expected_shares(mask: np.ndarray) -> dict:
-    names = palette.class_names()
+    names = class_names()
     ids, counts = np.unique(mask, return_counts=True)
     return {names[i]: round(100 * c / mask.size, 2) for i, c in zip(ids, counts)}
 
@@ -84,10 +88,11 @@ def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("project")
     write_shards(root / "data" / "shards", n_train=2, n_val=2)
     (root / "params.yaml").write_text(yaml.safe_dump({"model": {"width": WIDTH}}))
-    make_checkpoint(root / "models" / "fcn8s", seed=7, mean_iu=0.6)
+    scores = make_checkpoint(root / "models" / "fcn8s", seed=7, mean_iu=0.6)
+    write_evaluation(parse_params({}, root=root), "fcn8s", root / "models" / "fcn8s", scores)
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        assert register.main(["--params", str(root / "params.yaml")]) == 0
+        assert register_stage.main(["--params", str(root / "params.yaml")]) == 0
         yield root
 
 

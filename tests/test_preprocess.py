@@ -13,8 +13,10 @@ import scipy.io
 import yaml
 from PIL import Image
 
-from pipelines.demo_data import write_mirror
-from pipelines.preprocess import SEG11VALID, PreprocessError, main, preprocess, read_ids, split_ids
+from pipelines.mirror import write_mirror
+from pipelines.rawdata import split_ids
+from pipelines.shards import SEG11VALID_FILE as SEG11VALID, ShardError, read_id_list as read_ids
+from pipelines.stages.preprocess import PreprocessError, main, preprocess
 
 N_TRAIN, N_VAL = 16, 8
 EXPECTED_SCHEMA = pa.schema([
@@ -97,19 +99,19 @@ def test_train_and_val_overlap_is_an_error(raw):
     val_id = split_ids(raw).val[0]
     with open(sbd_dir(raw) / "train.txt", "a") as fh:
         fh.write(val_id + "\n")
-    with pytest.raises(PreprocessError, match=rf"1 ids are both in SBD train.*{val_id}"):
+    with pytest.raises(ShardError, match=rf"1 ids are both in SBD train.*{val_id}"):
         split_ids(raw)
 
 
 def test_ids_that_are_not_plain_names_are_refused(raw):
     with open(sbd_dir(raw) / "train.txt", "a") as fh:
         fh.write("../../etc/passwd\n")
-    with pytest.raises(PreprocessError, match=rf"train\.txt:{N_TRAIN + 1}: '\.\./\.\./etc/passwd'"):
+    with pytest.raises(ShardError, match=rf"train\.txt:{N_TRAIN + 1}: '\.\./\.\./etc/passwd'"):
         split_ids(raw)
 
 
 def test_missing_raw_tree_says_to_fetch_first(tmp_path):
-    with pytest.raises(PreprocessError, match="split list not found.*fcn fetch"):
+    with pytest.raises(ShardError, match="split list not found.*fcn fetch"):
         run(tmp_path / "nothing", tmp_path)
 
 

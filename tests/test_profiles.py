@@ -8,8 +8,8 @@ import shlex
 import yaml
 from dvc.utils.hydra import compose_and_dump
 
-from pipelines.demo_data import write_mirror
-from pipelines.params import PROJECT_ROOT, load_params, parse_params, resolve
+from pipelines.mirror import write_mirror
+from pipelines.params import PROJECT_ROOT, load_params, parse_params
 
 CONF = PROJECT_ROOT / "conf"
 
@@ -33,10 +33,12 @@ def test_demo_profile_is_valid_offline_and_keeps_its_data_apart(tmp_path):
     # Offline: the archives come from the generated mirror only, by a path relative to
     # the project root (params paths are relative to params.yaml's directory).
     assert data.voc.mirrors == [] and data.sbd.mirrors == []
-    assert not data.local_dir.startswith("/") and resolve(data.local_dir) == PROJECT_ROOT / data.local_dir
+    assert not data.local_dir.startswith("/")
+    resolved = parse_params(compose(tmp_path, "profile=demo"), "demo profile", root=PROJECT_ROOT).data
+    assert resolved.local_dir == str(PROJECT_ROOT / data.local_dir)
     # Never the full profile's data directories: DVC deletes a stage's outs before it runs.
     for key in ("download_dir", "raw_dir", "shards_dir", "stats_file", "rejected_file"):
-        assert getattr(data, key) != getattr(full.data, key), key
+        assert getattr(resolved, key) != getattr(full.data, key), key
     assert demo.model.width < full.model.width
     assert demo.train.loss == "mean"
     for stage in ("fcn32s", "fcn16s", "fcn8s"):

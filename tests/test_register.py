@@ -1,9 +1,12 @@
 """The register stage against a real local MLflow store (SQLite and artifacts under tmp).
 
-One module store takes four versions of a width-0.0625 FCN-8s in turn: the first
-takes the alias, a worse and a tied one leave it, a better one moves it. The
-champion is then loaded by URI in a fresh Python process that cannot import this
-project, and its masks compared with the checkpoint's own.
+One module store takes four versions of a width-0.0625 FCN-8s in turn, each from a
+run standing in for the training run that made it (named in the checkpoint's
+meta.json, as training writes it) and each with its scores in the evaluation report
+(as the evaluate stage writes them): the first takes the alias, a worse and a tied
+one leave it, a better one moves it. The champion is then loaded by URI in a fresh
+Python process that cannot import this project, and its masks compared with the
+checkpoint's own.
 """
 import io
 import json
@@ -23,16 +26,20 @@ from PIL import Image
 from fcn_models.checkpoint import load_checkpoint, save_checkpoint
 from fcn_models.fcn import build_fcn
 from fcn_models.preprocess import normalize
-from pipelines import register, tracking
-from pipelines.params import PROJECT_ROOT, parse_params, resolve
+from pipelines import registry as register
+from pipelines import tracking
+from pipelines.files import file_sha256
+from pipelines.params import PROJECT_ROOT, parse_params
+from pipelines.stages import register as register_stage
 from test_train import write_shards
 
 WIDTH = 0.0625
 SCORE_NAMES = ("pixel_acc", "mean_acc", "mean_iu", "fw_iu")
 
 
-def make_checkpoint(directory: Path, seed: int, mean_iu: float) -> dict:
-    """A tiny FCN-8s with random (non-zero) score layers, saved with val scores as the train stage writes them."""
+def make_checkpoint(directory: Path, seed: int, mean_iu: float, run_id: str | None = None) -> dict:
+    """A tiny FCN-8s with random (non-zero) score layers, saved as the train stage writes it
+    (training-time val scores, its MLflow run); returns the scores an evaluation gives it."""
     torch.manual_seed(seed)
     model = build_fcn("fcn8s", width=WIDTH)
     with torch.no_grad():
@@ -40,8 +47,19 @@ def make_checkpoint(directory: Path, seed: int, mean_iu: float) -> dict:
             if name.startswith("score"):
                 param.normal_(0, 0.5)
     scores = {"pixel_acc": 0.8 + mean_iu / 10, "mean_acc": mean_iu + 0.1, "mean_iu": mean_iu, "fw_iu": mean_iu + 0.2}
-    save_checkpoint(directory, model, {"stage": "fcn8s", "iterations": 10, "val": scores})
+    # Training's own val scores differ from evaluate's: the gate must use evaluate's.
+    trained = {k: v / 2 for k, v in scores.items()}
+    save_checkpoint(directory, model, {"stage": "fcn8s", "iterations": 10, "val": trained,
+                                       **({"mlflow_run_id": run_id} if run_id else {})})
     return scores
+
+
+def write_evaluation(params, stage: str, checkpoint: Path, scores: dict) -> None:
+    """The evaluation report as the evaluate stage writes it, for this checkpoint."""
+    path = Path(params.evaluate.report_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({stage: {**scores, "per_class_iu": {}, "images": 3,
+                                        "weights_sha256": file_sha256(checkpoint / "model.pt")}}))
 
 
 def checkpoint_mask(directory: Path, image: np.ndarray) -> np.ndarray:
@@ -66,24 +84,32 @@ SEQUENCE = ((0.40, "promoted"), (0.30, "kept"), (0.40, "kept"), (0.55, "promoted
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
+    from mlflow import MlflowClient
+
     root = tmp_path_factory.mktemp("project")
     write_shards(root / "data" / "shards", n_train=2, n_val=3)
     # Every path at its default, relative to root: mlflow.db, mlartifacts, models/fcn8s, reports/registry.json.
-    params = parse_params({"model": {"width": WIDTH}})
-    checkpoint = resolve(params.train.models_dir, root) / params.mlflow.register_stage
-    copies, scores, records = [], [], []
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump({"model": {"width": WIDTH}}))
+    params = parse_params({"model": {"width": WIDTH}}, root=root)
+    checkpoint = Path(params.train.models_dir) / params.mlflow.register_stage
+    copies, scores, records, training_runs = [], [], [], []
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        client = MlflowClient(tracking_uri=tracking.tracking_uri(params))
+        experiment_id = tracking.set_up(params)
         for seed, (mean_iu, _) in enumerate(SEQUENCE, start=1):
-            scores.append(make_checkpoint(checkpoint, seed, mean_iu))
+            run = client.create_run(experiment_id, run_name=f"fcn8s-trained-{seed}", tags={"fcn.stage": "fcn8s"})
+            client.set_terminated(run.info.run_id, "FINISHED")
+            training_runs.append(run.info.run_id)
+            scores.append(make_checkpoint(checkpoint, seed, mean_iu, run.info.run_id))
+            write_evaluation(params, "fcn8s", checkpoint, scores[-1])
             copies.append(root / "copies" / f"v{seed}")
             save_checkpoint(copies[-1], load_checkpoint(checkpoint)[0], {"stage": "fcn8s"})
-            returned = register.register(params, root)
-            written = json.loads((root / "reports" / "registry.json").read_text())
-            assert returned == written
-            records.append(written)
+            assert register_stage.main(["--params", str(params_file)]) == 0
+            records.append(json.loads((root / "reports" / "registry.json").read_text()))
         yield {"root": root, "params": params, "copies": copies, "scores": scores, "records": records,
-               "uri": tracking.tracking_uri(params, root)}
+               "uri": tracking.tracking_uri(params), "training_runs": training_runs}
 
 
 def test_alias_moves_only_to_a_better_version(registry):
@@ -109,20 +135,21 @@ def test_alias_moves_only_to_a_better_version(registry):
         assert held.tags["stage"] == "fcn8s"
 
 
-def test_each_version_comes_from_a_run_with_the_checkpoint_scores(registry):
+def test_each_version_comes_from_the_run_that_trained_its_weights(registry):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=registry["uri"], registry_uri=registry["uri"])
     experiment = client.get_experiment_by_name(registry["params"].mlflow.experiment)
-    for record, scores in zip(registry["records"], registry["scores"]):
-        run = client.get_run(record["run_id"])
-        assert run.info.experiment_id == experiment.experiment_id
-        assert {k: run.data.metrics[k] for k in SCORE_NAMES} == pytest.approx(scores)
-        assert run.data.params["variant"] == "fcn8s" and run.data.params["input_norm"] == "torchvision-rgb"
-        # The temp project is no git repository: the commit tag says so rather than being absent.
-        assert run.data.tags[tracking.GIT_COMMIT_TAG] == tracking.git_state(registry["root"])[0] == "unknown"
+    for record, trained_in, copy in zip(registry["records"], registry["training_runs"], registry["copies"]):
+        assert record["run_id"] == trained_in
+        run = client.get_run(trained_in)
+        assert run.info.experiment_id == experiment.experiment_id and run.info.status == "FINISHED"
         version = client.get_model_version("fcn-voc", str(record["new_version"]))
-        assert version.run_id == record["run_id"]
+        assert version.run_id == trained_in
+        # The version and its run name the weights it holds.
+        assert version.tags["weights_sha256"] == run.data.tags["weights_sha256"] == file_sha256(copy / "model.pt")
+    # No run of its own: every run is a training run.
+    assert len(client.search_runs([experiment.experiment_id])) == len(registry["records"])
     # The store and its artifacts are the project's own, at the default paths.
     assert registry["uri"] == f"sqlite:///{registry['root'] / 'mlflow.db'}"
     assert any((registry["root"] / "mlartifacts").rglob("MLmodel"))
@@ -220,7 +247,7 @@ def test_input_example_is_the_centre_of_the_smallest_val_image(tmp_path):
               for name, shape in (("a", (90, 70, 3)), ("b", (80, 100, 3)), ("c", (120, 40, 3)))}
     write_val_shard(tmp_path / "val" / "part-00000.parquet", {"a": images["a"], "b": images["b"]})
     write_val_shard(tmp_path / "val" / "part-00001.parquet", {"c": images["c"]})
-    example = register.example_image(tmp_path / "val", max_side=64)
+    example = register.example_image(tmp_path, max_side=64)
     # c has the fewest pixels (4800); its centre 64 rows of 120 start at row 28, all 40 columns.
     with open(tmp_path / "val" / "part-00001.parquet", "rb") as fh:
         jpeg = pq.read_table(fh).column("image")[0].as_py()
@@ -229,27 +256,54 @@ def test_input_example_is_the_centre_of_the_smallest_val_image(tmp_path):
     np.testing.assert_array_equal(example, decoded[28:92, :40])
 
 
+def test_a_checkpoint_without_a_training_run_gets_a_run_holding_its_scores(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    write_shards(tmp_path / "data" / "shards", n_train=2, n_val=3)
+    params = parse_params({"model": {"width": WIDTH}}, root=tmp_path)
+    checkpoint = tmp_path / "models" / "fcn8s"
+    scores = make_checkpoint(checkpoint, 5, 0.42, run_id="0123456789abcdef0123456789abcdef")  # not in this store
+    write_evaluation(params, "fcn8s", checkpoint, scores)
+    record = register.register(params, "fcn8s", checkpoint, register.evaluated_scores(params, "fcn8s", checkpoint),
+                               tmp_path)
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(params))
+    run = client.get_run(record["run_id"])
+    assert run.info.run_name == "register-fcn8s"
+    assert {k: run.data.metrics[f"eval/{k}"] for k in SCORE_NAMES} == pytest.approx(scores)
+    assert client.get_model_version("fcn-voc", "1").run_id == record["run_id"]
+
+
 def test_bad_inputs_stop_before_the_store_is_touched(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump({"model": {"width": WIDTH}}))
+    params = parse_params({"model": {"width": WIDTH}}, root=tmp_path)
     checkpoint = tmp_path / "models" / "fcn8s"
 
-    assert register.main(["--params", str(params_file)]) == 1
+    assert register_stage.main(["--params", str(params_file)]) == 1
     err = capsys.readouterr().err
-    assert str(checkpoint) in err and "pipelines.train --stage fcn8s" in err
+    assert str(checkpoint) in err and "fcn train --stage fcn8s" in err
 
-    torch.manual_seed(0)
-    save_checkpoint(checkpoint, build_fcn("fcn8s", width=WIDTH), {"stage": "fcn8s"})
-    assert register.main(["--params", str(params_file)]) == 1
+    scores = make_checkpoint(checkpoint, 1, 0.5)
+    assert register_stage.main(["--params", str(params_file)]) == 1
     err = capsys.readouterr().err
-    assert str(checkpoint / "meta.json") in err and "no val scores" in err
+    assert str(tmp_path / "reports" / "evaluation.json") in err and "fcn evaluate" in err
 
-    make_checkpoint(checkpoint, 1, 0.5)
-    assert register.main(["--params", str(params_file)]) == 1
+    # A report of other weights (evaluate has not run since the checkpoint changed).
+    write_evaluation(params, "fcn8s", checkpoint, scores)
+    make_checkpoint(checkpoint, 2, 0.5)
+    assert register_stage.main(["--params", str(params_file)]) == 1
+    err = capsys.readouterr().err
+    assert "scored other weights" in err and "fcn evaluate" in err
+
+    write_evaluation(params, "fcn8s", checkpoint, scores)
+    assert register_stage.main(["--params", str(params_file)]) == 1
     err = capsys.readouterr().err
     assert str(tmp_path / "data" / "shards" / "val") in err and "fcn preprocess" in err
 
-    assert register.main(["--params", str(tmp_path / "absent.yaml")]) == 2
+    assert register_stage.main(["--params", str(tmp_path / "absent.yaml")]) == 2
     assert "absent.yaml" in capsys.readouterr().err
-    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "reports").exists()
+    # The report written here is the only file under reports/: no registry decision, no store.
+    assert not (tmp_path / "mlflow.db").exists()
+    assert [p.name for p in (tmp_path / "reports").iterdir()] == ["evaluation.json"]

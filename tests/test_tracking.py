@@ -18,12 +18,13 @@ import yaml
 from PIL import Image
 
 from fcn_models.palette import overlay
-from pipelines import tracking, train
+from fcn_models.metrics import SCORE_KEYS
+from pipelines import recipe, tracking, training
 from pipelines.params import parse_params
 from pipelines.shards import decode_sample
 from test_train import SIZES, make_params, read_history, write_shards
 
-SCORE_AND_LOSS = ("loss", *train.SCORE_KEYS)
+SCORE_AND_LOSS = ("loss", *SCORE_KEYS)
 GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
 
@@ -61,7 +62,7 @@ def with_mlflow(params, **knobs):
 def stage_runs(root, params):
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking.tracking_uri(params, root))
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(params))
     experiment = client.get_experiment_by_name(params.mlflow.experiment)
     return client, client.search_runs([experiment.experiment_id])
 
@@ -95,7 +96,7 @@ def test_shards_hash_is_dvcs_from_the_lock_while_it_still_fits(tmp_path):
 
     def write_lock(nfiles, size):
         (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"preprocess": {
-            "cmd": "python -m pipelines.preprocess",
+            "cmd": "python -m pipelines.stages.preprocess",
             "outs": [{"path": "data/shards", "hash": "md5", "md5": locked, "size": size, "nfiles": nfiles}]}}}))
 
     write_lock(len(files), size)
@@ -141,8 +142,8 @@ def test_a_store_that_cannot_be_opened_stops_the_stage_before_training(tmp_path)
     (tmp_path / "a-file").write_text("")  # where the store's directory should be
     params = with_mlflow(make_params(tmp_path, {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 4}}),
                          tracking_uri=f"sqlite:///{tmp_path}/a-file/mlflow.db")
-    with pytest.raises(train.TrainError, match="cannot open the MLflow tracking store sqlite:///.*a-file"):
-        train.run_stage(params, "fcn32s", tmp_path, run_name="never")
+    with pytest.raises(recipe.StageError, match="cannot open the MLflow tracking store sqlite:///.*a-file"):
+        training.run_stage(params, "fcn32s", tmp_path, run_name="never")
     assert not (tmp_path / "ray_results" / "never").exists()
 
 
@@ -160,8 +161,8 @@ def test_new_starting_weights_are_a_new_ray_run_and_so_a_new_mlflow_run(tmp_path
     for seed in (0, 1):
         torch.manual_seed(seed)
         save_checkpoint(tmp_path / "models" / "fcn32s", build_fcn("fcn32s", width=0.0625), {"stage": "fcn32s"})
-        init = train.resolve_init(params, "fcn16s", tmp_path)
-        names.append(train.default_run_name(params, "fcn16s", init, tmp_path))
+        init = recipe.resolve_init(params, "fcn16s")
+        names.append(recipe.run_name(params, "fcn16s", init, tmp_path))
     assert names[0] != names[1]
 
 
@@ -182,11 +183,11 @@ def tracked(tmp_path_factory, ray_cluster):
                                      reports_dir=str(root / "reports-longer")), val_images_logged=2)
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        metrics = train.run_stage(params, "fcn32s", root, run_name="tracked")
+        metrics = training.run_stage(params, "fcn32s", root, run_name="tracked")
         client, runs = stage_runs(root, params)
         first = {"runs": runs, "metrics": {k: metric_rows(client, runs[0].info.run_id, k)
                                            for k in (*SCORE_AND_LOSS, tracking.TRAIN_LOSS_KEY)}}
-        train.run_stage(longer, "fcn32s", root, run_name="tracked")
+        training.run_stage(longer, "fcn32s", root, run_name="tracked")
         _, after = stage_runs(root, params)
     return {"root": root, "params": params, "metrics": metrics, "commit": commit, "md5": expected_md5,
             "client": client, "first": first, "after": after}
@@ -201,7 +202,13 @@ def test_a_stage_is_one_finished_run_with_its_params_and_provenance(tracked):
     assert params["stage.lr"] == "0.001" and params["stage.iterations"] == "4" and params["stage.init"] == "imagenet"
     assert params["train.loss"] == "mean" and params["train.val_every"] == "2"
     assert params["model.width"] == "0.0625" and params["ray.num_workers"] == "2"
-    assert params["data.shards_dir"] == str(root / "shards")
+    # Exactly what decides the result (pipelines.recipe): no knob of how the stage ran.
+    assert set(params) == set(tracking.stage_params(tracked["params"], "fcn32s"))
+    assert "ray.cpus_per_worker" not in params and "data.shards_dir" not in params
+    # The checkpoint names its run: evaluate and register find it there.
+    from fcn_models.checkpoint import read_meta
+
+    assert read_meta(root / "models" / "fcn32s")["mlflow_run_id"] == run.info.run_id
     tags = run.data.tags
     assert tags["fcn.stage"] == "fcn32s" and tags["fcn.ray_run"] == "tracked"
     assert tags["fcn.init"] == tracked["metrics"]["init"] and tags["fcn.init"].startswith("random (")
@@ -268,14 +275,14 @@ def test_same_run_name_continues_the_same_run(tracked):
 
 
 def test_a_stage_that_fails_ends_its_run_failed(tmp_path, ray_cluster, monkeypatch):
-    from pipelines.dataset import DatasetError
+    from pipelines.shards import ShardError
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     write_shards(tmp_path / "shards")
     shutil.rmtree(tmp_path / "shards" / "val")
     params = make_params(tmp_path, {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 4}})
-    with pytest.raises(DatasetError, match="val"):
-        train.run_stage(params, "fcn32s", tmp_path, run_name="broken")
+    with pytest.raises(ShardError, match="val"):
+        training.run_stage(params, "fcn32s", tmp_path, run_name="broken")
     _, runs = stage_runs(tmp_path, params)
     assert [(r.data.tags["fcn.ray_run"], r.info.status) for r in runs] == [("broken", "FAILED")]
     assert runs[0].info.end_time is not None
@@ -284,26 +291,31 @@ def test_a_stage_that_fails_ends_its_run_failed(tmp_path, ray_cluster, monkeypat
 def test_the_store_is_absolute_for_workers_that_run_elsewhere(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = make_params(tmp_path, {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 4}})
-    assert tracking.tracking_uri(params, tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
-    # A relative SQLite path in params is taken from the project, as every params path.
-    relative = with_mlflow(params, tracking_uri="sqlite:///store/runs.db")
-    assert tracking.tracking_uri(relative, tmp_path) == f"sqlite:///{tmp_path}/store/runs.db"
-    assert tracking.tracking_uri(with_mlflow(params, tracking_uri="http://127.0.0.1:5000"), tmp_path) == \
+    assert tracking.tracking_uri(params) == f"sqlite:///{tmp_path}/mlflow.db"
+    # A relative SQLite path in a params file is taken from its directory, as every params path.
+    relative = parse_params({"mlflow": {"tracking_uri": "sqlite:///store/runs.db"}}, "test", root=tmp_path)
+    assert tracking.tracking_uri(relative) == f"sqlite:///{tmp_path}/store/runs.db"
+    assert tracking.tracking_uri(with_mlflow(params, tracking_uri="http://127.0.0.1:5000")) == \
         "http://127.0.0.1:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5001")
-    assert tracking.tracking_uri(params, tmp_path) == "http://127.0.0.1:5001"
+    assert tracking.tracking_uri(params) == "http://127.0.0.1:5001"
+    # A relative SQLite URI in the environment: from where it was set, this process's directory.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    monkeypatch.chdir(tmp_path)
+    assert tracking.tracking_uri(params) == f"sqlite:///{tmp_path}/env.db"
 
 
 def test_store_is_params_then_environment_then_the_projects_sqlite(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    default = parse_params({}, "test params")
-    assert tracking.tracking_uri(default, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
-    assert tracking.artifact_location(default, tmp_path) == (tmp_path.resolve() / "mlartifacts").as_uri()
+    default = parse_params({}, "test params", root=tmp_path)
+    assert tracking.tracking_uri(default) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert tracking.artifact_location(default) == (tmp_path.resolve() / "mlartifacts").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
-    assert tracking.tracking_uri(default, tmp_path) == "http://127.0.0.1:5999"
+    assert tracking.tracking_uri(default) == "http://127.0.0.1:5999"
     named = parse_params({"mlflow": {"tracking_uri": "http://127.0.0.1:5001"}}, "test params")
-    assert tracking.tracking_uri(named, tmp_path) == "http://127.0.0.1:5001"
+    assert tracking.tracking_uri(named) == "http://127.0.0.1:5001"
     # Opening one project's store leaves the next project its own.
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    tracking.set_up(default, tmp_path / "a")
-    assert tracking.tracking_uri(default, tmp_path / "b") == f"sqlite:///{tmp_path.resolve() / 'b' / 'mlflow.db'}"
+    tracking.set_up(parse_params({}, "test params", root=tmp_path / "a"))
+    other = parse_params({}, "test params", root=tmp_path / "b")
+    assert tracking.tracking_uri(other) == f"sqlite:///{tmp_path.resolve() / 'b' / 'mlflow.db'}"

@@ -22,8 +22,10 @@ from fcn_models.checkpoint import load_checkpoint, save_checkpoint
 from fcn_models.fcn import build_fcn
 from fcn_models.metrics import ConfusionMatrix
 from fcn_models.preprocess import normalize
-from pipelines import train
+from fcn_models.metrics import SCORE_KEYS
+from pipelines import loop, recipe, training
 from pipelines.params import parse_params
+from pipelines.stages import train as train_stage
 
 WIDTH = 0.0625
 N_TRAIN, N_VAL = 8, 5
@@ -71,7 +73,7 @@ def make_params(root, stages, *, workers=2, max_failures=0, **train_knobs):
                   "stages": stages, **train_knobs},
         "ray": {"num_workers": workers, "cpus_per_worker": 0.5, "data_cpus": 0.5, "max_failures": max_failures,
                 "storage_path": str(root / "ray_results")},
-    }, "test params")
+    }, "test params", root=root)
 
 
 def read_history(path):
@@ -88,8 +90,8 @@ def tiny(variant="fcn32s"):
 
 def test_optimizer_groups_as_the_reference():
     model = tiny("fcn16s")
-    train.freeze_for_stage(model, fixed=False)
-    optimizer = train.make_optimizer(model, lr=1e-10, momentum=0.99, weight_decay=5e-4)
+    loop.freeze_for_stage(model, fixed=False)
+    optimizer = loop.make_optimizer(model, lr=1e-10, momentum=0.99, weight_decay=5e-4)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = {("biases" if all(names[id(p)].endswith("bias") for p in g["params"]) else "weights"): g
               for g in optimizer.param_groups}
@@ -111,9 +113,9 @@ def test_optimizer_groups_as_the_reference():
 
 def test_sgd_step_gives_biases_twice_the_rate_and_no_decay():
     model = tiny()
-    train.freeze_for_stage(model, fixed=False)
+    loop.freeze_for_stage(model, fixed=False)
     lr, decay = 0.1, 0.5
-    optimizer = train.make_optimizer(model, lr=lr, momentum=0.9, weight_decay=decay)
+    optimizer = loop.make_optimizer(model, lr=lr, momentum=0.9, weight_decay=decay)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for p in model.parameters():
         p.grad = torch.ones_like(p) if p.requires_grad else None
@@ -129,8 +131,8 @@ def test_sgd_step_gives_biases_twice_the_rate_and_no_decay():
 
 def test_fixed_stage_trains_only_the_score_layer():
     model = tiny()
-    train.freeze_for_stage(model, fixed=True)
-    optimizer = train.make_optimizer(model, lr=1e-10, momentum=0.99, weight_decay=5e-4)
+    loop.freeze_for_stage(model, fixed=True)
+    optimizer = loop.make_optimizer(model, lr=1e-10, momentum=0.99, weight_decay=5e-4)
     names = {id(p): n for n, p in model.named_parameters()}
     in_groups = sorted(names[id(p)] for g in optimizer.param_groups for p in g["params"])
     assert in_groups == ["score_fr.bias", "score_fr.weight"]
@@ -143,44 +145,44 @@ def test_loss_summed_or_averaged_over_valid_pixels():
     logits = torch.tensor([[0.0, 0.0, 50.0], [0.0, math.log(3.0), -50.0]]).reshape(1, 2, 1, 3)
     labels = torch.tensor([[[0, 1, 255]]])
     expected = math.log(2.0) + math.log(4.0 / 3.0)
-    assert train.segmentation_loss(logits, labels, "sum").item() == pytest.approx(expected, rel=1e-6)
-    assert train.segmentation_loss(logits, labels, "mean").item() == pytest.approx(expected / 2, rel=1e-6)
+    assert loop.segmentation_loss(logits, labels, "sum").item() == pytest.approx(expected, rel=1e-6)
+    assert loop.segmentation_loss(logits, labels, "mean").item() == pytest.approx(expected / 2, rel=1e-6)
     all_void = torch.full((1, 1, 3), 255)
-    assert train.segmentation_loss(logits, all_void, "mean").item() == 0.0
+    assert loop.segmentation_loss(logits, all_void, "mean").item() == 0.0
     with pytest.raises(ValueError, match="'max'"):
-        train.segmentation_loss(logits, labels, "max")
+        loop.segmentation_loss(logits, labels, "max")
 
 
 # --------------------------------------------------------------------------- stages and their starting weights
 
 def test_stage_names_give_their_network():
-    assert train.stage_variant("fcn32s-fixed") == "fcn32s"
-    assert train.stage_variant("fcn8s-atonce") == "fcn8s-atonce"
-    with pytest.raises(train.TrainError, match="fcn64s"):
-        train.stage_variant("fcn64s")
+    assert recipe.stage_variant("fcn32s-fixed") == "fcn32s"
+    assert recipe.stage_variant("fcn8s-atonce") == "fcn8s-atonce"
+    with pytest.raises(recipe.StageError, match="fcn64s"):
+        recipe.stage_variant("fcn64s")
 
 
 def test_missing_previous_stage_says_which_stage_to_run_first(tmp_path, capsys):
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump({"train": {"models_dir": str(tmp_path / "models")}}))
-    assert train.main(["--stage", "fcn16s", "--params", str(params_file)]) == 1
+    assert train_stage.main(["--stage", "fcn16s", "--params", str(params_file)]) == 1
     err = capsys.readouterr().err
     assert "--stage fcn32s" in err and str(tmp_path / "models" / "fcn32s") in err
-    assert train.main(["--stage", "fcn4s", "--params", str(params_file)]) == 1
+    assert train_stage.main(["--stage", "fcn4s", "--params", str(params_file)]) == 1
     assert "unknown stage 'fcn4s'" in capsys.readouterr().err
 
 
 def test_absent_imagenet_weights_mean_random_init_said_loudly(tmp_path, capsys):
     params = parse_params({"model": {"imagenet_weights": str(tmp_path / "vgg16.pth")}})
-    init = train.resolve_init(params, "fcn32s", tmp_path)
+    init = recipe.resolve_init(params, "fcn32s")
     assert init == {"source": "random", "path": None,
                     "note": f"random (imagenet weights not found at {tmp_path / 'vgg16.pth'})"}
-    train.warn_random_init("fcn32s", init["note"])
+    training.warn_random_init("fcn32s", init["note"])
     err = capsys.readouterr().err
     assert "WARNING" in err and "RANDOM" in err and str(tmp_path / "vgg16.pth") in err
 
     (tmp_path / "vgg16.pth").write_bytes(b"")
-    assert train.resolve_init(params, "fcn8s-atonce", tmp_path)["source"] == "imagenet"
+    assert recipe.resolve_init(params, "fcn8s-atonce")["source"] == "imagenet"
 
 
 def test_fcn16s_starts_from_fcn32s_with_a_silent_skip(tmp_path):
@@ -190,9 +192,9 @@ def test_fcn16s_starts_from_fcn32s_with_a_silent_skip(tmp_path):
         fcn32s.score_fr.bias.normal_(0, 0.1)
     save_checkpoint(tmp_path / "models" / "fcn32s", fcn32s, {"stage": "fcn32s"})
     params = parse_params({"model": {"width": WIDTH}, "train": {"models_dir": str(tmp_path / "models")}})
-    init = train.resolve_init(params, "fcn16s", tmp_path)
+    init = recipe.resolve_init(params, "fcn16s")
     assert init["source"] == "fcn32s"
-    fcn16s = train.initial_model(train.loop_config(params, "fcn16s", init, progress_dir=None))
+    fcn16s = loop.initial_model(loop.loop_config(params, "fcn16s", init))
     assert fcn16s.variant == "fcn16s"
     s32, s16 = fcn32s.state_dict(), fcn16s.state_dict()
     # Everything but FCN-32s's own x32 upsampling carries over, bit for bit.
@@ -214,28 +216,28 @@ def test_starting_weights_that_do_not_fit_fail_before_any_training(tmp_path):
     torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3), "features.0.bias": torch.zeros(64)}, weights)
     params = parse_params({"model": {"width": WIDTH, "imagenet_weights": str(weights)},
                            "train": {"models_dir": str(tmp_path / "models")}})
-    init = train.resolve_init(params, "fcn32s", tmp_path)
-    with pytest.raises(train.TrainError, match=f"cannot start fcn32s from imagenet \\({weights}\\).*width"):
-        train.initial_model(train.loop_config(params, "fcn32s", init, progress_dir=None))
+    init = recipe.resolve_init(params, "fcn32s")
+    with pytest.raises(recipe.StageError, match=f"cannot start fcn32s from imagenet \\({weights}\\).*width"):
+        loop.initial_model(loop.loop_config(params, "fcn32s", init))
 
     # An FCN-32s of another width cannot seed FCN-16s.
     save_checkpoint(tmp_path / "models" / "fcn32s", build_fcn("fcn32s", width=2 * WIDTH))
-    init = train.resolve_init(params, "fcn16s", tmp_path)
-    with pytest.raises(train.TrainError, match="retrain fcn32s with the current model"):
-        train.initial_model(train.loop_config(params, "fcn16s", init, progress_dir=None))
+    init = recipe.resolve_init(params, "fcn16s")
+    with pytest.raises(recipe.StageError, match="retrain fcn32s with the current model"):
+        loop.initial_model(loop.loop_config(params, "fcn16s", init))
 
 
 def test_default_run_name_follows_what_decides_the_result(tmp_path):
     write_shards(tmp_path / "shards")
     stages = {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 10}}
     init = {"source": "random", "path": None, "note": "random"}
-    name = train.default_run_name(make_params(tmp_path, stages), "fcn32s", init, tmp_path)
+    name = recipe.run_name(make_params(tmp_path, stages), "fcn32s", init, tmp_path)
     assert name.startswith("fcn32s-")
     # More iterations continue the same run; another learning rate is another run.
     longer = {"fcn32s": {**stages["fcn32s"], "iterations": 20}}
-    assert train.default_run_name(make_params(tmp_path, longer), "fcn32s", init, tmp_path) == name
+    assert recipe.run_name(make_params(tmp_path, longer), "fcn32s", init, tmp_path) == name
     faster = {"fcn32s": {**stages["fcn32s"], "lr": 1e-2}}
-    assert train.default_run_name(make_params(tmp_path, faster), "fcn32s", init, tmp_path) != name
+    assert recipe.run_name(make_params(tmp_path, faster), "fcn32s", init, tmp_path) != name
 
 
 # --------------------------------------------------------------------------- Ray Train runs
@@ -247,7 +249,7 @@ def fcn32s_run(tmp_path_factory, ray_cluster):
     write_shards(root / "shards")
     stages = {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 4}}
     params = make_params(root, stages)
-    metrics = train.run_stage(params, "fcn32s", root, run_name="e2e")
+    metrics = training.run_stage(params, "fcn32s", root, run_name="e2e", trace_dir=str(root / "trace"))
     return root, params, metrics
 
 
@@ -257,7 +259,7 @@ def test_stage_writes_model_metrics_and_history(fcn32s_run):
     assert written == metrics
     assert written["iterations"] == 4 and written["best_iteration"] in (2, 4)
     assert written["init"] == "random (imagenet weights not found at model.imagenet_weights (null))"
-    for key in train.SCORE_KEYS:
+    for key in SCORE_KEYS:
         assert 0.0 <= written[key] <= 1.0
     # Mostly background pixels: a net that learnt anything gets most of them right.
     assert written["pixel_acc"] > 0.4
@@ -270,7 +272,7 @@ def test_stage_writes_model_metrics_and_history(fcn32s_run):
 
     model, meta = load_checkpoint(root / "models" / "fcn32s")
     assert (meta["variant"], meta["backbone"], meta["width"], meta["num_classes"]) == ("fcn32s", "vgg16", WIDTH, 21)
-    assert meta["input_norm"]["name"] == params.model.input_norm
+    assert meta["input_norm"]["name"] == recipe.input_norm(params).name == "torchvision-rgb"
     assert meta["stage"] == "fcn32s" and meta["iterations"] == written["best_iteration"]
     assert meta["val"]["mean_iu"] == pytest.approx(written["mean_iu"])
     # Nothing half-written or temporary left beside the outputs.
@@ -302,8 +304,8 @@ def test_same_run_name_resumes_from_its_last_checkpoint(fcn32s_run):
     # One worker this time: a run's checkpoints do not depend on how many workers wrote them.
     longer = make_params(root, {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 6}}, workers=1,
                          models_dir=str(root / "models-longer"), reports_dir=str(root / "reports-longer"))
-    metrics = train.run_stage(longer, "fcn32s", root, run_name="e2e")
-    log = (root / "ray_results" / "e2e" / "progress" / "iterations.log").read_text().splitlines()
+    metrics = training.run_stage(longer, "fcn32s", root, run_name="e2e", trace_dir=str(root / "trace"))
+    log = (root / "trace" / "iterations.log").read_text().splitlines()
     starts = [line for line in log if line.startswith("start ")]
     assert starts == ["start 1 0", "start 2 4"]
     assert [line for line in log if line.startswith("2 ")] == ["2 5", "2 6"]

@@ -17,6 +17,7 @@ import sys
 from fcn_models.backbones import BACKBONES
 from fcn_models.fcn import VARIANTS
 from fcn_models.reference import WeightsImportError, import_weights
+from pipelines.exits import run_main
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,13 +35,12 @@ def main(argv=None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exit_:  # argparse: 2 for bad arguments, 0 for --help
         return int(exit_.code or 0)
-    try:
+
+    def body():
         result = import_weights(args.source, args.out, variant=args.variant, backbone=args.backbone)
-    except (WeightsImportError, OSError) as err:
-        print(f"fcn import: {err}", file=sys.stderr)
-        return 1
-    print("\n".join(result.lines()))
-    return 0
+        print("\n".join(result.lines()))
+
+    return run_main("fcn import", body, (WeightsImportError, OSError), resume="nothing was written; run it again")
 
 
 if __name__ == "__main__":

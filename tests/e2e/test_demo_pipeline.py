@@ -27,7 +27,7 @@ import yaml
 
 from fcn_models.checkpoint import load_checkpoint
 from project_copy import copy_project
-from pipelines.demo_data import write_mirror
+from pipelines.mirror import write_mirror
 from pipelines.params import PROJECT_ROOT, load_params
 
 COPIED = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "conf", "pipelines", "fcn_models"]
@@ -126,10 +126,12 @@ def test_demo_profile_runs_every_stage_and_reruns_only_what_changed(tmp_path):
 
     # register: the first version of the model takes the alias.
     registry = json.loads((repo / "reports" / "registry.json").read_text())
-    fcn8s = json.loads((repo / "reports" / "fcn8s" / "metrics.json").read_text())
     assert registry["decision"] == "promoted" and registry["champion_version_before"] is None
     assert registry["champion_version"] == registry["new_version"]
-    assert abs(registry["champion_mean_iu"] - fcn8s["mean_iu"]) < 1e-9
+    # The gate compares evaluate's scores, and the version comes from the run that trained FCN-8s.
+    assert registry["champion_mean_iu"] == evaluation["fcn8s"]["mean_iu"]
+    fcn8s_meta = json.loads((repo / "models" / "fcn8s" / "meta.json").read_text())
+    assert registry["run_id"] == fcn8s_meta["mlflow_run_id"] == evaluation["fcn8s"]["mlflow_run_id"]
 
     again = _dvc(repo, "repro")
     assert "Running stage" not in again
@@ -212,10 +214,13 @@ def check_mlflow_ui(repo: Path, registry: dict) -> None:
                         alias=params.mlflow.alias)["model_version"]
         assert champion["version"] == str(registry["champion_version"])
         run = _get(base, "/runs/get", run_id=champion["run_id"])["run"]
+        # The champion's source run trained it: an FCN-8s run holding evaluate's scores.
+        tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+        assert tags["fcn.stage"] == "fcn8s"
         metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
-        assert abs(metrics["mean_iu"] - registry["champion_mean_iu"]) < 1e-9
+        assert abs(metrics["eval/mean_iu"] - registry["champion_mean_iu"]) < 1e-9
         for key in ("pixel_acc", "mean_acc", "fw_iu"):
-            assert 0.0 <= metrics[key] <= 1.0, key
+            assert 0.0 <= metrics[key] <= 1.0 and 0.0 <= metrics[f"eval/{key}"] <= 1.0, key
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=60)

@@ -5,7 +5,7 @@ preprocess` cover a stage and everything upstream of it); the training stages th
 follow them in dvc.yaml are left alone.
 
 The project's dvc.yaml, params.yaml and code are copied into a fresh git + DVC repo in
-a temp dir; the stage commands (`python -m pipelines.<stage>`) then import the copied
+a temp dir; the stage commands (`python -m pipelines.stages.<stage>`) then import the copied
 modules, and `python` is the venv's, first on PATH.
 """
 import os
@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from project_copy import copy_project
-from pipelines.demo_data import write_mirror
+from pipelines.mirror import write_mirror
 from pipelines.params import PROJECT_ROOT, load_params
 
 COPIED = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "pipelines", "fcn_models"]

@@ -3,7 +3,7 @@
 A head node is started with `ray start --head` on 127.0.0.1 (free ports, token
 authentication, its own short --temp-dir), and a small project (code, .gitignore,
 params.yaml with relative paths, tiny shards under data/shards) is submitted with
-`ray job submit --working-dir <project> -- python -m pipelines.train --stage fcn32s
+`ray job submit --working-dir <project> -- python -m pipelines.stages.train --stage fcn32s
 --params <project>/params.yaml`. The job runs in Ray's copy of the working
 directory; its outputs must land in the project. `ray stop` would stop every Ray
 instance of the user on the machine, so the head is stopped through its own
@@ -27,9 +27,9 @@ import torch
 import yaml
 
 from fcn_models.checkpoint import load_checkpoint
-from pipelines import train
+from fcn_models.metrics import SCORE_KEYS
 from project_copy import copy_project
-from pipelines.params import PROJECT_ROOT, load_params
+from pipelines.params import load_params
 from test_train import WIDTH, read_history, write_shards
 
 ITERATIONS, VAL_EVERY = 4, 2
@@ -138,7 +138,7 @@ def submit(head: dict, project: Path, submission_id: str, *train_args: str) -> t
     """`ray job submit` (waits and streams the job's log); return the job's final status and the log."""
     url, env = head["url"], head["env"]
     command = [RAY, "job", "submit", "--address", url, "--submission-id", submission_id,
-               "--working-dir", str(project), "--", "python", "-m", "pipelines.train", *train_args]
+               "--working-dir", str(project), "--", "python", "-m", "pipelines.stages.train", *train_args]
     try:
         run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=420)
     except subprocess.TimeoutExpired:
@@ -174,7 +174,7 @@ def test_stage_runs_as_a_ray_job_and_writes_into_the_project(ray_head, tmp_path)
 
     # The job ran in a copy holding the code but not what .gitignore leaves out; the
     # outputs are in the project, none in the copy.
-    copies = [c for c in copies_of_the_working_dir(ray_head["temp_dir"]) if (c / "pipelines" / "train.py").is_file()]
+    copies = [c for c in copies_of_the_working_dir(ray_head["temp_dir"]) if (c / "pipelines" / "stages" / "train.py").is_file()]
     assert copies, f"no copy of the working dir under {ray_head['temp_dir']}"
     for copy in copies:
         assert (copy / "fcn_models").is_dir()
@@ -192,7 +192,7 @@ def test_stage_runs_as_a_ray_job_and_writes_into_the_project(ray_head, tmp_path)
     history = read_history(project / "reports" / "fcn32s" / "history.csv")
     assert [row["iteration"] for row in history] == [VAL_EVERY, ITERATIONS]
     best = next(row for row in history if row["iteration"] == metrics["best_iteration"])
-    for key in train.SCORE_KEYS:
+    for key in SCORE_KEYS:
         assert 0.0 <= metrics[key] <= 1.0
         assert best[key] == pytest.approx(metrics[key], abs=1e-6)
 

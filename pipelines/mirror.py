@@ -16,7 +16,7 @@ them:
         benchmark_RELEASE/dataset/inst/<id>.mat         GTinst: Segmentation, Boundaries, Categories
         benchmark_RELEASE/dataset/{train,val}.txt
 
-Ids are real VOC ids: validation images are drawn from pipelines/splits/seg11valid.txt
+Ids are real VOC ids: validation images are drawn from the seg11valid ids (pipelines.shards)
 and training images get fresh SBD-style ids (YYYY_NNNNNN, 2008-2011) that never
 collide with it, so the real split logic applies as is.
 
@@ -36,7 +36,6 @@ MAT header text).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gzip
 import hashlib
@@ -44,9 +43,7 @@ import io
 import math
 import multiprocessing
 import os
-import sys
 import tarfile
-import time
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
@@ -57,15 +54,13 @@ import scipy.sparse
 from PIL import Image, ImageDraw
 
 from fcn_models.palette import voc_colormap
+from fcn_models.voc import NUM_CLASSES, VOID
+from pipelines.shards import seg11valid_ids
 
 VOC_ARCHIVE = "VOCtrainval_11-May-2012.tar"
 SBD_ARCHIVE = "benchmark.tgz"
 VOC_ROOT = "VOCdevkit/VOC2012"
 SBD_ROOT = "benchmark_RELEASE/dataset"
-SEG11VALID = Path(__file__).resolve().parent / "splits" / "seg11valid.txt"
-
-NUM_CLASSES = 21  # background + 20 object classes
-VOID = 255
 JPEG_QUALITY = 90
 # 2012-05-11 00:00 UTC, the VOC2012 release date: a fixed mtime for every member.
 ARCHIVE_MTIME = 1336694400
@@ -78,14 +73,6 @@ TRAIN_ID_NUMBERS = 9000
 
 # --------------------------------------------------------------------------- ids
 
-def read_seg11valid(path: Path = SEG11VALID) -> list[str]:
-    """The 736 ids of the FCN paper's validation set, in file order."""
-    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not ids:
-        raise ValueError(f"{path}: no ids found (expected one VOC id per line)")
-    return ids
-
-
 def plan_mirror(n_train: int, n_val: int, seed: int) -> dict[str, list[str]]:
     """Which ids go in which list of which archive.
 
@@ -94,7 +81,7 @@ def plan_mirror(n_train: int, n_val: int, seed: int) -> dict[str, list[str]]:
     val list holds the chosen seg11valid ids plus some SBD training ids (the ones
     seg11valid leaves out), and SBD's val list holds some of the seg11valid ids.
     """
-    valid = read_seg11valid()
+    valid = seg11valid_ids()
     if not 1 <= n_val <= len(valid):
         raise ValueError(f"n_val = {n_val}: must be between 1 and {len(valid)} (the seg11valid ids available)")
     max_train = len(TRAIN_YEARS) * TRAIN_ID_NUMBERS // 2
@@ -691,8 +678,6 @@ def write_mirror(out_dir, *, n_train: int = 300, n_val: int = 100, seed: int = 0
     }
 
 
-# --------------------------------------------------------------------------- CLI
-
 def params_snippet(result: dict) -> str:
     """The params.yaml lines that point data.local_dir at a written mirror."""
     local_dir = Path(result["voc"]).resolve().parent
@@ -702,41 +687,3 @@ def params_snippet(result: dict) -> str:
         f"  voc: {{filename: {VOC_ARCHIVE}, md5: {result['md5']['voc']}, mirrors: []}}\n"
         f"  sbd: {{filename: {SBD_ARCHIVE}, md5: {result['md5']['sbd']}, mirrors: []}}\n"
     )
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="fcn demo-data",
-        description="Write a generated VOC2012/SBD-format mirror (VOCtrainval_11-May-2012.tar, benchmark.tgz).")
-    parser.add_argument("--out", required=True, help="directory to write the two archives into")
-    parser.add_argument("--train", type=int, default=300, help="SBD training images (default 300)")
-    parser.add_argument("--val", type=int, default=100, help="validation images, at most 736 (default 100)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--max-side", type=int, default=500, help="longer image side in pixels (default 500)")
-    parser.add_argument("--min-side", type=int, default=None, help="smallest shorter side (default 60%% of max side)")
-    parser.add_argument("--workers", type=int, default=0, help="processes, 0 = all cores (default 0)")
-    args = parser.parse_args(argv)
-
-    started = time.perf_counter()
-    step = max(1, (args.train + args.val) // 10)
-
-    def report(done: int, total: int) -> None:
-        if total >= 50 and (done % step == 0 or done == total):
-            print(f"images: {done}/{total}  ({time.perf_counter() - started:.1f}s)", file=sys.stderr, flush=True)
-
-    try:
-        result = write_mirror(args.out, n_train=args.train, n_val=args.val, seed=args.seed, max_side=args.max_side,
-                              min_side=args.min_side, workers=args.workers, progress=report)
-    except ValueError as err:
-        print(f"fcn demo-data: error: {err}", file=sys.stderr)
-        return 2
-    print(f"{result['voc']}  md5 {result['md5']['voc']}")
-    print(f"{result['sbd']}  md5 {result['md5']['sbd']}")
-    print(f"wrote {args.train} train + {args.val} val images in {time.perf_counter() - started:.1f}s;"
-          " to use this mirror, put in params.yaml:\n")
-    print(params_snippet(result), end="")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,53 +1,34 @@
-"""Stage `fetch`: obtain the PASCAL VOC 2012 and SBD archives, verify them, extract them.
+"""Archives obtained and verified: reused, copied from a local directory, or downloaded.
 
-    python -m pipelines.fetch [--params params.yaml] [--local-dir DIR]
+For each archive the sources are tried in this order (fetch_archive):
 
-For each archive (data.voc, data.sbd) the sources are tried in this order:
-
-1. data.download_dir/<filename>, when it is already there with the right md5 (reused).
+1. <download_dir>/<filename>, when it is already there with the right md5 (reused).
    Its md5 is cached in a record "<filename>.md5.json" beside it, keyed on the file's
    size and mtime, so a 2 GB archive is hashed once, not on every run. The record only
    caches a hash; the comparison with the expected md5 happens every time.
-2. data.local_dir (or --local-dir): a directory or file:// URL holding the archives.
-   A local file whose md5 is wrong stops the stage with an error naming the file and
-   both sums. We do not fall through to the network: pointing at a local file says it
-   is the one meant, and a silent 2 GB download would hide the mistake (often the md5s
-   in params.yaml still being the official ones while local_dir holds the generated
-   mirror). A local_dir without the file falls through to the mirrors.
-3. Each URL of data.<archive>.mirrors in order (official host first). A download
-   streams into "<filename>.part", resumes it with an HTTP Range request, and moves it
-   to the final name only after the md5 matches; a mismatch deletes the .part and moves
-   on to the next mirror. A host that cannot be reached (name resolution, refused
-   connection, connect timeout) or answers 4xx is given up at once; a transfer that
-   broke off mid-way, a read timeout or a 5xx is retried with exponential back-off,
-   data.retries times.
-
-Extraction goes into a temporary directory inside data.raw_dir, refusing any member that
-is a link, a device, a FIFO, an absolute path or a path with "..", with tarfile's "data"
-filter as a second line of defence. The archive's top-level directories are then renamed
-into place and a marker "raw_dir/.<filename>.extracted.json" records the archive md5 and
-every file's path and size. A later run skips extraction while the marker's md5 matches
-and every recorded file exists with its recorded size; otherwise it extracts again,
-replacing the archive's top-level directories. A crash leaves no marker, so nothing
-half-extracted is ever trusted.
+2. A local directory or file:// URL holding the archives. A local file whose md5 is
+   wrong is an error naming the file and both sums. We do not fall through to the
+   network: pointing at a local file says it is the one meant, and a silent 2 GB
+   download would hide the mistake (often the md5s in params.yaml still being the
+   official ones while local_dir holds the generated mirror). A local directory
+   without the file falls through to the mirrors.
+3. Each mirror URL in order (official host first). A download streams into
+   "<filename>.part", resumes it with an HTTP Range request, and moves it to the final
+   name only after the md5 matches; a mismatch deletes the .part and moves on to the
+   next mirror. A host that cannot be reached (name resolution, refused connection,
+   connect timeout) or answers 4xx is given up at once; a transfer that broke off
+   mid-way, a read timeout or a 5xx is retried with exponential back-off.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import hashlib
 import json
 import os
-import posixpath
-import shutil
 import socket
 import sys
-import tarfile
-import tempfile
 import time
 import urllib.parse
 import urllib.request
-import zlib
 from pathlib import Path
 
 import requests
@@ -55,7 +36,7 @@ import urllib3
 from tqdm import tqdm
 
 from pipelines.files import atomic_write_text
-from pipelines.params import ArchiveParams, DataParams, ParamsError, load_params, resolve
+from pipelines.params import ArchiveParams
 
 CHUNK_BYTES = 1 << 20
 # Connecting is quick or never happens; a long connect timeout only delays the next mirror.
@@ -64,8 +45,6 @@ BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 60.0
 USER_AGENT = "fcn-workflow-fetch/0.1"
 # What each archive must contain once extracted (relative to data.raw_dir).
-EXPECTED_TREE = {"voc": "VOCdevkit/VOC2012", "sbd": "benchmark_RELEASE/dataset"}
-
 GUIDANCE = (
     "If this machine has no network, point the stage at archives you already have: put "
     "VOCtrainval_11-May-2012.tar and benchmark.tgz in a directory and set data.local_dir to it "
@@ -83,10 +62,6 @@ class ChecksumError(FetchError):
     """Bytes whose md5 is not the expected one."""
 
 
-class UnsafeArchiveError(FetchError):
-    """An archive member that could write outside the target directory, or is not a plain file or directory."""
-
-
 class _MirrorUnusable(FetchError):
     """Waiting will not help: the host cannot be reached or refuses the file."""
 
@@ -95,7 +70,7 @@ class _TransferBroken(FetchError):
     """The transfer broke off or the server had a transient failure: worth another try."""
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     print(message, flush=True)
 
 
@@ -112,14 +87,14 @@ def _hash_file(path: Path) -> str:
         return hashlib.file_digest(fh, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
 
 
-def _write_json_atomic(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def _remember_md5(path: Path, md5: str) -> None:
     st = path.stat()
     try:
-        _write_json_atomic(_record_path(path), {"md5": md5, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+        write_json(_record_path(path), {"md5": md5, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     except OSError:
         pass  # a read-only directory only costs a re-hash next time
 
@@ -167,7 +142,7 @@ def _progress(name: str, total: int | None, initial: int = 0) -> tqdm:
 def _copy_verified(src: Path, dest: Path, md5: str, source: str) -> Path:
     """Copy src to dest through dest.part while hashing; dest appears only if the md5 matches."""
     part = dest.with_name(dest.name + ".part")
-    _say(f"fetch: copying {src} -> {dest}")
+    say(f"fetch: copying {src} -> {dest}")
     digest = hashlib.md5(usedforsecurity=False)
     try:
         with open(src, "rb") as fin, open(part, "wb") as fout, _progress(dest.name, src.stat().st_size) as bar:
@@ -257,7 +232,7 @@ def _transfer(session: requests.Session, url: str, part: Path, timeout_s: float)
         if offset and (status == 416 or (status == 206 and start != offset)):
             if status == 416 and total == offset:
                 return  # the .part already holds every byte
-            _say(f"fetch: {url} cannot continue {part.name} from byte {offset}; starting over")
+            say(f"fetch: {url} cannot continue {part.name} from byte {offset}; starting over")
             part.unlink()
             resp.close()
             return _transfer(session, url, part, timeout_s)  # offset 0 now: no Range, no loop
@@ -265,7 +240,7 @@ def _transfer(session: requests.Session, url: str, part: Path, timeout_s: float)
             mode, expected, have = "ab", total, offset
         elif status == 200:
             if offset:
-                _say(f"fetch: {url} ignored the Range request; restarting {part.name} from byte 0")
+                say(f"fetch: {url} ignored the Range request; restarting {part.name} from byte 0")
             length = resp.headers.get("Content-Length", "")
             mode, expected, have = "wb", (int(length) if length.isdigit() else None), 0
         elif status in (408, 429) or status >= 500:
@@ -302,7 +277,7 @@ def download(url: str, dest: Path, md5: str, *, timeout_s: float, retries: int) 
     part = dest.with_name(dest.name + ".part")
     started = time.monotonic()
     resumed = part.stat().st_size if part.exists() else 0
-    _say(f"fetch: downloading {url} -> {dest}" + (f" (resuming at byte {resumed})" if resumed else ""))
+    say(f"fetch: downloading {url} -> {dest}" + (f" (resuming at byte {resumed})" if resumed else ""))
     with requests.Session() as session:
         session.headers["User-Agent"] = USER_AGENT
         for attempt in range(retries + 1):
@@ -315,7 +290,7 @@ def download(url: str, dest: Path, md5: str, *, timeout_s: float, retries: int) 
                         if part.exists() else ""
                     raise _TransferBroken(f"{err}; gave up after {retries + 1} attempts{kept}") from None
                 delay = min(BACKOFF_FIRST_S * 2 ** attempt, BACKOFF_MAX_S)
-                _say(f"fetch: {err}; retrying in {delay:g} s ({attempt + 1} of {retries})")
+                say(f"fetch: {err}; retrying in {delay:g} s ({attempt + 1} of {retries})")
                 time.sleep(delay)
     actual = _hash_file(part)
     if actual != md5:
@@ -327,7 +302,7 @@ def download(url: str, dest: Path, md5: str, *, timeout_s: float, retries: int) 
     os.replace(part, dest)
     _remember_md5(dest, actual)
     size, seconds = dest.stat().st_size, time.monotonic() - started
-    _say(f"fetch: downloaded {dest.name}: {size} bytes in {seconds:.1f} s "
+    say(f"fetch: downloaded {dest.name}: {size} bytes in {seconds:.1f} s "
          f"({size / max(seconds, 1e-9) / 1e6:.1f} MB/s), md5 ok")
     return dest
 
@@ -342,12 +317,12 @@ def fetch_archive(spec: ArchiveParams, download_dir: Path, *, local_dir=None,
     if dest.is_file():
         actual = file_md5(dest)
         if actual == spec.md5:
-            _say(f"fetch: reusing {dest} (md5 ok)")
+            say(f"fetch: reusing {dest} (md5 ok)")
             return dest
         if local_src is not None and local_src.is_file() and os.path.samefile(local_src, dest):
             # local_dir is the download directory: the file is the user's own, never delete it.
             raise ChecksumError(f"{dest} has md5 {actual}, expected {spec.md5}; it was not used.")
-        _say(f"fetch: {dest} has md5 {actual}, expected {spec.md5}; deleting it and fetching again")
+        say(f"fetch: {dest} has md5 {actual}, expected {spec.md5}; deleting it and fetching again")
     _discard(dest)  # also a record left without its archive
 
     failures = []
@@ -358,14 +333,14 @@ def fetch_archive(spec: ArchiveParams, download_dir: Path, *, local_dir=None,
         src = local_src
         if src.is_file():
             return _copy_verified(src, dest, spec.md5, source=str(local_dir))
-        _say(f"fetch: {src} not found; trying the mirrors")
+        say(f"fetch: {src} not found; trying the mirrors")
         failures.append(f"{src}: not found")
 
     for url in spec.mirrors:
         try:
             return download(url, dest, spec.md5, timeout_s=timeout_s, retries=retries)
         except FetchError as err:  # checksum, unreachable, or gave up: the next mirror may still serve it
-            _say(f"fetch: {err}")
+            say(f"fetch: {err}")
             failures.append(str(err))
     if not spec.mirrors:
         failures.append("no mirrors configured")
@@ -374,158 +349,3 @@ def fetch_archive(spec: ArchiveParams, download_dir: Path, *, local_dir=None,
     )
 
 
-# ---------------------------------------------------------------------------------------
-# Extraction
-
-
-def _checked_name(member: tarfile.TarInfo, archive: Path) -> str:
-    """The member's normalised relative path, or UnsafeArchiveError naming it."""
-    name = member.name
-    where = f"{archive}: member {name!r}"
-    if member.issym():
-        raise UnsafeArchiveError(f"{where} is a symbolic link (to {member.linkname!r}); links are refused")
-    if member.islnk():
-        raise UnsafeArchiveError(f"{where} is a hard link (to {member.linkname!r}); links are refused")
-    if member.ischr() or member.isblk():
-        raise UnsafeArchiveError(f"{where} is a device file; only files and directories are extracted")
-    if member.isfifo():
-        raise UnsafeArchiveError(f"{where} is a FIFO; only files and directories are extracted")
-    if not (member.isreg() or member.isdir()):
-        raise UnsafeArchiveError(f"{where} has unsupported type {member.type!r}; "
-                                 f"only files and directories are extracted")
-    if name.startswith(("/", "\\")) or os.path.isabs(name) or (len(name) > 1 and name[1] == ":"):
-        raise UnsafeArchiveError(f"{where} is an absolute path; refusing to extract it")
-    if ".." in name.replace("\\", "/").split("/"):
-        raise UnsafeArchiveError(f"{where} contains '..' and could land outside the target; refusing it")
-    return posixpath.normpath(name)
-
-
-def _intact(marker: Path, md5: str, target_dir: Path) -> list[Path] | None:
-    """The top-level paths recorded by the marker, if the tree on disk still matches it."""
-    try:
-        record = json.loads(marker.read_text())
-        if record["md5"] != md5:
-            return None
-        for rel, size in record["files"].items():
-            if os.stat(target_dir / rel).st_size != size:
-                return None
-        top = [target_dir / name for name in record["top_level"]]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-    return top if all(p.exists() for p in top) else None
-
-
-def _marker_path(archive: Path, target_dir: Path) -> Path:
-    return Path(target_dir) / f".{Path(archive).name}.extracted.json"
-
-
-def is_extracted(archive: Path, target_dir: Path) -> bool:
-    """True when target_dir holds the archive's extracted tree, as recorded by safe_extract."""
-    return _intact(_marker_path(archive, target_dir), file_md5(archive), Path(target_dir)) is not None
-
-
-def safe_extract(archive: Path, target_dir: Path) -> list[Path]:
-    """Extract archive into target_dir (skipped when already there); return its top-level paths."""
-    archive, target_dir = Path(archive), Path(target_dir)
-    target_dir.mkdir(parents=True, exist_ok=True)
-    md5 = file_md5(archive)
-    marker = _marker_path(archive, target_dir)
-    top = _intact(marker, md5, target_dir)
-    if top is not None:
-        _say(f"fetch: {archive.name} already extracted in {target_dir} ({', '.join(p.name for p in top)})")
-        return top
-
-    marker.unlink(missing_ok=True)
-    prefix = f".extract-{archive.name}-"
-    for stale in target_dir.glob(prefix + "*"):  # left by a run that was killed mid-way
-        shutil.rmtree(stale, ignore_errors=True)
-    _say(f"fetch: extracting {archive} -> {target_dir}")
-    started = time.monotonic()
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target_dir))
-    try:
-        files = {}
-        try:
-            # Stream mode: one pass over the (possibly gzipped) archive, each member checked before it is written.
-            with tarfile.open(archive, "r|*") as tar:
-                for member in tar:
-                    rel = _checked_name(member, archive)
-                    try:
-                        tar.extract(member, tmp, filter="data")
-                    except tarfile.FilterError as err:
-                        raise UnsafeArchiveError(f"{archive}: member {member.name!r} refused: {err}") from None
-                    if member.isreg():
-                        files[rel] = member.size
-        except (tarfile.TarError, EOFError, zlib.error) as err:
-            raise FetchError(f"{archive}: cannot be read as a tar archive ({err}); delete it and run again") from None
-        names = sorted(os.listdir(tmp))
-        if not names:
-            raise FetchError(f"{archive}: the archive is empty")
-        trash = tmp / ".replaced"
-        trash.mkdir()
-        for name in names:
-            final = target_dir / name
-            if final.exists() or final.is_symlink():
-                os.rename(final, trash / name)
-            os.rename(tmp / name, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    _write_json_atomic(marker, {"archive": archive.name, "md5": md5, "top_level": names, "files": files})
-    _say(f"fetch: extracted {len(files)} files from {archive.name} in {time.monotonic() - started:.1f} s")
-    return [target_dir / name for name in names]
-
-
-# ---------------------------------------------------------------------------------------
-# Stage
-
-
-def fetch_all(data: DataParams, root: Path) -> dict:
-    """Fetch and extract both archives; paths in `data` are resolved against root.
-
-    Returns {"voc": {"archive": Path, "extracted": [Path, ...], "tree": Path}, "sbd": {...}}.
-    """
-    root = Path(root)
-    download_dir, raw_dir = resolve(data.download_dir, root), resolve(data.raw_dir, root)
-    local_dir = data.local_dir
-    if local_dir is not None and not local_dir.startswith("file:"):
-        local_dir = resolve(local_dir, root)
-    result = {}
-    for key in ("voc", "sbd"):
-        archive = fetch_archive(getattr(data, key), download_dir, local_dir=local_dir,
-                                timeout_s=data.timeout_s, retries=data.retries)
-        result[key] = {"archive": archive}
-    for key, entry in result.items():
-        entry["extracted"] = safe_extract(entry["archive"], raw_dir)
-        entry["tree"] = raw_dir / EXPECTED_TREE[key]
-        if not entry["tree"].is_dir():
-            raise FetchError(f"{entry['archive']} does not contain {EXPECTED_TREE[key]}/ (found "
-                             f"{', '.join(p.name for p in entry['extracted'])}); is data.{key}.filename "
-                             f"the right archive?")
-    return result
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fcn fetch", description="Download, verify and extract VOC2012 and SBD.")
-    parser.add_argument("--params", default="params.yaml", help="params file (default: ./params.yaml)")
-    parser.add_argument("--local-dir", help="directory or file:// URL holding the archives (overrides data.local_dir)")
-    args = parser.parse_args(argv)
-    params_path = Path(args.params).resolve()
-    try:
-        data = load_params(params_path).data
-        if args.local_dir is not None:
-            local = args.local_dir if args.local_dir.startswith("file:") else str(Path(args.local_dir).resolve())
-            data = dataclasses.replace(data, local_dir=local)
-        # Paths in params.yaml are relative to the directory that holds it (the project root).
-        result = fetch_all(data, params_path.parent)
-    except (ParamsError, FetchError, OSError) as err:
-        print(f"fetch: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("fetch: interrupted; run again to resume the download", file=sys.stderr)
-        return 130
-    for key, entry in result.items():
-        print(f"{key}: {entry['archive']} (md5 ok) -> {entry['tree']}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,6 @@ store by default). Every image is read and checked before the model loads, so a 
 file stops the run before anything is written.
 """
 import argparse
-import io
 import pickle
 import re
 import sys
@@ -21,7 +20,12 @@ from typing import Callable
 import numpy as np
 
 from fcn_models import palette
-from pipelines.files import atomic_write_bytes
+from fcn_models.voc import class_names
+from pipelines import tracking
+from pipelines.images import ImageError, mask_image, read_image, save_png
+from pipelines.exits import run_main
+from pipelines.params import load_params
+from pipelines.serving import FCNSegmenter
 
 # "models:/...", "runs:/...", "s3://...": a URI for MLflow; anything else is a checkpoint directory.
 MODEL_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
@@ -31,30 +35,10 @@ class PredictError(RuntimeError):
     """Bad input (image, model, store); the message names it and says what to do."""
 
 
-def read_image(path: Path) -> np.ndarray:
-    """An image file as (H, W, 3) uint8 RGB, upright as its EXIF orientation says."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.exists():
-        raise PredictError(f"{path}: no such file")
-    if not path.is_file():
-        raise PredictError(f"{path}: not a file (give image files)")
-    try:
-        with Image.open(path) as image:
-            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
-    except UnidentifiedImageError:
-        raise PredictError(f"{path}: not an image PIL can read (give a JPEG, PNG or other image file)") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise PredictError(f"{path}: cannot read the image: {err}") from None
-
-
 def load_predictor(model: str, params_path: str) -> Callable[[np.ndarray], np.ndarray]:
     """image (H, W, 3) uint8 -> mask (H, W) class ids, from a model URI or a checkpoint directory."""
     if MODEL_URI.match(model):
         return _load_mlflow_model(model, params_path)
-    from pipelines.serving import FCNSegmenter
-
     directory = Path(model)
     if not directory.is_dir():
         raise PredictError(f"model {model}: no such checkpoint directory (give a directory holding model.pt "
@@ -69,11 +53,8 @@ def _load_mlflow_model(uri: str, params_path: str):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipelines import tracking
-    from pipelines.params import load_params
-
     params = load_params(params_path)
-    store = tracking.tracking_uri(params, Path(params_path).resolve().parent)
+    store = tracking.tracking_uri(params)
     if store.startswith("sqlite:///"):
         # Connecting would create an empty store; say instead that there is none.
         db = Path(store[len("sqlite:///"):])
@@ -91,26 +72,10 @@ def _load_mlflow_model(uri: str, params_path: str):
 
 def class_shares(mask: np.ndarray) -> list[tuple[int, str, float]]:
     """(class id, name, percent of pixels) for each class present, largest first."""
-    names = palette.class_names()
+    names = class_names()
     counts = np.bincount(mask.ravel(), minlength=1)
     present = sorted(np.flatnonzero(counts), key=lambda c: (-counts[c], c))
     return [(int(c), names[c] if c < len(names) else f"class {c}", 100.0 * counts[c] / mask.size) for c in present]
-
-
-def _save_png(image, path: Path) -> None:
-    """Write a PIL image as PNG, all or nothing."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def mask_image(mask: np.ndarray):
-    """The mask as a palette PNG image: values are class ids, colours the VOC ones."""
-    from PIL import Image
-
-    image = Image.fromarray(mask.astype(np.uint8))
-    image.putpalette(palette.voc_colormap(256).ravel().tolist())
-    return image
 
 
 def output_paths(images: list[Path], out_dir: Path) -> list[tuple[Path, Path]]:
@@ -133,16 +98,19 @@ def predict(images: list, model: str, out_dir=".", params_path: str = "params.ya
     images = [Path(i) for i in images]
     out_dir = Path(out_dir)
     paths = output_paths(images, out_dir)
-    for image in images:
-        read_image(image)
+    try:
+        for image in images:
+            read_image(image)
+    except ImageError as err:
+        raise PredictError(str(err)) from None
     segment = load_predictor(model, params_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for image_path, (mask_path, overlay_path) in zip(images, paths):
         image = read_image(image_path)
         mask = np.asarray(segment(image))
-        _save_png(mask_image(mask), mask_path)
-        _save_png(Image.fromarray(palette.overlay(image, mask, alpha)), overlay_path)
+        save_png(mask_image(mask), mask_path)
+        save_png(Image.fromarray(palette.overlay(image, mask, alpha)), overlay_path)
         results.append({"image": image_path, "size": image.shape[:2], "mask": mask_path, "overlay": overlay_path,
                         "shares": class_shares(mask)})
     return results
@@ -165,26 +133,19 @@ def main(argv=None) -> int:
                              "(default: %(default)s)")
     parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the mask in the overlay (default: 0.5)")
     args = parser.parse_args(argv)
-    from pipelines.params import ParamsError, load_params
 
-    try:
+    def body():
         model = args.model
         if model is None:
             config = load_params(args.params).mlflow
             model = f"models:/{config.model_name}@{config.alias}"
-        results = predict(args.images, model, args.out, args.params, args.alpha)
-    except ParamsError as err:
-        print(f"predict: {err}", file=sys.stderr)
-        return 2
-    except PredictError as err:
-        print(f"predict: {err}", file=sys.stderr)
-        return 1
-    for result in results:
-        height, width = result["size"]
-        print(f"{result['image']} ({width}x{height}): {result['mask']}, {result['overlay']}")
-        for _, name, percent in result["shares"]:
-            print(f"  {name:<12} {percent:6.2f}%")
-    return 0
+        for result in predict(args.images, model, args.out, args.params, args.alpha):
+            height, width = result["size"]
+            print(f"{result['image']} ({width}x{height}): {result['mask']}, {result['overlay']}")
+            for _, name, percent in result["shares"]:
+                print(f"  {name:<12} {percent:6.2f}%")
+
+    return run_main("predict", body, (PredictError, ImageError))
 
 
 if __name__ == "__main__":

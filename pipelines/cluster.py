@@ -1,0 +1,107 @@
+"""Joining or starting Ray: the cluster a stage runs on, its CPU plan, loopback binding, Ray jobs.
+
+    connect(ray_params)          join ray.address / RAY_ADDRESS, else start a local Ray on 127.0.0.1
+    check_cpu_budget(params)     the training workers and Ray Data fit in the cluster's CPUs
+    job_working_dir_copy()       the temporary copy of the working directory a Ray job runs in
+
+Only the driver of a stage calls these; pipelines.dataset never connects by itself.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from pipelines.params import RayParams
+
+
+class ClusterError(RuntimeError):
+    """A Ray cluster that cannot run the stage as configured; the message says what to change."""
+
+
+def bind_loopback() -> None:
+    """Make a local Ray cluster listen on 127.0.0.1 only.
+
+    Ray binds its node to the machine's routable address unless told it is not a
+    cluster; this flag (read by Ray and by every process it starts) says so.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def cpus_needed(ray_params: RayParams) -> float:
+    """Logical CPUs a training run reserves: its workers plus Ray Data's decode and read tasks."""
+    return ray_params.num_workers * ray_params.cpus_per_worker + ray_params.data_cpus
+
+
+def connect(ray_params: RayParams) -> None:
+    """Join ray.address (or RAY_ADDRESS) when given, else start a local cluster on 127.0.0.1.
+
+    In a Ray job, Ray sets RAY_ADDRESS to the cluster the job runs on, so the stage
+    trains there, with the job's runtime environment (its working_dir) on every worker.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = ray_params.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    bind_loopback()
+    # Enough logical CPUs for the training workers plus Ray Data's tasks, even on a
+    # small machine: otherwise data tasks wait forever for a free CPU.
+    needed = math.ceil(cpus_needed(ray_params))
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
+
+
+def cluster_cpus() -> float:
+    """Logical CPUs of the cluster this process is connected to."""
+    import ray
+
+    if not ray.is_initialized():
+        raise ClusterError("not connected to Ray: call pipelines.cluster.connect first")
+    return ray.cluster_resources().get("CPU", 0.0)
+
+
+def check_cpu_budget(ray_params: RayParams, available: float | None = None) -> None:
+    """Fail fast when training workers plus Ray Data need more CPUs than the cluster has:
+    otherwise the decode actors wait for a free CPU forever and training hangs."""
+    available = cluster_cpus() if available is None else available
+    r, need = ray_params, cpus_needed(ray_params)
+    if need > available + 1e-9:
+        raise ClusterError(
+            f"ray.num_workers ({r.num_workers}) x ray.cpus_per_worker ({r.cpus_per_worker}) + ray.data_cpus "
+            f"({r.data_cpus}) = {need:g} CPUs, but the Ray cluster has {available:g}: lower "
+            "ray.cpus_per_worker or ray.data_cpus (fractions are fine, e.g. 0.75 and 0.5 on 2 cores)")
+
+
+def job_working_dir_copy() -> Path | None:
+    """The temporary copy of the working directory this Ray job runs in, or None.
+
+    `ray job submit --working-dir DIR` unpacks DIR on the head node into a directory
+    named after the package its runtime environment names (gcs://_ray_pkg_<hash>.zip)
+    and starts the entrypoint there; the copy is deleted after the job.
+    """
+    try:
+        job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return None
+    package = str((job_config.get("runtime_env") or {}).get("working_dir") or "")
+    name = Path(package.split("://")[-1]).stem
+    if not name:
+        return None
+    cwd = Path.cwd().resolve()
+    return next((d for d in (cwd, *cwd.parents) if d.name == name), None)
+
+
+def paths_inside_job_copy(paths: dict[str, str]) -> list[str]:
+    """The entries of {params key: local path} that lie in this Ray job's temporary copy."""
+    copy = job_working_dir_copy()
+    if copy is None:
+        return []
+    return [f"{key} ({path})" for key, path in paths.items()
+            if "://" not in path and Path(path).resolve().is_relative_to(copy)]

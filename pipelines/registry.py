@@ -1,0 +1,229 @@
+"""The model registry: a checkpoint logged as a pyfunc model, registered, and the alias gated.
+
+    evaluated_scores(params, stage, checkpoint)   the evaluate stage's full-resolution scores of it
+    register(params, stage, checkpoint, scores)   log, register, move the alias if better -> record
+
+The checkpoint is logged (pipelines/serving.py as the model's code, a copy of
+fcn_models as its code path, model.pt + meta.json as an artifact) into the MLflow
+run that trained it, named in its meta.json, so the registered version's source run
+is the training run; a checkpoint without one (or whose run is not in this store)
+gets a run of its own, holding its scores. The version is tagged with the mean IU
+the gate compares (MEAN_IU_TAG), the stage and the weights' sha256. The alias moves
+to the new version only if its mean IU beats the one tagged on the version holding
+the alias now (a tie keeps the champion; with no champion the new version takes it).
+
+The signature takes one image, shape (-1, -1, 3), not a batch (-1, -1, -1, 3): an
+FCN takes whole images of any size (the reference scores them one at a time), and
+images of different sizes cannot share one array. A batch dimension would serve
+only equal-sized images (or ragged object arrays, for which MLflow skips its dtype
+check) and make every single image a [None]-wrapped call; with (-1, -1, 3) MLflow
+checks rank, channels and dtype of every image of every size.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import shutil
+import tempfile
+from importlib.metadata import version as installed_version
+from pathlib import Path
+
+import numpy as np
+
+import fcn_models
+from fcn_models.checkpoint import META_FILE, MODEL_FILE, read_meta
+from fcn_models.metrics import SCORE_KEYS
+from pipelines import tracking
+from pipelines.files import file_sha256
+from pipelines.params import Params
+from pipelines.serving import CHECKPOINT_ARTIFACT, FCNSegmenter
+from pipelines.shards import decode_sample, iter_rows, shard_files
+
+SERVING_CODE = Path(__file__).resolve().with_name("serving.py")
+FCN_MODELS_DIR = Path(fcn_models.__file__).resolve().parent
+MEAN_IU_TAG = "mean_iu"
+WEIGHTS_TAG = "weights_sha256"
+# The input example is a val image's centre, at most this many pixels a side:
+# it is stored as JSON with the model, twice.
+EXAMPLE_MAX_SIDE = 64
+# What the logged model needs besides mlflow (which MLflow adds itself).
+REQUIREMENTS = ("torch", "torchvision", "numpy")
+
+
+class RegisterError(RuntimeError):
+    """The stage cannot register as configured; the message says what to do."""
+
+
+def evaluated_scores(params: Params, stage: str, checkpoint: Path) -> dict:
+    """The evaluate stage's scores of this checkpoint (evaluate.report_file), checked: they
+    must be of these very weights, and the mean IU a finite number."""
+    try:
+        read_meta(checkpoint)
+    except (FileNotFoundError, ValueError) as err:
+        raise RegisterError(f"{err}; train that stage first (`fcn train --stage {checkpoint.name}`) "
+                            "or set mlflow.register_stage") from None
+    report_file = Path(params.evaluate.report_file)
+    again = "run `fcn evaluate` (or `dvc repro evaluate`) first"
+    try:
+        report = json.loads(report_file.read_text())
+    except FileNotFoundError:
+        raise RegisterError(f"{report_file}: no evaluation report; {again}") from None
+    except json.JSONDecodeError as err:
+        raise RegisterError(f"{report_file} is not valid JSON ({err}); {again}") from None
+    entry = report.get(stage) if isinstance(report, dict) else None
+    if not isinstance(entry, dict) or any(not isinstance(entry.get(k), (int, float)) for k in SCORE_KEYS):
+        raise RegisterError(f"{report_file} has no scores of stage {stage} ({', '.join(SCORE_KEYS)}); {again}")
+    weights = file_sha256(checkpoint / MODEL_FILE)
+    if entry.get("weights_sha256") != weights:
+        raise RegisterError(f"{report_file} scored other weights for {stage} than {checkpoint / MODEL_FILE} "
+                            f"(sha256 {entry.get('weights_sha256')} vs {weights}); {again}")
+    if not math.isfinite(entry["mean_iu"]):
+        raise RegisterError(f"{report_file}: mean_iu of {stage} is {entry['mean_iu']}, not a number to compare")
+    return {k: float(entry[k]) for k in SCORE_KEYS}
+
+
+def example_image(shards_dir: Path, max_side: int = EXAMPLE_MAX_SIDE) -> np.ndarray:
+    """The val image with the fewest pixels (ties: the smallest id), its centre cut to at most max_side a side."""
+    files = shard_files(shards_dir, "val")
+    best = None  # ((pixels, id), shard)
+    for path, (image_id, height, width) in iter_rows(files, ("id", "height", "width")):
+        key = (height * width, image_id)
+        if best is None or key < best[0]:
+            best = (key, path)
+    if best is None:
+        raise RegisterError(f"{files[0].parent}: the val shards hold no image")
+    (_, wanted), path = best
+    image = next(decode_sample(i, img, lbl)[0] for _, (i, img, lbl) in iter_rows([path]) if i == wanted)
+    height, width = image.shape[:2]
+    cut_h, cut_w = min(height, max_side), min(width, max_side)
+    top, left = (height - cut_h) // 2, (width - cut_w) // 2
+    return np.ascontiguousarray(image[top:top + cut_h, left:left + cut_w])
+
+
+def model_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3))]),
+                          outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1))]))
+
+
+def requirements() -> list[str]:
+    # Local version labels (2.x+cpu) are dropped: the same model serves on a CUDA build.
+    return [f"{name}=={installed_version(name).split('+')[0]}" for name in REQUIREMENTS]
+
+
+def current_champion(client, name: str, alias: str) -> dict | None:
+    """{"version", "mean_iu"} of the version holding the alias, read from its tag; None if none holds it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    if alias not in model.aliases:
+        return None
+    holder = client.get_model_version(name, str(model.aliases[alias]))
+    tag = holder.tags.get(MEAN_IU_TAG)
+    try:
+        mean_iu = float(tag)
+    except (TypeError, ValueError):
+        mean_iu = math.nan
+    if not math.isfinite(mean_iu):
+        raise RegisterError(
+            f"version {holder.version} of registered model {name!r} holds alias {alias!r} but its tag "
+            f"{MEAN_IU_TAG!r} is {tag!r}, not a mean IU to compare with: set the tag to its val mean IU "
+            f"(MlflowClient().set_model_version_tag) or remove the alias (delete_registered_model_alias)"
+        )
+    return {"version": int(holder.version), "mean_iu": mean_iu}
+
+
+def _training_run(client, meta: dict):
+    """The checkpoint's training run in this store, or None."""
+    from mlflow.exceptions import MlflowException
+
+    run_id = meta.get("mlflow_run_id")
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        return None
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def register(params: Params, stage: str, checkpoint: Path, scores: dict, root: Path) -> dict:
+    """Log, register and gate the alias; return the record (what the registry file holds)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    root = Path(root).resolve()
+    config = params.mlflow
+    example = example_image(Path(params.data.shards_dir))
+    # Load and run it here: MLflow only warns when its own check of the input example fails.
+    try:
+        segmenter = FCNSegmenter().load(checkpoint, device="cpu")
+        segmenter.segment(example)
+    except (ValueError, RuntimeError, OSError, pickle.UnpicklingError) as err:
+        raise RegisterError(f"{checkpoint}: cannot load and run the checkpoint: {err}") from None
+    meta = segmenter.meta
+
+    experiment_id = tracking.set_up(params)
+    client = MlflowClient()
+    champion = current_champion(client, config.model_name, config.alias)
+    weights_sha256 = file_sha256(checkpoint / MODEL_FILE)
+    trained_in = _training_run(client, meta)
+    with tempfile.TemporaryDirectory(prefix="fcn-register-") as scratch:
+        # Only the weights and their description travel with the model.
+        packed = Path(scratch) / "checkpoint"
+        packed.mkdir()
+        for name in (MODEL_FILE, META_FILE):
+            shutil.copy2(checkpoint / name, packed / name)
+        if trained_in is not None:
+            run_context = mlflow.start_run(run_id=trained_in.info.run_id)
+        else:
+            run_context = mlflow.start_run(experiment_id=experiment_id, run_name=f"register-{stage}")
+        with run_context as run:
+            if trained_in is None:
+                # No training run to carry the scores: this run holds them, as evaluate logs them.
+                mlflow.log_metrics({f"{tracking.EVAL_PREFIX}{k}": v for k, v in scores.items()})
+                mlflow.set_tags({tracking.STAGE_TAG: stage, tracking.INIT_TAG: str(meta.get("init", "unknown"))})
+            mlflow.set_tag(WEIGHTS_TAG, weights_sha256)
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(SERVING_CODE), code_paths=[str(FCN_MODELS_DIR)],
+                artifacts={CHECKPOINT_ARTIFACT: str(packed)}, signature=model_signature(),
+                input_example=example, pip_requirements=requirements(),
+            )
+    # The tags come with the version, so the alias gate never sees a version without its score.
+    version = mlflow.register_model(info.model_uri, config.model_name, tags={
+        MEAN_IU_TAG: repr(scores["mean_iu"]), "stage": stage, WEIGHTS_TAG: weights_sha256,
+    })
+    new = {"version": int(version.version), "mean_iu": scores["mean_iu"]}
+    promote = champion is None or new["mean_iu"] > champion["mean_iu"]
+    if promote:
+        client.set_registered_model_alias(config.model_name, config.alias, str(new["version"]))
+    after = new if promote else champion
+    return {
+        "model_name": config.model_name,
+        "alias": config.alias,
+        "decision": "promoted" if promote else "kept",
+        "new_version": new["version"],
+        "new_mean_iu": new["mean_iu"],
+        "champion_version_before": champion["version"] if champion else None,
+        "champion_mean_iu_before": champion["mean_iu"] if champion else None,
+        "champion_version": after["version"],
+        "champion_mean_iu": after["mean_iu"],
+        "stage": stage,
+        "checkpoint": _relative(checkpoint, root),
+        "run_id": run.info.run_id,
+        "model_uri": f"models:/{config.model_name}/{new['version']}",
+    }

@@ -1,0 +1,136 @@
+"""Scoring a network on val as the paper scores it: one confusion matrix over every image.
+
+    score_model(model, samples, device, timing_images)  -> (ConfusionMatrix, images, forward times)
+    stage_report(matrix, images, times, device)          -> the JSON entry of one network
+    format_table(report, ...)                            -> the paper's table layout in Markdown
+
+Each image is scored at its own size, batch 1, no augmentation; the per-pixel argmax
+is counted into one confusion matrix over the whole split (rows = truth, void pixels
+skipped), which gives the four scores and the IU of each class (fcn_models.metrics).
+Forward time is the mean over `timing_images` images after one warm-up image, the
+forward pass alone (the device synchronised around it on a GPU).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import torch
+
+from fcn_models.metrics import SCORE_KEYS, ConfusionMatrix
+from fcn_models.preprocess import normalize
+from fcn_models.summary import cpu_model, machine
+from fcn_models.voc import names_for
+
+# Row names of the paper's table; any other stage keeps its own name.
+DISPLAY_NAMES = {"fcn32s-fixed": "FCN-32s-fixed", "fcn32s": "FCN-32s", "fcn16s": "FCN-16s", "fcn8s": "FCN-8s",
+                 "fcn8s-atonce": "FCN-8s at-once"}
+TABLE_COLUMNS = {"pixel_acc": "pixel acc.", "mean_acc": "mean acc.", "mean_iu": "mean IU", "fw_iu": "f.w. IU"}
+PROGRESS_EVERY = 100
+
+
+class EvaluateError(RuntimeError):
+    """Evaluation that cannot run as configured; the message names the file and what to do."""
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EvaluateError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvaluateError(f"--device {name}: CUDA is not available here; use --device cpu (or auto)")
+    return device
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def score_model(model: torch.nn.Module, samples, device: torch.device, timing_images: int,
+                total: int | None = None, name: str = "model") -> tuple[ConfusionMatrix, int, list[float]]:
+    """Run `model` (in eval mode, on `device`) over (shard, id, image, label) samples.
+
+    Returns the confusion matrix over all of them, the number of images, and the
+    forward times in seconds of images 2 .. timing_images + 1 (the first is the warm-up).
+    """
+    matrix = ConfusionMatrix(model.num_classes)
+    times: list[float] = []
+    start, images = time.perf_counter(), 0
+    with torch.inference_mode():
+        for index, (path, sample_id, image, label) in enumerate(samples):
+            pixels = torch.from_numpy(image).permute(2, 0, 1).to(device)
+            x = normalize(pixels, model.input_norm)[None]
+            timed = 1 <= index <= timing_images
+            if timed:
+                _synchronize(device)
+                tick = time.perf_counter()
+            scores = model(x)
+            if timed:
+                _synchronize(device)
+                times.append(time.perf_counter() - tick)
+            prediction = scores.argmax(1)[0]
+            if tuple(prediction.shape) != label.shape:
+                raise EvaluateError(f"{name}: scores of shape {tuple(prediction.shape)} for the "
+                                    f"{label.shape} image {sample_id} of {path}: the network does not keep the size")
+            try:
+                matrix.update(prediction, torch.from_numpy(label))
+            except ValueError as err:
+                raise EvaluateError(f"{path}: sample {sample_id}: {err}; re-run `fcn preprocess`") \
+                    from None
+            images += 1
+            if images % PROGRESS_EVERY == 0:
+                rate = images / max(time.perf_counter() - start, 1e-9)
+                print(f"[{name}] {images}/{total if total is not None else '?'} images  {rate:.1f} images/s",
+                      flush=True)
+    return matrix, images, times
+
+
+def _finite_or_none(value: float):
+    return None if value is None or math.isnan(value) else value
+
+
+def stage_report(matrix: ConfusionMatrix, images: int, times: list[float], device: torch.device) -> dict:
+    """The JSON entry of one stage: four scores, per-class IU by name, images, forward time."""
+    scores = matrix.scores()
+    names = names_for(matrix.num_classes)
+    return {
+        **{key: _finite_or_none(scores[key]) for key in SCORE_KEYS},
+        "per_class_iu": {name: _finite_or_none(iu) for name, iu in zip(names, scores["per_class_iu"])},
+        "images": images,
+        "forward_ms": 1000 * statistics.fmean(times) if times else None,
+        "forward_ms_median": 1000 * statistics.median(times) if times else None,
+        "timed_images": len(times),
+        "device": device.type,
+    }
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__} (host: {cpu_model()})"
+    return machine()
+
+
+def format_table(report: dict, total_images: int, timing_images: int, where: str) -> str:
+    """The paper's table layout: one row per stage, scores in percent to one decimal."""
+    def percent(value):
+        return "n/a" if value is None else f"{100 * value:.1f}"
+
+    lines = ["| | " + " | ".join(TABLE_COLUMNS.values()) + " | forward time (ms) |",
+             "|:--|" + "--:|" * (len(TABLE_COLUMNS) + 1)]
+    for stage, entry in report.items():
+        forward = "n/a" if entry["forward_ms"] is None else f"{entry['forward_ms']:.1f}"
+        cells = [percent(entry[key]) for key in TABLE_COLUMNS] + [forward]
+        lines.append(f"| {DISPLAY_NAMES.get(stage, stage)} | " + " | ".join(cells) + " |")
+    timed = min(timing_images, total_images - 1)
+    timing = (f"mean over {timed} val images after one warm-up image, batch 1, at their own sizes, on {where}"
+              if timed > 0 else "not measured (the only val image is the warm-up)")
+    return (
+        "# Evaluation on val\n\n" + "\n".join(lines) + "\n\n"
+        f"Scores in percent over all {total_images} val images, whole images at their own sizes, batch 1, "
+        f"from one confusion matrix per network.\nForward time: {timing}.\n"
+    )

@@ -1,0 +1,126 @@
+"""Evaluate stage: each trained stage's best checkpoint scored on all of val, as the paper scores it.
+
+    python -m pipelines.stages.evaluate [--params params.yaml] [--device auto|cpu|cuda]   (or `fcn evaluate`)
+
+For every stage in evaluate.stages with a checkpoint in <train.models_dir>/<stage>
+(a stage without one is skipped, with a line saying so), the model runs over every
+image of the val shards at the image's own size (pipelines/scoring.py). Results go to
+
+    evaluate.report_file   JSON (DVC metrics): per stage the four scores, IU per class
+                           (null where a class is in neither truth nor prediction),
+                           images scored, forward time per image, and which checkpoint
+                           (its weights' sha256) and MLflow run the scores belong to
+    evaluate.table_file    Markdown: the paper's table layout in percent, with the
+                           forward time per image and the machine it was timed on
+
+and each stage's scores are logged to the MLflow run that trained its checkpoint
+(eval/<score>, eval/iu/<class>). The register stage gates the champion on these.
+Images are decoded as the training pipeline decodes them (pipelines.shards); the
+shards are read with pyarrow, no Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from fcn_models.checkpoint import MODEL_FILE, load_checkpoint
+from fcn_models.fcn import optimize_for_inference
+from fcn_models.metrics import SCORE_KEYS
+from pipelines import tracking
+from pipelines.exits import run_main
+from pipelines.files import atomic_write_text, file_sha256
+from pipelines.params import Params, load_params
+from pipelines.recipe import stage_command
+from pipelines.scoring import EvaluateError, device_description, format_table, pick_device, score_model, stage_report
+from pipelines.shards import ShardError, count_rows, iter_samples, shard_files
+
+
+def find_checkpoints(params: Params) -> dict[str, Path]:
+    """{stage: checkpoint directory} for the stages of evaluate.stages that have one, in that order."""
+    models_dir = Path(params.train.models_dir)
+    found = {}
+    for stage in params.evaluate.stages:
+        directory = models_dir / stage
+        if directory.exists():
+            found[stage] = directory
+        else:
+            print(f"[evaluate] {stage}: no checkpoint at {directory}, skipped", flush=True)
+    if not found:
+        example = "fcn32s" if "fcn32s" in params.evaluate.stages else params.evaluate.stages[0]
+        raise EvaluateError(
+            f"no checkpoint for any of evaluate.stages ({', '.join(params.evaluate.stages)}) in {models_dir}: "
+            f"train one first, e.g. {stage_command(example)}")
+    return found
+
+
+def evaluate(params: Params, device: torch.device | None = None) -> dict:
+    """Score every stage that has a checkpoint, write the report and table, log the scores
+    to each checkpoint's MLflow run; return the report."""
+    device = device or pick_device()
+    files = shard_files(params.data.shards_dir, "val")
+    total = count_rows(files)
+    if total == 0:
+        raise EvaluateError(f"{files[0].parent}: the val shards hold no image; re-run `fcn preprocess`")
+    checkpoints = find_checkpoints(params)
+    timing_images = params.evaluate.timing_images
+
+    report = {}
+    for stage, directory in checkpoints.items():
+        try:
+            model, meta = load_checkpoint(directory, map_location=device)
+        except (FileNotFoundError, ValueError) as err:
+            raise EvaluateError(f"stage {stage}: {err}; retrain it with {stage_command(stage)}") from None
+        model = optimize_for_inference(model)
+        print(f"[{stage}] scoring {total} val images on {device.type}", flush=True)
+        matrix, images, times = score_model(model, iter_samples(files), device, timing_images, total, stage)
+        if matrix.total == 0:
+            raise EvaluateError(f"{files[0].parent}: every val pixel is void (255): nothing to score")
+        entry = stage_report(matrix, images, times, device)
+        entry["weights_sha256"] = file_sha256(directory / MODEL_FILE)
+        entry["mlflow_run_id"] = meta.get("mlflow_run_id")
+        report[stage] = entry
+        print(f"[{stage}] " + "  ".join(f"{key} {entry[key]:.4f}" for key in SCORE_KEYS)
+              + (f"  forward {entry['forward_ms']:.1f} ms/image" if entry["forward_ms"] is not None else ""),
+              flush=True)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # Both texts before either file: allow_nan=False makes a NaN that slipped through fail here.
+    report_text = json.dumps(report, indent=2, allow_nan=False) + "\n"
+    table_text = format_table(report, total, timing_images, device_description(device))
+    atomic_write_text(Path(params.evaluate.report_file), report_text)
+    atomic_write_text(Path(params.evaluate.table_file), table_text)
+    for stage, entry in report.items():
+        if entry["mlflow_run_id"]:
+            try:
+                tracking.log_evaluation(params, entry["mlflow_run_id"], entry)
+            except Exception as err:  # the report is written; an MLflow outage must not lose it
+                print(f"[evaluate] WARNING: could not log {stage}'s scores to MLflow run {entry['mlflow_run_id']}: "
+                      f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fcn evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default="params.yaml",
+                        help="params file; relative paths are taken from its directory (default: %(default)s)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    def body():
+        params = load_params(args.params)
+        report = evaluate(params, pick_device(args.device))
+        print(f"[evaluate] {len(report)} stage(s) written to {params.evaluate.report_file} and "
+              f"{params.evaluate.table_file}", flush=True)
+
+    return run_main("evaluate", body, (EvaluateError, ShardError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Register stage: the best checkpoint of one stage becomes a version of the registered model.
+
+    python -m pipelines.stages.register [--params params.yaml]        (or `fcn register`)
+
+The checkpoint in <train.models_dir>/<mlflow.register_stage>, with the scores the
+evaluate stage gave it (evaluate.report_file, whole val images at full resolution),
+is logged to the MLflow run that trained it and registered under mlflow.model_name
+(pipelines/registry.py). The alias mlflow.alias moves to the new version only if its
+mean IU beats the current champion's. The decision, both numbers and the version
+numbers go to mlflow.registry_file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mlflow.exceptions import MlflowException
+
+from pipelines.exits import run_main
+from pipelines.files import atomic_write_text
+from pipelines.params import load_params, project_dir
+from pipelines.registry import RegisterError, evaluated_scores, register
+from pipelines.shards import ShardError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fcn register", description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default="params.yaml",
+                        help="params file; relative paths are taken from its directory (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    def body():
+        params = load_params(args.params)
+        stage = params.mlflow.register_stage
+        checkpoint = Path(params.train.models_dir) / stage
+        record = register(params, stage, checkpoint, evaluated_scores(params, stage, checkpoint),
+                          project_dir(args.params))
+        atomic_write_text(Path(params.mlflow.registry_file), json.dumps(record, indent=2) + "\n")
+        before = ("no champion before" if record["champion_version_before"] is None else
+                  f"champion was version {record['champion_version_before']} "
+                  f"(mean IU {record['champion_mean_iu_before']:.4f})")
+        print(f"[register] {record['model_name']} version {record['new_version']} "
+              f"(mean IU {record['new_mean_iu']:.4f}), {before}: {record['decision']}; "
+              f"{record['alias']} -> version {record['champion_version']}", flush=True)
+
+    return run_main("register", body, (RegisterError, ShardError, MlflowException))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

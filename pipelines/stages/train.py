@@ -1,0 +1,54 @@
+"""Train stage: one stage of the FCN schedule on Ray Train (pipelines/training.py).
+
+    python -m pipelines.stages.train --stage fcn32s|fcn16s|fcn8s|fcn8s-atonce|fcn32s-fixed
+                                                                          (or `fcn train --stage ...`)
+
+FCN-32s (and at-once FCN-8s, and FCN-32s-fixed) start from the ImageNet classifier;
+FCN-16s from FCN-32s's best checkpoint in models/fcn32s, FCN-8s from FCN-16s's.
+Outputs: models/<stage>/ (model.pt + meta.json), reports/<stage>/metrics.json and
+history.csv, and one MLflow run. Run again with the same run name, the stage resumes
+from its last checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ray.train import TrainingFailedError
+
+from pipelines import training
+from pipelines.cluster import ClusterError
+from pipelines.exits import run_main
+from pipelines.params import load_params, project_dir
+from pipelines.recipe import StageError
+from pipelines.shards import ShardError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fcn train", description=__doc__.split("\n")[0])
+    parser.add_argument("--stage", required=True, help="the stage to train: a key of train.stages in params")
+    parser.add_argument("--params", default="params.yaml",
+                        help="params file; relative paths in it are taken from its directory, so outputs land "
+                             "there: in a Ray job, give the project's file by absolute path (default: %(default)s)")
+    parser.add_argument("--run-name", default=None,
+                        help="Ray Train run name; a run with this name resumes from its last checkpoint "
+                             "(default: the stage and a fingerprint of its parameters, code, data and init)")
+    args = parser.parse_args(argv)
+
+    def body():
+        params = load_params(args.params)
+        training.check_outputs_outside_job_copy(params)
+        try:
+            metrics = training.run_stage(params, args.stage, project_dir(args.params), args.run_name)
+        except TrainingFailedError as err:
+            raise StageError(f"stage {args.stage} failed after ray.max_failures retries: {err}\nRunning it again "
+                             "with the same run name resumes from its last checkpoint.") from None
+        print(f"[{args.stage}] best mean IU {metrics['mean_iu']:.4f} at iteration {metrics['best_iteration']} "
+              f"of {metrics['iterations']}", flush=True)
+
+    return run_main("train", body, (StageError, ClusterError, ShardError),
+                    resume=f"run `fcn train --stage {args.stage}` again: it resumes from the last checkpoint")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
