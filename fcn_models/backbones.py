@@ -1,4 +1,4 @@
-"""The trunks: VGG16, AlexNet and GoogLeNet made fully convolutional.
+"""The trunks: VGG16, AlexNet (torchvision's and Caffe's) and GoogLeNet made fully convolutional.
 
 Each trunk is the ImageNet classifier with its fully connected layers turned
 into convolutions (fc6 a k x k convolution with no padding, fc7 1 x 1) and the
@@ -36,7 +36,9 @@ def init_from_scratch(layers) -> None:
     activations several-fold at every layer, so a deep trunk without normalisation
     hands its score layer almost nothing and learns only background."""
     for layer in layers:
-        if isinstance(layer, nn.Conv2d):
+        # Meta tensors (shape-only builds, e.g. for importing weights) hold no values to set,
+        # and random init on the meta device is slow (a Python decomposition).
+        if isinstance(layer, nn.Conv2d) and not layer.weight.is_meta:
             nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(layer.bias)
 
@@ -169,6 +171,53 @@ def _alexnet(width: float) -> Trunk:
     )
 
 
+def _caffe_alexnet(width: float) -> Trunk:
+    """Caffe's AlexNet as FCN-AlexNet uses it (the reference's voc-fcn-alexnet/net.py).
+
+    96-256-384-384-256 channels, conv2, conv4 and conv5 in two groups, and local
+    response normalisation (local_size 5, alpha 1e-4, beta 0.75) after pool1 and
+    pool2: pool then norm, in that order, as in the reference's net. Geometry is
+    torchvision AlexNet's, so crops and upsampling kernels come out the same
+    (x32 kernel 63, final crop 18). Its weights exist only as Caffe models
+    (BGR, 0-255, mean subtracted), so its own normalisation is caffe-bgr.
+    Grouped layers need even channel counts: every count is rounded to one.
+    """
+    c1, c2, c3, c4, c5 = (2 * scaled(c // 2, width) for c in (96, 256, 384, 384, 256))
+    fc = scaled(4096, width)
+    layers = OrderedDict([
+        ("conv1", nn.Conv2d(3, c1, 11, stride=4, padding=FIRST_CONV_PADDING)),
+        ("relu1", nn.ReLU(inplace=True)),
+        ("pool1", nn.MaxPool2d(3, stride=2, ceil_mode=True)),
+        ("norm1", nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)),
+        ("conv2", nn.Conv2d(c1, c2, 5, padding=2, groups=2)),
+        ("relu2", nn.ReLU(inplace=True)),
+        ("pool2", nn.MaxPool2d(3, stride=2, ceil_mode=True)),
+        ("norm2", nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)),
+        ("conv3", nn.Conv2d(c2, c3, 3, padding=1)),
+        ("relu3", nn.ReLU(inplace=True)),
+        ("conv4", nn.Conv2d(c3, c4, 3, padding=1, groups=2)),
+        ("relu4", nn.ReLU(inplace=True)),
+        ("conv5", nn.Conv2d(c4, c5, 3, padding=1, groups=2)),
+        ("relu5", nn.ReLU(inplace=True)),
+        ("pool5", nn.MaxPool2d(3, stride=2, ceil_mode=True)),
+        ("fc6", nn.Conv2d(c5, fc, 6)),
+        ("relu6", nn.ReLU(inplace=True)),
+        ("drop6", nn.Dropout(0.5)),
+        ("fc7", nn.Conv2d(fc, fc, 1)),
+        ("relu7", nn.ReLU(inplace=True)),
+        ("drop7", nn.Dropout(0.5)),
+    ])
+    init_from_scratch(layers.values())
+    # No torchvision classifier has this trunk: torchvision_names is empty, and
+    # surgery.load_imagenet_weights says so. Caffe's classifier has no input padding.
+    return Trunk(
+        layers, name="caffe-alexnet", taps={8: "pool1", 16: "pool2", 32: "drop7"},
+        tap_channels={8: c1, 16: c2, 32: fc},
+        first_conv="conv1", classifier_padding=0,
+        imagenet_norm=BACKBONE_NORMS["caffe-alexnet"], torchvision_names={}, torchvision_dropped=(),
+    )
+
+
 # torchvision / Caffe GoogLeNet inception configurations:
 # in, 1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool projection.
 INCEPTIONS = OrderedDict([
@@ -238,7 +287,7 @@ def _googlenet(width: float) -> Trunk:
     )
 
 
-BUILDERS = {"vgg16": _vgg16, "alexnet": _alexnet, "googlenet": _googlenet}
+BUILDERS = {"vgg16": _vgg16, "alexnet": _alexnet, "googlenet": _googlenet, "caffe-alexnet": _caffe_alexnet}
 BACKBONES = tuple(BUILDERS)
 if set(BUILDERS) != set(BACKBONE_NORMS):
     raise ImportError(f"fcn_models.norms.BACKBONE_NORMS names {sorted(BACKBONE_NORMS)}, "

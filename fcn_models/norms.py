@@ -53,7 +53,8 @@ PRESETS = {n.name: n for n in (CAFFE_BGR, TORCHVISION_RGB, TORCHVISION_GOOGLENET
 
 # What each backbone's own ImageNet weights expect as input; fcn_models.backbones builds
 # exactly these backbones (checked when it is imported).
-BACKBONE_NORMS = {"vgg16": TORCHVISION_RGB, "alexnet": TORCHVISION_RGB, "googlenet": TORCHVISION_GOOGLENET}
+BACKBONE_NORMS = {"vgg16": TORCHVISION_RGB, "alexnet": TORCHVISION_RGB, "googlenet": TORCHVISION_GOOGLENET,
+                  "caffe-alexnet": CAFFE_BGR}
 
 NormLike = Union[InputNorm, str, dict]
 

@@ -43,8 +43,9 @@ def freeze(module: nn.Module) -> nn.Module:
 def upsampling(channels: int, kernel_size: int, stride: int) -> nn.ConvTranspose2d:
     """A fixed bilinear upsampling layer, as in the reference (no bias, frozen)."""
     layer = nn.ConvTranspose2d(channels, channels, kernel_size, stride=stride, bias=False)
-    with torch.no_grad():
-        layer.weight.copy_(bilinear_weight(channels, kernel_size))
+    if not layer.weight.is_meta:  # a shape-only (meta) build has no values to fill
+        with torch.no_grad():
+            layer.weight.copy_(bilinear_weight(channels, kernel_size))
     return freeze(layer)
 
 
@@ -112,6 +113,11 @@ def load_imagenet_weights(model: nn.Module, source: Source, norm: Optional[NormL
     (give CAFFE_BGR for Caffe-converted weights). Returns the names loaded.
     """
     trunk = getattr(model, "trunk", model)
+    if not trunk.torchvision_names:
+        raise ValueError(
+            f"the {trunk.name} trunk has no torchvision ImageNet classifier to take weights from; "
+            "import the reference's Caffe model with `fcn import` instead"
+        )
     state, origin = _read_state_dict(source, trunk.name)
     loaded, used = [], set()
     with torch.no_grad():

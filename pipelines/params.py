@@ -226,10 +226,18 @@ class EvaluateParams:
     table_file: str = _path("reports/evaluation.md")
     # Images timed for the forward time per image (after one warm-up).
     timing_images: int = 20
+    # The reference's released models, imported with `fcn import` into references_dir/<name>
+    # (a name of fcn_models.published.REFERENCE), scored as extra rows beside ours; a name
+    # without a checkpoint there is left out.
+    references_dir: str = _path("models/reference")
+    references: list[str] = field(default_factory=lambda: ["fcn32s", "fcn16s", "fcn8s", "fcn8s-atonce",
+                                                           "fcn-alexnet"])
 
     def __post_init__(self):
         _check(len(self.stages) >= 1, "evaluate.stages", self.stages, "name at least one stage")
         _check(self.timing_images >= 1, "evaluate.timing_images", self.timing_images, "must be >= 1")
+        _check(len(set(self.references)) == len(self.references), "evaluate.references", self.references,
+               "names a reference twice")
 
 
 @dataclass(frozen=True)

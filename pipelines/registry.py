@@ -55,14 +55,15 @@ class RegisterError(RuntimeError):
     """The stage cannot register as configured; the message says what to do."""
 
 
-def evaluated_scores(params: Params, stage: str, checkpoint: Path) -> dict:
-    """The evaluate stage's scores of this checkpoint (evaluate.report_file), checked: they
-    must be of these very weights, and the mean IU a finite number."""
+def evaluated_scores(params: Params, stage: str, checkpoint: Path, remake: str | None = None) -> dict:
+    """The evaluate stage's scores of this checkpoint (evaluate.report_file) under report key
+    `stage`, checked: they must be of these very weights, and the mean IU a finite number.
+    remake: how to make the checkpoint, for the message when there is none."""
     try:
         read_meta(checkpoint)
     except (FileNotFoundError, ValueError) as err:
-        raise RegisterError(f"{err}; train that stage first (`fcn train --stage {checkpoint.name}`) "
-                            "or set mlflow.register_stage") from None
+        remake = remake or f"train that stage first (`fcn train --stage {checkpoint.name}`) or set mlflow.register_stage"
+        raise RegisterError(f"{err}; {remake}") from None
     report_file = Path(params.evaluate.report_file)
     again = "run `fcn evaluate` (or `dvc repro evaluate`) first"
     try:

@@ -20,12 +20,15 @@ import torch
 
 from fcn_models.metrics import SCORE_KEYS, ConfusionMatrix
 from fcn_models.preprocess import normalize
+from fcn_models.published import CONVERTED, PAPER, REFERENCE
 from fcn_models.summary import cpu_model, machine
 from fcn_models.voc import names_for
 
 # Row names of the paper's table; any other stage keeps its own name.
 DISPLAY_NAMES = {"fcn32s-fixed": "FCN-32s-fixed", "fcn32s": "FCN-32s", "fcn16s": "FCN-16s", "fcn8s": "FCN-8s",
-                 "fcn8s-atonce": "FCN-8s at-once"}
+                 "fcn8s-atonce": "FCN-8s at-once", "fcn-alexnet": "FCN-AlexNet"}
+# Report keys of the reference's released models, scored beside ours: "reference-fcn8s".
+REFERENCE_PREFIX = "reference-"
 TABLE_COLUMNS = {"pixel_acc": "pixel acc.", "mean_acc": "mean acc.", "mean_iu": "mean IU", "fw_iu": "f.w. IU"}
 PROGRESS_EVERY = 100
 
@@ -115,22 +118,57 @@ def device_description(device: torch.device) -> str:
     return machine()
 
 
+def reference_key(name: str) -> str:
+    """The report key of a reference model."""
+    return REFERENCE_PREFIX + name
+
+
+def display_name(key: str) -> str:
+    """A report key as a row name: "FCN-8s", or "FCN-8s (reference's weights)"."""
+    if key.startswith(REFERENCE_PREFIX):
+        name = key[len(REFERENCE_PREFIX):]
+        return f"{DISPLAY_NAMES.get(name, name)} (reference's weights)"
+    return DISPLAY_NAMES.get(key, key)
+
+
+def published_rows(keys) -> list[str]:
+    """Table rows of the published numbers for the networks in the report (in percent)."""
+    rows = []
+    for key in keys:
+        if key.startswith(REFERENCE_PREFIX):
+            name = key[len(REFERENCE_PREFIX):]
+            if name in CONVERTED:
+                rows.append((f"{display_name(key)}: converted weights, as the Chainer port scores them",
+                             [f"{v:.2f}" for v in CONVERTED[name]]))
+            if name in REFERENCE:
+                rows.append((f"{display_name(key)}: the reference's README", ["", "", f"{REFERENCE[name]:.1f}", ""]))
+        elif key in PAPER:
+            rows.append((f"{display_name(key)}: the paper, Table 3", [f"{v:.1f}" for v in PAPER[key]]))
+    return [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows]
+
+
 def format_table(report: dict, total_images: int, timing_images: int, where: str) -> str:
-    """The paper's table layout: one row per stage, scores in percent to one decimal."""
+    """The paper's table layout: one row per network, scores in percent to one decimal; then
+    the published numbers of the same networks, for comparison."""
     def percent(value):
         return "n/a" if value is None else f"{100 * value:.1f}"
 
-    lines = ["| | " + " | ".join(TABLE_COLUMNS.values()) + " | forward time (ms) |",
-             "|:--|" + "--:|" * (len(TABLE_COLUMNS) + 1)]
-    for stage, entry in report.items():
+    header = "| | " + " | ".join(TABLE_COLUMNS.values())
+    lines = [header + " | forward time (ms) |", "|:--|" + "--:|" * (len(TABLE_COLUMNS) + 1)]
+    for key, entry in report.items():
         forward = "n/a" if entry["forward_ms"] is None else f"{entry['forward_ms']:.1f}"
-        cells = [percent(entry[key]) for key in TABLE_COLUMNS] + [forward]
-        lines.append(f"| {DISPLAY_NAMES.get(stage, stage)} | " + " | ".join(cells) + " |")
+        cells = [percent(entry[k]) for k in TABLE_COLUMNS] + [forward]
+        lines.append(f"| {display_name(key)} | " + " | ".join(cells) + " |")
     timed = min(timing_images, total_images - 1)
     timing = (f"mean over {timed} val images after one warm-up image, batch 1, at their own sizes, on {where}"
               if timed > 0 else "not measured (the only val image is the warm-up)")
-    return (
+    text = (
         "# Evaluation on val\n\n" + "\n".join(lines) + "\n\n"
         f"Scores in percent over all {total_images} val images, whole images at their own sizes, batch 1, "
         f"from one confusion matrix per network.\nForward time: {timing}.\n"
     )
+    published = published_rows(report)
+    if published:
+        text += ("\n## Published, for comparison (seg11valid, 736 images, the full-size networks)\n\n"
+                 + header + " |\n|:--|" + "--:|" * len(TABLE_COLUMNS) + "\n" + "\n".join(published) + "\n")
+    return text

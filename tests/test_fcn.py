@@ -212,7 +212,7 @@ def test_clear_errors_for_bad_choices():
         FCN(trunk, "fcn8s")
     with pytest.raises(ValueError, match="N x 3 x H x W"):
         build_fcn(width=NARROW)(torch.zeros(3, 32, 32))
-    assert set(BACKBONES) == {"vgg16", "alexnet", "googlenet"}
+    assert set(BACKBONES) == {"vgg16", "alexnet", "googlenet", "caffe-alexnet"}
 
 
 def test_extract_returns_named_trunk_outputs_untouched_by_inplace_relu():

@@ -56,3 +56,15 @@ def test_demo_profile_md5s_are_those_of_the_mirror_make_demo_writes(tmp_path):
     assert demo.data.voc.md5 == mirror["md5"]["voc"]
     assert demo.data.sbd.md5 == mirror["md5"]["sbd"]
     assert re.search(r"^DEMO_MIRROR := (.*)$", makefile, re.M).group(1) == demo.data.local_dir
+
+
+def test_caffe_profile_is_the_full_run_from_the_references_imagenet_start(tmp_path):
+    """Two keys apart from the full profile: Caffe's VGG16 classifier and its input convention."""
+    full = compose(tmp_path, "profile=full")
+    caffe = compose(tmp_path, "profile=caffe")
+    differing = {(section, key) for section in full for key in full[section]
+                 if caffe[section].get(key) != full[section][key]}
+    assert differing == {("model", "imagenet_weights"), ("model", "input_norm")}
+    params = parse_params(caffe, "caffe profile", root=PROJECT_ROOT)
+    assert params.model.input_norm == "caffe-bgr"
+    assert params.model.imagenet_weights == str(PROJECT_ROOT / "models" / "imagenet" / "vgg16_caffe.pth")

@@ -3,15 +3,18 @@
     python -m pipelines.stages.evaluate [--params params.yaml] [--device auto|cpu|cuda]   (or `fcn evaluate`)
 
 For every stage in evaluate.stages with a checkpoint in <train.models_dir>/<stage>
-(a stage without one is skipped, with a line saying so), the model runs over every
-image of the val shards at the image's own size (pipelines/scoring.py). Results go to
+(a stage without one is skipped, with a line saying so), and every reference model of
+evaluate.references imported into <evaluate.references_dir>/<name> (`fcn import`), the
+model runs over every image of the val shards at the image's own size
+(pipelines/scoring.py). Results go to
 
     evaluate.report_file   JSON (DVC metrics): per stage the four scores, IU per class
                            (null where a class is in neither truth nor prediction),
                            images scored, forward time per image, and which checkpoint
                            (its weights' sha256) and MLflow run the scores belong to
     evaluate.table_file    Markdown: the paper's table layout in percent, with the
-                           forward time per image and the machine it was timed on
+                           forward time per image and the machine it was timed on,
+                           then the published numbers of the same networks
 
 and each stage's scores are logged to the MLflow run that trained its checkpoint
 (eval/<score>, eval/iu/<class>). The register stage gates the champion on these.
@@ -35,25 +38,32 @@ from pipelines.exits import run_main
 from pipelines.files import atomic_write_text, file_sha256
 from pipelines.params import Params, load_params
 from pipelines.recipe import stage_command
-from pipelines.scoring import EvaluateError, device_description, format_table, pick_device, score_model, stage_report
+from pipelines.scoring import (
+    EvaluateError, device_description, format_table, pick_device, reference_key, score_model, stage_report,
+)
 from pipelines.shards import ShardError, count_rows, iter_samples, shard_files
 
 
-def find_checkpoints(params: Params) -> dict[str, Path]:
-    """{stage: checkpoint directory} for the stages of evaluate.stages that have one, in that order."""
-    models_dir = Path(params.train.models_dir)
+def find_checkpoints(params: Params) -> dict[str, tuple[Path, str]]:
+    """{report key: (checkpoint directory, how to remake it)} for the stages of evaluate.stages
+    and the reference models of evaluate.references that have a checkpoint, in that order."""
+    models_dir, references_dir = Path(params.train.models_dir), Path(params.evaluate.references_dir)
     found = {}
     for stage in params.evaluate.stages:
         directory = models_dir / stage
         if directory.exists():
-            found[stage] = directory
+            found[stage] = (directory, f"retrain it with {stage_command(stage)}")
         else:
             print(f"[evaluate] {stage}: no checkpoint at {directory}, skipped", flush=True)
+    for name in params.evaluate.references:
+        directory = references_dir / name
+        if directory.exists():
+            found[reference_key(name)] = (directory, f"import it again with `fcn import SOURCE --out {directory}`")
     if not found:
         example = "fcn32s" if "fcn32s" in params.evaluate.stages else params.evaluate.stages[0]
         raise EvaluateError(
-            f"no checkpoint for any of evaluate.stages ({', '.join(params.evaluate.stages)}) in {models_dir}: "
-            f"train one first, e.g. {stage_command(example)}")
+            f"no checkpoint for any of evaluate.stages ({', '.join(params.evaluate.stages)}) in {models_dir}, "
+            f"nor of evaluate.references in {references_dir}: train one first, e.g. {stage_command(example)}")
     return found
 
 
@@ -69,11 +79,11 @@ def evaluate(params: Params, device: torch.device | None = None) -> dict:
     timing_images = params.evaluate.timing_images
 
     report = {}
-    for stage, directory in checkpoints.items():
+    for stage, (directory, remake) in checkpoints.items():
         try:
             model, meta = load_checkpoint(directory, map_location=device)
         except (FileNotFoundError, ValueError) as err:
-            raise EvaluateError(f"stage {stage}: {err}; retrain it with {stage_command(stage)}") from None
+            raise EvaluateError(f"{stage}: {err}; {remake}") from None
         model = optimize_for_inference(model)
         print(f"[{stage}] scoring {total} val images on {device.type}", flush=True)
         matrix, images, times = score_model(model, iter_samples(files), device, timing_images, total, stage)

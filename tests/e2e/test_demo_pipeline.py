@@ -30,7 +30,8 @@ from project_copy import copy_project
 from pipelines.mirror import write_mirror
 from pipelines.params import PROJECT_ROOT, load_params
 
-COPIED = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "conf", "pipelines", "fcn_models"]
+COPIED = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "conf", "pipelines", "fcn_models",
+          "models/reference/README.md"]
 STAGES = ("fcn32s", "fcn16s", "fcn8s")
 PIPELINE = ("fetch", "preprocess", *(f"train@{s}" for s in STAGES), "evaluate", "register")
 ITERATIONS = {"fcn32s": 6, "fcn16s": 4, "fcn8s": 4}
