@@ -114,12 +114,7 @@ def _vgg16(width: float) -> Trunk:
         layers[f"pool{b}"] = nn.MaxPool2d(2, stride=2, ceil_mode=True)
         index += 1
     fc = scaled(4096, width)
-    layers["fc6"] = nn.Conv2d(in_ch, fc, 7)
-    layers["relu6"] = nn.ReLU(inplace=True)
-    layers["drop6"] = nn.Dropout(0.5)
-    layers["fc7"] = nn.Conv2d(fc, fc, 1)
-    layers["relu7"] = nn.ReLU(inplace=True)
-    layers["drop7"] = nn.Dropout(0.5)
+    layers.update(_fc_head(in_ch, fc, 7))
     names.update(fc6="classifier.0", fc7="classifier.3")
     init_from_scratch(layers.values())
     return Trunk(
@@ -130,6 +125,41 @@ def _vgg16(width: float) -> Trunk:
     )
 
 
+def _fc_head(in_channels: int, fc: int, kernel: int) -> list:
+    """fc6 as a kernel x kernel convolution without padding, fc7 as 1 x 1, each with ReLU and dropout."""
+    return [("fc6", nn.Conv2d(in_channels, fc, kernel)), ("relu6", nn.ReLU(inplace=True)), ("drop6", nn.Dropout(0.5)),
+            ("fc7", nn.Conv2d(fc, fc, 1)), ("relu7", nn.ReLU(inplace=True)), ("drop7", nn.Dropout(0.5))]
+
+
+def _alexnet_layers(channels: tuple[int, ...], fc: int, groups: int, lrn: bool) -> "OrderedDict[str, nn.Module]":
+    """AlexNet's geometry: conv1 11x11 stride 4, 3x3 stride-2 pools, conv2 5x5, conv3-5 3x3, fc6 6x6;
+    conv2, conv4 and conv5 in `groups` groups; with lrn, a local response normalisation after
+    pool1 and pool2 (pool, then norm)."""
+    c1, c2, c3, c4, c5 = channels
+
+    def norm(name):
+        return [(name, nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0))] if lrn else []
+
+    return OrderedDict([
+        ("conv1", nn.Conv2d(3, c1, 11, stride=4, padding=FIRST_CONV_PADDING)),
+        ("relu1", nn.ReLU(inplace=True)),
+        ("pool1", nn.MaxPool2d(3, stride=2, ceil_mode=True)),
+        *norm("norm1"),
+        ("conv2", nn.Conv2d(c1, c2, 5, padding=2, groups=groups)),
+        ("relu2", nn.ReLU(inplace=True)),
+        ("pool2", nn.MaxPool2d(3, stride=2, ceil_mode=True)),
+        *norm("norm2"),
+        ("conv3", nn.Conv2d(c2, c3, 3, padding=1)),
+        ("relu3", nn.ReLU(inplace=True)),
+        ("conv4", nn.Conv2d(c3, c4, 3, padding=1, groups=groups)),
+        ("relu4", nn.ReLU(inplace=True)),
+        ("conv5", nn.Conv2d(c4, c5, 3, padding=1, groups=groups)),
+        ("relu5", nn.ReLU(inplace=True)),
+        ("pool5", nn.MaxPool2d(3, stride=2, ceil_mode=True)),
+        *_fc_head(c5, fc, 6),
+    ])
+
+
 def _alexnet(width: float) -> Trunk:
     """torchvision's AlexNet (the single-tower 64-192-384-256-256 variant, no LRN).
 
@@ -137,35 +167,15 @@ def _alexnet(width: float) -> Trunk:
     conv2 5x5 pad 2, conv3-5 3x3 pad 1, fc6 6x6. Strides present: 8 after pool1,
     16 after pool2, 32 after pool5, so all three FCN variants have their taps.
     """
-    c1, c2, c3, c4, c5 = (scaled(c, width) for c in (64, 192, 384, 256, 256))
+    channels = tuple(scaled(c, width) for c in (64, 192, 384, 256, 256))
     fc = scaled(4096, width)
-    layers = OrderedDict([
-        ("conv1", nn.Conv2d(3, c1, 11, stride=4, padding=FIRST_CONV_PADDING)),
-        ("relu1", nn.ReLU(inplace=True)),
-        ("pool1", nn.MaxPool2d(3, stride=2, ceil_mode=True)),
-        ("conv2", nn.Conv2d(c1, c2, 5, padding=2)),
-        ("relu2", nn.ReLU(inplace=True)),
-        ("pool2", nn.MaxPool2d(3, stride=2, ceil_mode=True)),
-        ("conv3", nn.Conv2d(c2, c3, 3, padding=1)),
-        ("relu3", nn.ReLU(inplace=True)),
-        ("conv4", nn.Conv2d(c3, c4, 3, padding=1)),
-        ("relu4", nn.ReLU(inplace=True)),
-        ("conv5", nn.Conv2d(c4, c5, 3, padding=1)),
-        ("relu5", nn.ReLU(inplace=True)),
-        ("pool5", nn.MaxPool2d(3, stride=2, ceil_mode=True)),
-        ("fc6", nn.Conv2d(c5, fc, 6)),
-        ("relu6", nn.ReLU(inplace=True)),
-        ("drop6", nn.Dropout(0.5)),
-        ("fc7", nn.Conv2d(fc, fc, 1)),
-        ("relu7", nn.ReLU(inplace=True)),
-        ("drop7", nn.Dropout(0.5)),
-    ])
+    layers = _alexnet_layers(channels, fc, groups=1, lrn=False)
     names = {"conv1": "features.0", "conv2": "features.3", "conv3": "features.6", "conv4": "features.8",
              "conv5": "features.10", "fc6": "classifier.1", "fc7": "classifier.4"}
     init_from_scratch(layers.values())
     return Trunk(
         layers, name="alexnet", taps={8: "pool1", 16: "pool2", 32: "drop7"},
-        tap_channels={8: c1, 16: c2, 32: fc},
+        tap_channels={8: channels[0], 16: channels[1], 32: fc},
         first_conv="conv1", classifier_padding=2,
         imagenet_norm=BACKBONE_NORMS["alexnet"], torchvision_names=names, torchvision_dropped=("classifier.6",),
     )
@@ -182,37 +192,15 @@ def _caffe_alexnet(width: float) -> Trunk:
     (BGR, 0-255, mean subtracted), so its own normalisation is caffe-bgr.
     Grouped layers need even channel counts: every count is rounded to one.
     """
-    c1, c2, c3, c4, c5 = (2 * scaled(c // 2, width) for c in (96, 256, 384, 384, 256))
+    channels = tuple(2 * scaled(c // 2, width) for c in (96, 256, 384, 384, 256))
     fc = scaled(4096, width)
-    layers = OrderedDict([
-        ("conv1", nn.Conv2d(3, c1, 11, stride=4, padding=FIRST_CONV_PADDING)),
-        ("relu1", nn.ReLU(inplace=True)),
-        ("pool1", nn.MaxPool2d(3, stride=2, ceil_mode=True)),
-        ("norm1", nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)),
-        ("conv2", nn.Conv2d(c1, c2, 5, padding=2, groups=2)),
-        ("relu2", nn.ReLU(inplace=True)),
-        ("pool2", nn.MaxPool2d(3, stride=2, ceil_mode=True)),
-        ("norm2", nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)),
-        ("conv3", nn.Conv2d(c2, c3, 3, padding=1)),
-        ("relu3", nn.ReLU(inplace=True)),
-        ("conv4", nn.Conv2d(c3, c4, 3, padding=1, groups=2)),
-        ("relu4", nn.ReLU(inplace=True)),
-        ("conv5", nn.Conv2d(c4, c5, 3, padding=1, groups=2)),
-        ("relu5", nn.ReLU(inplace=True)),
-        ("pool5", nn.MaxPool2d(3, stride=2, ceil_mode=True)),
-        ("fc6", nn.Conv2d(c5, fc, 6)),
-        ("relu6", nn.ReLU(inplace=True)),
-        ("drop6", nn.Dropout(0.5)),
-        ("fc7", nn.Conv2d(fc, fc, 1)),
-        ("relu7", nn.ReLU(inplace=True)),
-        ("drop7", nn.Dropout(0.5)),
-    ])
+    layers = _alexnet_layers(channels, fc, groups=2, lrn=True)
     init_from_scratch(layers.values())
     # No torchvision classifier has this trunk: torchvision_names is empty, and
     # surgery.load_imagenet_weights says so. Caffe's classifier has no input padding.
     return Trunk(
         layers, name="caffe-alexnet", taps={8: "pool1", 16: "pool2", 32: "drop7"},
-        tap_channels={8: c1, 16: c2, 32: fc},
+        tap_channels={8: channels[0], 16: channels[1], 32: fc},
         first_conv="conv1", classifier_padding=0,
         imagenet_norm=BACKBONE_NORMS["caffe-alexnet"], torchvision_names={}, torchvision_dropped=(),
     )

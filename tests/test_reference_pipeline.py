@@ -11,7 +11,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -20,30 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import caffe_writer as cw  # noqa: E402
 
 from fcn_models.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from fcn_models.surgery import bilinear_weight  # noqa: E402
 from pipelines import cli  # noqa: E402
+from test_caffe_import import reference_weights  # noqa: E402
 from test_evaluate import decoded_rows, direct_confusion, paper_scores, random_scorer  # noqa: E402
 from test_train import WIDTH, write_shards  # noqa: E402
 
 REFERENCE_WIDTH = 1 / 16
-
-
-def seeded_weights(net, seed):
-    """He-scaled convolutions and the reference's bilinear upsampling."""
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for layer in net:
-        if not layer.blob_shapes:
-            continue
-        if layer.type == "Deconvolution":
-            shape = layer.blob_shapes[0]
-            weights[layer.name] = [bilinear_weight(shape[0], shape[-1]).numpy()]
-        else:
-            w_shape, b_shape = layer.blob_shapes
-            std = np.sqrt(2.0 / np.prod(w_shape[1:]))
-            weights[layer.name] = [(rng.standard_normal(w_shape) * std).astype(np.float32),
-                                   (rng.standard_normal(b_shape) * 0.5).astype(np.float32)]
-    return weights
 
 
 def fcn(*argv):
@@ -60,7 +41,7 @@ def project(tmp_path_factory):
     net = cw.vgg16_fcn("fcn8s", REFERENCE_WIDTH)
     (root / "released").mkdir()
     caffemodel = cw.write_caffemodel(root / "released" / "fcn8s-mine.caffemodel",
-                                     cw.model_layers(net, seeded_weights(net, 3)))
+                                     cw.model_layers(net, reference_weights(net, seed=3)))
     status, out, err = fcn("import", str(caffemodel), "--out", str(root / "models" / "reference" / "fcn8s"))
     assert status == 0, err
     # One trained stage of ours beside it.
