@@ -13,6 +13,7 @@ Nothing else in the project resolves a params path.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -173,6 +174,8 @@ class TrainParams:
     # Mixed precision, used only when training on a GPU.
     amp: bool = True
     val_every: int = 4000
+    # Steps with a non-finite loss skipped (no update) before the stage stops; 0: stop at the first.
+    max_nonfinite_steps: int = 0
     # Rank 0 prints iteration, loss and it/s every this many iterations.
     log_every: int = 20
     checkpoints_to_keep: int = 2
@@ -187,6 +190,7 @@ class TrainParams:
         _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "must be in [0, 1)")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
         _check(self.val_every >= 1, "train.val_every", self.val_every, "must be >= 1")
+        _check(self.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 0")
         _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
         _check(self.checkpoints_to_keep >= 1, "train.checkpoints_to_keep", self.checkpoints_to_keep, "must be >= 1")
         known = {"imagenet", *self.stages}
@@ -308,6 +312,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParamsError(f"{key} = {value!r}: expected a number")
+        # YAML's .inf and .nan are floats; no knob means anything by them.
+        if not math.isfinite(value):
+            raise ParamsError(f"{key} = {value!r}: expected a finite number")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):

@@ -62,6 +62,7 @@ def report_checkpoint(metrics: dict, rank: int, write) -> None:
 
 def train_loop(config: dict) -> None:
     """The Ray Train worker: pipelines.loop's schedule with Ray's device, DDP, data and reports."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -80,9 +81,29 @@ def train_loop(config: dict) -> None:
     # One pass over the shard holds every epoch this attempt needs (dataset.training_datasets
     # plans them from the checkpoint it resumed from).
     batches = iter(dataset.iter_train_batches(train_shard, params, worker.start))
-    loop.run(worker, batches, lambda: dataset.iter_val_batches(val_shard, params),
-             lambda row, write: report_checkpoint(row, rank, write),
-             tracking.MetricsLog(config.get("tracking"), rank, config["stage"]))
+    try:
+        loop.run(worker, batches, lambda: dataset.iter_val_batches(val_shard, params),
+                 lambda row, write: report_checkpoint(row, rank, write),
+                 tracking.MetricsLog(config.get("tracking"), rank, config["stage"]))
+    except loop.NonFiniteLoss as stop:
+        # Every worker stops here, at the same iteration. Raised on, it would be a worker
+        # failure, which Ray Train retries from the last checkpoint into the same loss.
+        if rank == 0:
+            ray.get(config["stop_notice"].put.remote(stop.as_dict()))
+
+
+class StopNotice:
+    """Why the workers stopped early (a NonFiniteLoss as a dict), kept for the driver: a Ray
+    actor, since a report without a checkpoint never reaches the run's result."""
+
+    def __init__(self):
+        self.notice = None
+
+    def put(self, notice: dict) -> None:
+        self.notice = notice
+
+    def get(self) -> dict | None:
+        return self.notice
 
 
 # --------------------------------------------------------------------------- the driver
@@ -156,7 +177,9 @@ def run_stage(params: Params, stage: str, root: Path, run_name: str | None = Non
 
 
 def fit(params: Params, name: str, storage: str, config: dict):
-    """Run (or resume) the Ray Train run `name` in `storage`; return its result."""
+    """Run (or resume) the Ray Train run `name` in `storage`; return its result.
+    StageError when the workers stopped on a non-finite loss."""
+    import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -164,6 +187,8 @@ def fit(params: Params, name: str, storage: str, config: dict):
     cluster.check_cpu_budget(params.ray)
     print(f"[{config['stage']}] run {name} in {storage}; weights start from {config['init']['note']}", flush=True)
     ray_params = params.ray
+    notice = ray.remote(num_cpus=0)(StopNotice).remote()
+    config = {**config, "stop_notice": notice}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,
@@ -183,7 +208,13 @@ def fit(params: Params, name: str, storage: str, config: dict):
         datasets=dataset.training_datasets(params, config["iterations"], f"{storage.rstrip('/')}/{name}"),
         dataset_config=dataset.data_config(params),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    stopped = ray.get(notice.get.remote())
+    if stopped:
+        where = result.checkpoint.path if result.checkpoint is not None else None
+        raise StageError(f"{loop.NonFiniteLoss.from_dict(stopped, where)}. Nothing was written to "
+                         f"{Path(params.train.models_dir) / config['stage']}")
+    return result
 
 
 def best_and_history(result) -> tuple[Path, list[dict]]:
