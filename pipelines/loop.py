@@ -165,7 +165,7 @@ def initial_model(config: dict) -> nn.Module:
         if init["source"] == "imagenet":
             load_imagenet_weights(model, init["path"], norm=norm)
         elif init["source"] != "random":
-            previous, _ = load_checkpoint(init["path"])
+            previous, _ = load_checkpoint(init["path"], variant=stage_variant(init["source"]))
             if previous.input_norm.name != norm:
                 raise ValueError(f"its weights expect input normalisation {previous.input_norm.name!r}, "
                                  f"params say {norm!r} (model.input_norm, or the backbone's own)")
@@ -254,7 +254,7 @@ class StageWorker:
             self.scaler.load_state_dict(state["scaler"])
 
     def _load(self, directory: Path) -> dict:
-        saved, _ = load_checkpoint(directory)
+        saved, _ = load_checkpoint(directory, variant=self.config["variant"])
         self.net.load_state_dict(saved.state_dict())
         state = torch.load(directory / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
         state["history"] = json.loads((directory / HISTORY_FILE).read_text())

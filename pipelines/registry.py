@@ -37,6 +37,7 @@ from fcn_models.metrics import SCORE_KEYS
 from pipelines import tracking
 from pipelines.files import file_sha256
 from pipelines.params import Params
+from pipelines.recipe import StageError, stage_variant
 from pipelines.serving import CHECKPOINT_ARTIFACT, FCNSegmenter
 from pipelines.shards import decode_sample, iter_rows, shard_files
 
@@ -59,8 +60,8 @@ def evaluated_scores(params: Params, stage: str, checkpoint: Path) -> dict:
     """The evaluate stage's scores of this checkpoint (evaluate.report_file), checked: they
     must be of these very weights, and the mean IU a finite number."""
     try:
-        read_meta(checkpoint)
-    except (FileNotFoundError, ValueError) as err:
+        read_meta(checkpoint, variant=stage_variant(stage))
+    except (FileNotFoundError, ValueError, StageError) as err:
         raise RegisterError(f"{err}; train that stage first (`fcn train --stage {checkpoint.name}`) "
                             "or set mlflow.register_stage") from None
     report_file = Path(params.evaluate.report_file)

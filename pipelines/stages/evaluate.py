@@ -34,7 +34,7 @@ from pipelines import tracking
 from pipelines.exits import run_main
 from pipelines.files import atomic_write_text, file_sha256
 from pipelines.params import Params, load_params
-from pipelines.recipe import stage_command
+from pipelines.recipe import StageError, stage_command, stage_variant
 from pipelines.scoring import EvaluateError, device_description, format_table, pick_device, score_model, stage_report
 from pipelines.shards import ShardError, count_rows, iter_samples, shard_files
 
@@ -71,8 +71,8 @@ def evaluate(params: Params, device: torch.device | None = None) -> dict:
     report = {}
     for stage, directory in checkpoints.items():
         try:
-            model, meta = load_checkpoint(directory, map_location=device)
-        except (FileNotFoundError, ValueError) as err:
+            model, meta = load_checkpoint(directory, map_location=device, variant=stage_variant(stage))
+        except (FileNotFoundError, ValueError, StageError) as err:
             raise EvaluateError(f"stage {stage}: {err}; retrain it with {stage_command(stage)}") from None
         model = optimize_for_inference(model)
         print(f"[{stage}] scoring {total} val images on {device.type}", flush=True)
