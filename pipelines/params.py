@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from fcn_models.limits import MAX_PIXELS
 from fcn_models.norms import BACKBONE_NORMS, PRESETS as INPUT_NORMS
 from fcn_models.voc import NUM_CLASSES
 
@@ -237,6 +238,16 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class InferenceParams:
+    # The most pixels (height x width) of an image predict, evaluate and the registered
+    # model run the network on; a larger one is refused (fcn predict --downscale shrinks it).
+    max_pixels: int = MAX_PIXELS
+
+    def __post_init__(self):
+        _check(self.max_pixels >= 1, "inference.max_pixels", self.max_pixels, "must be >= 1")
+
+
+@dataclass(frozen=True)
 class MlflowParams:
     # A tracking server (http://host:5000, ...); null: MLFLOW_TRACKING_URI if set, else
     # the SQLite store db_file with artifacts in artifacts_dir, both under the project.
@@ -269,6 +280,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     ray: RayParams = field(default_factory=RayParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    inference: InferenceParams = field(default_factory=InferenceParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 import fcn_models
+from fcn_models import limits
 from fcn_models.checkpoint import META_FILE, MODEL_FILE, read_meta
 from fcn_models.metrics import SCORE_KEYS
 from pipelines import tracking
@@ -187,8 +188,9 @@ def register(params: Params, stage: str, checkpoint: Path, scores: dict, root: P
         # Only the weights and their description travel with the model.
         packed = Path(scratch) / "checkpoint"
         packed.mkdir()
-        for name in (MODEL_FILE, META_FILE):
-            shutil.copy2(checkpoint / name, packed / name)
+        shutil.copy2(checkpoint / MODEL_FILE, packed / MODEL_FILE)
+        # The served model refuses images above the limit it is registered with.
+        (packed / META_FILE).write_text(json.dumps({**meta, limits.META_KEY: params.inference.max_pixels}, indent=2))
         if trained_in is not None:
             run_context = mlflow.start_run(run_id=trained_in.info.run_id)
         else:

@@ -76,7 +76,8 @@ def evaluate(params: Params, device: torch.device | None = None) -> dict:
             raise EvaluateError(f"stage {stage}: {err}; retrain it with {stage_command(stage)}") from None
         model = optimize_for_inference(model)
         print(f"[{stage}] scoring {total} val images on {device.type}", flush=True)
-        matrix, images, times = score_model(model, iter_samples(files), device, timing_images, total, stage)
+        matrix, images, times = score_model(model, iter_samples(files), device, timing_images, total, stage,
+                                            params.inference.max_pixels)
         if matrix.total == 0:
             raise EvaluateError(f"{files[0].parent}: every val pixel is void (255): nothing to score")
         entry = stage_report(matrix, images, times, device)
