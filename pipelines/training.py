@@ -3,7 +3,8 @@
     run_stage(params, stage, root)  resolve the start, name the run, open its MLflow run,
                                     train (or resume) on Ray Train, write the outputs
 
-The run lives in <ray.storage_path>/<run name>. Starting a stage again with the same
+The run lives in <ray.storage_path>/<run name>, trained by one driver at a time
+(pipelines.driver.hold_run). Starting a stage again with the same
 run name resumes from that run's last checkpoint (and its MLflow run); the default
 name is pipelines.recipe.run_name, so an interrupted run resumes, a longer one
 continues, and a changed one starts afresh. Every worker runs `train_loop`: the
@@ -28,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 from fcn_models.metrics import SCORE_KEYS
-from pipelines import cluster, dataset, loop, recipe, tracking
+from pipelines import cluster, dataset, driver, loop, recipe, tracking
 from pipelines.files import atomic_write_text, replace_dir
 from pipelines.params import Params
 from pipelines.recipe import StageError
@@ -144,6 +145,14 @@ def run_stage(params: Params, stage: str, root: Path, run_name: str | None = Non
         warn_random_init(stage, init["note"])
     name = run_name or recipe.run_name(params, stage, init, root)
     storage = storage_path(params)
+    # One run, one driver: a second one stops here (driver.RunHeldError), before it
+    # touches the run or its MLflow run.
+    with driver.hold_run(storage, name):
+        return _run_held(params, stage, root, init, name, storage, trace_dir)
+
+
+def _run_held(params: Params, stage: str, root: Path, init: dict, name: str, storage: str,
+              trace_dir: str | None) -> dict:
     config = loop.loop_config(params, stage, init)
     config["trace_dir"] = trace_dir
     # Build the starting network once here, so a bad init fails now with its own
