@@ -18,6 +18,7 @@ COMMANDS = {
     "evaluate": ("pipelines.stages.evaluate", "score each trained stage on all of val: the paper's table"),
     "register": ("pipelines.stages.register", "log the best checkpoint to MLflow; move the champion alias if it is better"),
     "predict": ("pipelines.stages.predict", "mask and overlay PNGs for images, from a registered model or a checkpoint"),
+    "status": ("pipelines.stages.status", "the stage runs in MLflow; runs whose driver is gone marked FAILED"),
 }
 
 
