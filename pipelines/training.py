@@ -17,6 +17,9 @@ checkpoint by mean IU becomes
     reports/<stage>/history.csv   iteration, loss and the four scores at each validation
 
 and the history goes to the stage's MLflow run (pipelines.tracking) as it is, in memory.
+Ctrl-C aborts the run through Ray Train, ends the MLflow run KILLED and raises
+KeyboardInterrupt; a non-finite loss stops every worker (pipelines.loop) and fails
+the stage without outputs.
 """
 from __future__ import annotations
 
@@ -190,7 +193,9 @@ def fit(params: Params, name: str, storage: str, config: dict):
     StageError when the workers stopped on a non-finite loss."""
     import ray
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.rendezvous import LoopbackTorchConfig
 
     cluster.connect(params.ray)
     cluster.check_cpu_budget(params.ray)
@@ -198,10 +203,11 @@ def fit(params: Params, name: str, storage: str, config: dict):
     ray_params = params.ray
     notice = ray.remote(num_cpus=0)(StopNotice).remote()
     config = {**config, "stop_notice": notice}
-    trainer = TorchTrainer(
+    trainer = interruptible(TorchTrainer)(
         train_loop,
         train_loop_config=config,
-        torch_config=TorchConfig(backend="nccl" if ray_params.use_gpu else "gloo"),
+        # On a local cluster the process group listens on 127.0.0.1 only.
+        torch_config=LoopbackTorchConfig(backend="nccl" if ray_params.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=ray_params.num_workers, use_gpu=ray_params.use_gpu,
             resources_per_worker={"CPU": ray_params.cpus_per_worker, **({"GPU": 1} if ray_params.use_gpu else {})},
@@ -224,6 +230,45 @@ def fit(params: Params, name: str, storage: str, config: dict):
         raise StageError(f"{loop.NonFiniteLoss.from_dict(stopped, where)}. Nothing was written to "
                          f"{Path(params.train.models_dir) / config['stage']}")
     return result
+
+
+def interruptible(trainer_class):
+    """`trainer_class` whose fit() raises KeyboardInterrupt on Ctrl-C.
+
+    Ray Train's fit() installs its own SIGINT handler: it aborts the run (workers
+    stopped, the run's checkpoints kept) and then leaves by sys.exit(0) or returns as
+    if the run had ended, so the caller never learns of the interrupt. This keeps
+    Ray's abort, then raises KeyboardInterrupt; a second Ctrl-C raises it at once.
+    The handler in place before fit() is back afterwards.
+    """
+    import signal
+
+    class Interruptible(trainer_class):
+        def _register_sigint_handler(self, controller):
+            super()._register_sigint_handler(controller)
+            abort_run = signal.getsignal(signal.SIGINT)
+            interrupted = []
+
+            def on_sigint(signum, frame):
+                if interrupted:
+                    raise KeyboardInterrupt
+                interrupted.append(signum)
+                try:
+                    abort_run(signum, frame)
+                except SystemExit:
+                    pass
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGINT, on_sigint)
+
+        def fit(self):
+            previous = signal.getsignal(signal.SIGINT)
+            try:
+                return super().fit()
+            finally:
+                signal.signal(signal.SIGINT, previous)
+
+    return Interruptible
 
 
 def best_and_history(result) -> tuple[Path, list[dict]]:
