@@ -19,6 +19,7 @@ import torch
 
 from .fcn import FCN, build_fcn
 from .norms import InputNorm
+from .weights import read_state_dict
 
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
@@ -65,8 +66,9 @@ def save_checkpoint(directory: Union[str, os.PathLike], model: FCN, meta: dict |
     return directory
 
 
-def read_meta(directory: Union[str, os.PathLike]) -> dict:
-    """meta.json of a checkpoint directory, checked for the keys needed to rebuild the model."""
+def read_meta(directory: Union[str, os.PathLike], variant: str | None = None) -> dict:
+    """meta.json of a checkpoint directory, checked for the keys needed to rebuild the model
+    and, when `variant` is given, that it describes that network (ValueError otherwise)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
@@ -80,22 +82,31 @@ def read_meta(directory: Union[str, os.PathLike]) -> dict:
         meta = json.loads((directory / META_FILE).read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{directory / META_FILE} is not valid JSON: {err}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{directory / META_FILE} holds no JSON object: cannot rebuild the model")
     missing = [k for k in MODEL_KEYS if k not in meta]
     if missing:
         raise ValueError(f"{directory / META_FILE} lacks {', '.join(missing)}: cannot rebuild the model")
+    if variant is not None and meta["variant"] != variant:
+        raise ValueError(f"{directory / META_FILE} says its network is {meta['variant']}, but {directory} must "
+                         f"hold an {variant}")
     return meta
 
 
-def load_checkpoint(directory: Union[str, os.PathLike], map_location="cpu") -> tuple[FCN, dict]:
-    """Rebuild the model described by meta.json and load model.pt into it: (model, meta)."""
+def load_checkpoint(directory: Union[str, os.PathLike], map_location="cpu",
+                    variant: str | None = None) -> tuple[FCN, dict]:
+    """Rebuild the model described by meta.json and load model.pt into it: (model, meta).
+
+    variant: the network the checkpoint must hold (ValueError otherwise). Every way
+    model.pt can be unusable (empty, truncated, not tensors) is a ValueError naming it."""
     directory = Path(directory)
-    meta = read_meta(directory)
+    meta = read_meta(directory, variant)
     try:
         model = build_fcn(meta["variant"], meta["backbone"], int(meta["num_classes"]), float(meta["width"]),
                           InputNorm.from_dict(meta["input_norm"]))
     except (TypeError, ValueError) as err:
         raise ValueError(f"{directory / META_FILE}: {err}") from None
-    state = torch.load(directory / MODEL_FILE, map_location=map_location, weights_only=True)
+    state = read_state_dict(directory / MODEL_FILE, map_location=map_location)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

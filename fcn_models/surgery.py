@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from .norms import NormLike, as_input_norm
+from .weights import read_state_dict
 
 
 # ---------------------------------------------------------------- upsampling
@@ -75,10 +76,7 @@ def _read_state_dict(source: Source, backbone: str) -> tuple[dict, str]:
             f"ImageNet weights file {path} not found: give the path of a torchvision {backbone} "
             "state dict (torch.save(model.state_dict(), path)), or 'torchvision' to download them"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
-    return dict(state), path
+    return read_state_dict(path), path
 
 
 def _fit(ours: torch.Tensor, theirs: torch.Tensor, key: str, origin: str, may_centre: bool) -> torch.Tensor:

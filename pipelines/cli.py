@@ -19,6 +19,7 @@ COMMANDS = {
     "register": ("pipelines.stages.register", "log the best checkpoint to MLflow; move the champion alias if it is better"),
     "predict": ("pipelines.stages.predict", "mask and overlay PNGs for images, from a registered model or a checkpoint"),
     "import": ("pipelines.stages.import_weights", "the reference's caffemodels / pytorch-fcn files as our checkpoints"),
+    "status": ("pipelines.stages.status", "the stage runs in MLflow; runs whose driver is gone marked FAILED"),
 }
 
 

@@ -1,16 +1,22 @@
 """Joining or starting Ray: the cluster a stage runs on, its CPU plan, loopback binding, Ray jobs.
 
     connect(ray_params)          join ray.address / RAY_ADDRESS, else start a local Ray on 127.0.0.1
+    local_cpus(ray_params)       the logical CPUs a local cluster gets, and a warning when they
+                                 are more than the machine's cores
     check_cpu_budget(params)     the training workers and Ray Data fit in the cluster's CPUs
     job_working_dir_copy()       the temporary copy of the working directory a Ray job runs in
 
 Only the driver of a stage calls these; pipelines.dataset never connects by itself.
+A local cluster ends with the process that started it, however that ends
+(pipelines.reaper).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from pipelines.params import RayParams
@@ -37,6 +43,49 @@ def cpus_needed(ray_params: RayParams) -> float:
     return ray_params.num_workers * ray_params.cpus_per_worker + ray_params.data_cpus
 
 
+def machine_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def local_cpus(ray_params: RayParams, cores: int | None = None) -> tuple[int, str | None]:
+    """(logical CPUs for a local cluster, a warning or None).
+
+    Enough logical CPUs for the training workers plus Ray Data's tasks even on a small
+    machine (otherwise data tasks wait forever for a free CPU); more than its cores is
+    allowed, but the workers' threads then share cores, which is slow: the warning says so.
+    """
+    cores = machine_cores() if cores is None else cores
+    needed = cpus_needed(ray_params)
+    r = ray_params
+    warning = None
+    if needed > cores + 1e-9:
+        warning = (f"WARNING: ray.num_workers ({r.num_workers}) x ray.cpus_per_worker ({r.cpus_per_worker:g}) + "
+                   f"ray.data_cpus ({r.data_cpus:g}) = {needed:g} logical CPUs on a machine with {cores} cores: "
+                   "allowed, but the workers share cores and train slower than with fewer CPUs asked for")
+    return max(cores, math.ceil(needed)), warning
+
+
+# This process's reaper and the write end of its pipe, open until this process ends:
+# then the reaper reads end-of-file.
+_reaper: tuple[subprocess.Popen, int] | None = None
+
+
+def end_with_this_process() -> None:
+    """Start pipelines.reaper for this process (once): what it starts from now on (a local
+    Ray cluster) is killed when this process ends, even by SIGKILL."""
+    global _reaper
+    if _reaper is not None:
+        return
+    read_end, write_end = os.pipe()  # neither end is inherited by later children
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    process = subprocess.Popen([sys.executable, "-m", "pipelines.reaper", str(os.getpid())], stdin=read_end,
+                               start_new_session=True, env=env)
+    os.close(read_end)
+    _reaper = (process, write_end)
+
+
 def connect(ray_params: RayParams) -> None:
     """Join ray.address (or RAY_ADDRESS) when given, else start a local cluster on 127.0.0.1.
 
@@ -52,10 +101,11 @@ def connect(ray_params: RayParams) -> None:
         ray.init(address=address)
         return
     bind_loopback()
-    # Enough logical CPUs for the training workers plus Ray Data's tasks, even on a
-    # small machine: otherwise data tasks wait forever for a free CPU.
-    needed = math.ceil(cpus_needed(ray_params))
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
+    num_cpus, warning = local_cpus(ray_params)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    end_with_this_process()
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
 
 
 def cluster_cpus() -> float:

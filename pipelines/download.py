@@ -5,7 +5,9 @@ For each archive the sources are tried in this order (fetch_archive):
 1. <download_dir>/<filename>, when it is already there with the right md5 (reused).
    Its md5 is cached in a record "<filename>.md5.json" beside it, keyed on the file's
    size and mtime, so a 2 GB archive is hashed once, not on every run. The record only
-   caches a hash; the comparison with the expected md5 happens every time.
+   caches a hash; the comparison with the expected md5 happens every time. This trusts
+   size and mtime, as DVC trusts them for its cache: bytes changed in place with both
+   kept go unnoticed. verify=True (`fcn fetch --verify`) hashes the file again.
 2. A local directory or file:// URL holding the archives. A local file whose md5 is
    wrong is an error naming the file and both sums. We do not fall through to the
    network: pointing at a local file says it is the one meant, and a silent 2 GB
@@ -99,13 +101,14 @@ def _remember_md5(path: Path, md5: str) -> None:
         pass  # a read-only directory only costs a re-hash next time
 
 
-def file_md5(path: Path) -> str:
-    """md5 of a file, trusting the record beside it while the file's size and mtime are unchanged."""
+def file_md5(path: Path, trust_record: bool = True) -> str:
+    """md5 of a file, trusting the record beside it while the file's size and mtime are unchanged
+    (trust_record=False: hashed again, the record rewritten)."""
     path = Path(path)
     st = path.stat()
     try:
         record = json.loads(_record_path(path).read_text())
-        if record["size"] == st.st_size and record["mtime_ns"] == st.st_mtime_ns:
+        if trust_record and record["size"] == st.st_size and record["mtime_ns"] == st.st_mtime_ns:
             return str(record["md5"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -308,16 +311,17 @@ def download(url: str, dest: Path, md5: str, *, timeout_s: float, retries: int) 
 
 
 def fetch_archive(spec: ArchiveParams, download_dir: Path, *, local_dir=None,
-                  timeout_s: float = 30.0, retries: int = 3) -> Path:
-    """The verified archive in download_dir: reused, copied from local_dir, or downloaded."""
+                  timeout_s: float = 30.0, retries: int = 3, verify: bool = False) -> Path:
+    """The verified archive in download_dir: reused, copied from local_dir, or downloaded.
+    verify: hash a reused archive again instead of trusting its record."""
     download_dir = Path(download_dir)
     download_dir.mkdir(parents=True, exist_ok=True)
     dest = download_dir / spec.filename
     local_src = _local_path(local_dir) / spec.filename if local_dir is not None else None
     if dest.is_file():
-        actual = file_md5(dest)
+        actual = file_md5(dest, trust_record=not verify)
         if actual == spec.md5:
-            say(f"fetch: reusing {dest} (md5 ok)")
+            say(f"fetch: reusing {dest} (md5 {'verified' if verify else 'ok'})")
             return dest
         if local_src is not None and local_src.is_file() and os.path.samefile(local_src, dest):
             # local_dir is the download directory: the file is the user's own, never delete it.

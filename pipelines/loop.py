@@ -3,6 +3,7 @@
     worker = StageWorker(config, device)            the stage's starting network, optimizer, grad scaler
     worker.resume(directory)                        from a checkpoint written by save()
     worker.train_step(images, labels) -> loss       forward (autocast on a GPU), loss, backward, step
+                                                    (no step when the loss is NaN or infinite on any worker)
     worker.validate(batches) -> ConfusionMatrix     summed over every worker of the process group
     worker.save(directory, iteration, ...)          model.pt + meta.json + what resuming needs
     run(worker, batches, val_batches, report, ...)  the stage's schedule: steps, logging, validations
@@ -15,6 +16,12 @@ is plain data made on the driver by `loop_config`.
 Validation: every worker scores its share of val into a confusion matrix; the
 matrices are summed over the process group (all_reduce), so the scores are those of
 one pass over all of val, whatever the number of workers.
+
+A non-finite loss: every worker learns whether any worker's loss was NaN or
+infinite (one all_reduce of a flag), so all of them skip that step's update
+together. Up to train.max_nonfinite_steps such steps are skipped over a run; the
+next one raises NonFiniteLoss on every worker at once, naming the iteration and the
+last checkpoint written before it, so a broken network is never validated or saved.
 """
 from __future__ import annotations
 
@@ -139,6 +146,7 @@ def loop_config(params: Params, stage: str, init: dict) -> dict:
         "seed": train.seed, "loss": train.loss, "optimizer": train.optimizer, "momentum": train.momentum,
         "weight_decay": train.weight_decay,
         "amp": train.amp, "val_every": train.val_every, "log_every": train.log_every,
+        "max_nonfinite_steps": train.max_nonfinite_steps,
         # The data pipeline reads the model, augment and train sections.
         "params": params,
         # Set by the driver once the stage's MLflow run is open: tracking.StageRun.for_workers().
@@ -157,7 +165,7 @@ def initial_model(config: dict) -> nn.Module:
         if init["source"] == "imagenet":
             load_imagenet_weights(model, init["path"], norm=norm)
         elif init["source"] != "random":
-            previous, _ = load_checkpoint(init["path"])
+            previous, _ = load_checkpoint(init["path"], variant=stage_variant(init["source"]))
             if previous.input_norm.name != norm:
                 raise ValueError(f"its weights expect input normalisation {previous.input_norm.name!r}, "
                                  f"params say {norm!r} (model.input_norm, or the backbone's own)")
@@ -184,6 +192,32 @@ def checkpoint_meta(config: dict, iteration: int, scores: dict, matrix: Confusio
     return meta
 
 
+class NonFiniteLoss(StageError):
+    """The loss was NaN or infinite once more than train.max_nonfinite_steps allows;
+    raised on every worker at the same iteration."""
+
+    def __init__(self, stage: str, iteration: int, loss: float, skipped: int, allowed: int,
+                 last_checkpoint: Optional[int], where: Optional[str] = None):
+        self.stage, self.iteration, self.loss = stage, iteration, loss
+        self.skipped, self.allowed, self.last_checkpoint = skipped, allowed, last_checkpoint
+        last = (f"the last good checkpoint is the one of iteration {last_checkpoint}"
+                + (f" ({where})" if where else "") if last_checkpoint else "no checkpoint was written before it")
+        super().__init__(
+            f"stage {stage}: the training loss is {loss} at iteration {iteration} (non-finite step {skipped}; "
+            f"train.max_nonfinite_steps allows {allowed}); training stopped there and {last}. Lower the "
+            f"learning rate (train.stages.{stage}.lr), check the input data, or allow a few skipped steps "
+            "with train.max_nonfinite_steps")
+
+    def as_dict(self) -> dict:
+        return {"stage": self.stage, "iteration": self.iteration, "loss": self.loss, "skipped": self.skipped,
+                "allowed": self.allowed, "last_checkpoint": self.last_checkpoint}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: Optional[str] = None) -> "NonFiniteLoss":
+        """The error again from as_dict(), `where` naming the last checkpoint's location."""
+        return cls(d["stage"], d["iteration"], d["loss"], d["skipped"], d["allowed"], d["last_checkpoint"], where)
+
+
 class StageWorker:
     """One worker's network, optimizer and grad scaler for a stage, and what it does with them.
 
@@ -202,9 +236,12 @@ class StageWorker:
         self.net = initial_model(config)
         freeze_for_stage(self.net, config["fixed"])
         self.start, self.history, state = 0, [], None
+        # Steps skipped for a non-finite loss over the run, and whether the last one was.
+        self.nonfinite_steps, self.last_step_finite = 0, True
         if checkpoint_dir is not None:
             state = self._load(Path(checkpoint_dir))
             self.start, self.history = state["iteration"], state["history"]
+            self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         # Dropout streams differ per rank and depend only on where this attempt starts.
         torch.manual_seed(config["seed"] + 1_000_003 * rank + self.start)
         self.model = wrap(self.net) if wrap is not None else self.net.to(self.device)
@@ -217,21 +254,30 @@ class StageWorker:
             self.scaler.load_state_dict(state["scaler"])
 
     def _load(self, directory: Path) -> dict:
-        saved, _ = load_checkpoint(directory)
+        saved, _ = load_checkpoint(directory, variant=self.config["variant"])
         self.net.load_state_dict(saved.state_dict())
         state = torch.load(directory / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
         state["history"] = json.loads((directory / HISTORY_FILE).read_text())
         return state
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One optimisation step on a batch; returns the loss (detached, on the device)."""
+        """One optimisation step on a batch; returns the loss (detached, on the device).
+
+        When the loss is not finite on this worker or any other, no worker updates its
+        weights (last_step_finite is then False): backward still runs everywhere, since
+        DDP's gradient all_reduce needs every rank, and the next zero_grad drops the result.
+        """
         with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
             logits = self.model(images)
         loss = segmentation_loss(logits, labels, self.config["loss"])
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        # One host sync a step (the grad scaler makes one anyway on a GPU).
+        bad = all_reduce_sum((~torch.isfinite(loss.detach())).to(torch.float32).reshape(1), self.device)
+        self.last_step_finite = not bool(bad.item())
+        if self.last_step_finite:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         return loss.detach()
 
     def validate(self, batches: Iterable) -> ConfusionMatrix:
@@ -246,7 +292,7 @@ class StageWorker:
         directory = Path(directory)
         save_checkpoint(directory, self.net, checkpoint_meta(self.config, iteration, scores, matrix))
         torch.save({"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                    "iteration": iteration}, directory / TRAIN_STATE_FILE)
+                    "iteration": iteration, "nonfinite_steps": self.nonfinite_steps}, directory / TRAIN_STATE_FILE)
         (directory / HISTORY_FILE).write_text(json.dumps(self.history))
 
 
@@ -323,7 +369,8 @@ def run(worker: StageWorker, batches: Iterator, val_batches: Callable[[], Iterab
     After each validation `report(row, write)` hands the row to the caller with a function
     that writes the checkpoint into a directory (Ray Train: every rank reports, rank 0
     attaches the checkpoint). `metrics` (tracking.MetricsLog on Ray Train) gets the rows
-    and the training loss.
+    and the training loss. A non-finite loss beyond config["max_nonfinite_steps"] raises
+    NonFiniteLoss (on every worker at the same iteration).
     """
     config, rank, device = worker.config, worker.rank, worker.device
     metrics = metrics or NoMetrics()
@@ -336,6 +383,7 @@ def run(worker: StageWorker, batches: Iterator, val_batches: Callable[[], Iterab
     # Kept on the device: a .item() every step would stall a GPU.
     loss_sum, loss_count = torch.zeros((), dtype=torch.float64, device=device), 0
     tick, tick_iteration = time.perf_counter(), start
+    last_checkpoint = start or None
     worker.model.train()
     for iteration in range(start + 1, iterations + 1):
         try:
@@ -344,10 +392,20 @@ def run(worker: StageWorker, batches: Iterator, val_batches: Callable[[], Iterab
             raise StageError(f"the train data of worker {rank} ran out at iteration {iteration} of {iterations}: "
                              "its shard is empty or too small (use more images or fewer workers)") from None
         loss = worker.train_step(images, labels)
-        loss_sum, loss_count = loss_sum + loss, loss_count + 1
         trace.step(iteration)
+        if not worker.last_step_finite:
+            worker.nonfinite_steps += 1
+            allowed = config.get("max_nonfinite_steps", 0)
+            if worker.nonfinite_steps > allowed:
+                raise NonFiniteLoss(config["stage"], iteration, loss.item(), worker.nonfinite_steps, allowed,
+                                    last_checkpoint)
+            if rank == 0:
+                say(f"[{config['stage']}] iteration {iteration}: loss {loss.item()} (not finite on some worker), "
+                    f"step skipped ({worker.nonfinite_steps} of the {allowed} train.max_nonfinite_steps allows)")
+        else:
+            loss_sum, loss_count = loss_sum + loss, loss_count + 1
 
-        if rank == 0 and (iteration % config["log_every"] == 0 or iteration == iterations):
+        if rank == 0 and worker.last_step_finite and (iteration % config["log_every"] == 0 or iteration == iterations):
             now = time.perf_counter()
             rate = (iteration - tick_iteration) / max(now - tick, 1e-9)
             tick, tick_iteration = now, iteration
@@ -368,6 +426,7 @@ def run(worker: StageWorker, batches: Iterator, val_batches: Callable[[], Iterab
             if rank == 0:
                 say(f"[{config['stage']}] val at {iteration}: " + "  ".join(f"{k} {row[k]:.4f}" for k in SCORE_KEYS))
             report(row, lambda directory, it=iteration, s=scores, m=matrix: worker.save(directory, it, s, m))
+            last_checkpoint = iteration
             trace.checkpoint(iteration)
             # After the report: a validation redone after a failure is then one whose
             # checkpoint never registered, and logging skips steps already logged.

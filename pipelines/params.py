@@ -13,6 +13,7 @@ Nothing else in the project resolves a params path.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from fcn_models.limits import MAX_PIXELS
 from fcn_models.norms import BACKBONE_NORMS, PRESETS as INPUT_NORMS
 from fcn_models.voc import NUM_CLASSES
 
@@ -173,6 +175,8 @@ class TrainParams:
     # Mixed precision, used only when training on a GPU.
     amp: bool = True
     val_every: int = 4000
+    # Steps with a non-finite loss skipped (no update) before the stage stops; 0: stop at the first.
+    max_nonfinite_steps: int = 0
     # Rank 0 prints iteration, loss and it/s every this many iterations.
     log_every: int = 20
     checkpoints_to_keep: int = 2
@@ -187,6 +191,7 @@ class TrainParams:
         _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "must be in [0, 1)")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
         _check(self.val_every >= 1, "train.val_every", self.val_every, "must be >= 1")
+        _check(self.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 0")
         _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
         _check(self.checkpoints_to_keep >= 1, "train.checkpoints_to_keep", self.checkpoints_to_keep, "must be >= 1")
         known = {"imagenet", *self.stages}
@@ -241,6 +246,16 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class InferenceParams:
+    # The most pixels (height x width) of an image predict, evaluate and the registered
+    # model run the network on; a larger one is refused (fcn predict --downscale shrinks it).
+    max_pixels: int = MAX_PIXELS
+
+    def __post_init__(self):
+        _check(self.max_pixels >= 1, "inference.max_pixels", self.max_pixels, "must be >= 1")
+
+
+@dataclass(frozen=True)
 class MlflowParams:
     # A tracking server (http://host:5000, ...); null: MLFLOW_TRACKING_URI if set, else
     # the SQLite store db_file with artifacts in artifacts_dir, both under the project.
@@ -273,6 +288,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     ray: RayParams = field(default_factory=RayParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    inference: InferenceParams = field(default_factory=InferenceParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
 
 
@@ -316,6 +332,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParamsError(f"{key} = {value!r}: expected a number")
+        # YAML's .inf and .nan are floats; no knob means anything by them.
+        if not math.isfinite(value):
+            raise ParamsError(f"{key} = {value!r}: expected a finite number")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):

@@ -12,6 +12,7 @@ with bounded memory. The preprocess stage writes the rows with shards.ShardWrite
 from __future__ import annotations
 
 import io
+import re
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.io
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from fcn_models.voc import NUM_CLASSES, VOID
 from pipelines.shards import SEG11VALID_FILE, ShardError, read_id_list
@@ -105,6 +106,18 @@ class BadSample(Exception):
         self.path, self.reason = path, reason
 
 
+# "<_io.BytesIO object at 0x7f...>" in a library's message: the bytes being read.
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def _why(err: BaseException) -> str:
+    """A library error as a reason that is the same on every run: no object addresses."""
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image file PIL can identify"
+    text = _OBJECT_REPR.sub("the file's data", str(err))
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def _read_bytes(path: str, what: str) -> bytes:
     try:
         with open(path, "rb") as fh:
@@ -112,7 +125,7 @@ def _read_bytes(path: str, what: str) -> bytes:
     except FileNotFoundError:
         raise BadSample(path, f"missing {what} file") from None
     except OSError as err:
-        raise BadSample(path, f"cannot read {what} file: {err}") from None
+        raise BadSample(path, f"cannot read {what} file: {err.strerror or _why(err)}") from None
 
 
 def _decode_image(path: str) -> tuple[bytes, int, int]:
@@ -127,7 +140,7 @@ def _decode_image(path: str) -> tuple[bytes, int, int]:
     except BadSample:
         raise
     except Exception as err:  # PIL raises many types for broken files
-        raise BadSample(path, f"image does not decode: {err}") from None
+        raise BadSample(path, f"image does not decode: {_why(err)}") from None
     return data, height, width
 
 
@@ -142,7 +155,7 @@ def _read_label(path: str, source: str) -> np.ndarray:
                                    verify_compressed_data_integrity=False)
             label = np.asarray(mat["GTcls"][0, 0]["Segmentation"])
         except Exception as err:
-            raise BadSample(path, f"label .mat has no readable GTcls.Segmentation: {err!r}") from None
+            raise BadSample(path, f"label .mat has no readable GTcls.Segmentation: {_why(err)}") from None
     else:
         try:
             with Image.open(io.BytesIO(data)) as image:
@@ -153,7 +166,7 @@ def _read_label(path: str, source: str) -> np.ndarray:
         except BadSample:
             raise
         except Exception as err:
-            raise BadSample(path, f"label does not decode: {err}") from None
+            raise BadSample(path, f"label does not decode: {_why(err)}") from None
     if label.ndim != 2:
         raise BadSample(path, f"label has shape {label.shape}, expected a 2-d class map")
     return label

@@ -13,7 +13,8 @@ stage's MLflow run records (pipelines.tracking), and the params and deps dvc.yam
 lists for train@<stage> (DVC cannot import them; tests/test_architecture.py fails
 when dvc.yaml drifts from them). A knob that is in none of them (log_every,
 checkpoints_to_keep, CPUs per worker, where Ray stores runs) changes how a stage
-runs, not what it produces. The iteration count is the one knob that continues a
+runs, not what it produces; train.max_nonfinite_steps decides only whether a run
+with bad steps ends or stops, never what it produces. The iteration count is the one knob that continues a
 run: more iterations resume the same run from its last checkpoint.
 """
 from __future__ import annotations

@@ -32,11 +32,14 @@ from pathlib import Path
 import numpy as np
 
 import fcn_models
+from fcn_models import limits
 from fcn_models.checkpoint import META_FILE, MODEL_FILE, read_meta
 from fcn_models.metrics import SCORE_KEYS
 from pipelines import tracking
 from pipelines.files import file_sha256
 from pipelines.params import Params
+from pipelines.recipe import StageError, stage_variant
+from pipelines.scoring import REFERENCE_PREFIX
 from pipelines.serving import CHECKPOINT_ARTIFACT, FCNSegmenter
 from pipelines.shards import decode_sample, iter_rows, shard_files
 
@@ -60,8 +63,8 @@ def evaluated_scores(params: Params, stage: str, checkpoint: Path, remake: str |
     `stage`, checked: they must be of these very weights, and the mean IU a finite number.
     remake: how to make the checkpoint, for the message when there is none."""
     try:
-        read_meta(checkpoint)
-    except (FileNotFoundError, ValueError) as err:
+        read_meta(checkpoint, variant=None if stage.startswith(REFERENCE_PREFIX) else stage_variant(stage))
+    except (FileNotFoundError, ValueError, StageError) as err:
         remake = remake or f"train that stage first (`fcn train --stage {checkpoint.name}`) or set mlflow.register_stage"
         raise RegisterError(f"{err}; {remake}") from None
     report_file = Path(params.evaluate.report_file)
@@ -187,8 +190,9 @@ def register(params: Params, stage: str, checkpoint: Path, scores: dict, root: P
         # Only the weights and their description travel with the model.
         packed = Path(scratch) / "checkpoint"
         packed.mkdir()
-        for name in (MODEL_FILE, META_FILE):
-            shutil.copy2(checkpoint / name, packed / name)
+        shutil.copy2(checkpoint / MODEL_FILE, packed / MODEL_FILE)
+        # The served model refuses images above the limit it is registered with.
+        (packed / META_FILE).write_text(json.dumps({**meta, limits.META_KEY: params.inference.max_pixels}, indent=2))
         if trained_in is not None:
             run_context = mlflow.start_run(run_id=trained_in.info.run_id)
         else:

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from fcn_models.limits import MAX_PIXELS, too_large
 from fcn_models.metrics import SCORE_KEYS, ConfusionMatrix
 from fcn_models.preprocess import normalize
 from fcn_models.published import CONVERTED, PAPER, REFERENCE
@@ -55,17 +56,23 @@ def _synchronize(device: torch.device) -> None:
 
 
 def score_model(model: torch.nn.Module, samples, device: torch.device, timing_images: int,
-                total: int | None = None, name: str = "model") -> tuple[ConfusionMatrix, int, list[float]]:
+                total: int | None = None, name: str = "model",
+                max_pixels: int = MAX_PIXELS) -> tuple[ConfusionMatrix, int, list[float]]:
     """Run `model` (in eval mode, on `device`) over (shard, id, image, label) samples.
 
     Returns the confusion matrix over all of them, the number of images, and the
     forward times in seconds of images 2 .. timing_images + 1 (the first is the warm-up).
+    An image of more than max_pixels pixels is an EvaluateError, before the network sees it.
     """
     matrix = ConfusionMatrix(model.num_classes)
     times: list[float] = []
     start, images = time.perf_counter(), 0
     with torch.inference_mode():
         for index, (path, sample_id, image, label) in enumerate(samples):
+            why = too_large(image.shape[0], image.shape[1], max_pixels)
+            if why:
+                raise EvaluateError(f"{path}: sample {sample_id}: {why} (inference.max_pixels): raise the limit "
+                                    "if this machine has the memory, or leave the image out of val")
             pixels = torch.from_numpy(image).permute(2, 0, 1).to(device)
             x = normalize(pixels, model.input_norm)[None]
             timed = 1 <= index <= timing_images

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from mlflow.pyfunc import PythonModel
 
+from fcn_models import limits
 from fcn_models.checkpoint import load_checkpoint
 from fcn_models.preprocess import normalize
 
@@ -28,14 +29,18 @@ from fcn_models.preprocess import normalize
 CHECKPOINT_ARTIFACT = "checkpoint"
 
 
-def check_image(image) -> np.ndarray:
-    """The image as a (H, W, 3) uint8 array, or a ValueError saying what it is instead."""
+def check_image(image, max_pixels: int = limits.MAX_PIXELS) -> np.ndarray:
+    """The image as a (H, W, 3) uint8 array of at most max_pixels pixels, or a ValueError saying
+    what it is instead."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected one RGB image as a (H, W, 3) uint8 array, got shape {image.shape} "
                          f"dtype {image.dtype} (convert grayscale or RGBA images to RGB first)")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"image of shape {image.shape} has no pixels")
+    why = limits.too_large(image.shape[0], image.shape[1], max_pixels)
+    if why:
+        raise ValueError(f"image of {why}, this model's limit: scale it down first")
     return image
 
 
@@ -46,6 +51,7 @@ class FCNSegmenter(PythonModel):
         self.model = None
         self.meta = None
         self.device = None
+        self.max_pixels = limits.MAX_PIXELS
 
     def load(self, checkpoint_dir, device=None) -> "FCNSegmenter":
         """Load a checkpoint directory (weights with weights_only=True) onto `device` (default: CUDA if present)."""
@@ -54,13 +60,15 @@ class FCNSegmenter(PythonModel):
         if model.num_classes > 256:
             raise ValueError(f"{checkpoint_dir}: {model.num_classes} classes do not fit the uint8 masks served")
         self.model, self.meta, self.device = model.eval(), meta, device
+        # The limit the model was registered with (inference.max_pixels), else the library's.
+        self.max_pixels = int(meta.get(limits.META_KEY, limits.MAX_PIXELS))
         return self
 
     def segment(self, image) -> np.ndarray:
         """(H, W, 3) uint8 RGB -> (H, W) uint8 class ids, the argmax of the class scores at each pixel."""
         if self.model is None:
             raise RuntimeError("no checkpoint loaded: call load(checkpoint_dir) first")
-        image = check_image(image)
+        image = check_image(image, self.max_pixels)
         if not image.flags.writeable:
             image = image.copy()  # PIL's arrays are read-only, which torch.from_numpy warns about
         with torch.inference_mode():

@@ -16,7 +16,10 @@ Every training stage is one MLflow run in the pipeline's experiment (mlflow.expe
     finish_stage_run(...) driver, after the outputs are written: any validation row
                           still missing (from the history it is handed), the plots and a
                           few val images (pipelines.figures), the outputs; FINISHED
-    end_stage_run(...)    driver, when the stage fails: FAILED
+    end_stage_run(...)    driver, when the stage fails: FAILED (KILLED on Ctrl-C)
+    sweep_lost_runs(...)  every stage start and `fcn status`: a RUNNING run whose
+                          driver is gone (killed, or its machine rebooted) is marked
+                          FAILED, with a note saying so and how to resume it
     log_evaluation(...)   the evaluate stage: full-resolution scores on the stage's run
 
 A stage resumed under the same Ray run name (after a worker failure, or run again
@@ -31,6 +34,10 @@ val images, outputs/metrics.json and outputs/history.csv.
 The shards' hash is the md5 DVC gives data.shards_dir: read from dvc.lock while the
 lock's file count and size still match the directory, else computed with DVC's own
 library (dvc_data), as `dvc add` would.
+
+Every stage run is tagged with its driver (fcn.driver.host, .pid, .started:
+pipelines.driver.identity()); the sweep marks a run lost only when that driver ran
+on this host and no longer runs, so a run trained elsewhere is never touched.
 
 Outages: the driver fails the stage before training when the store cannot be
 opened, since a stage nobody can find in MLflow is not what anyone asked for. Once
@@ -51,7 +58,7 @@ from pathlib import Path
 
 import yaml
 
-from pipelines import figures
+from pipelines import driver, figures
 from pipelines.params import Params
 from pipelines.recipe import result_params
 
@@ -71,6 +78,10 @@ CHANGED_PARAM_TAG = "fcn.param."
 TRAIN_LOSS_KEY = "train_loss"
 # Evaluate's full-resolution scores on a stage's run: eval/<score> and eval/iu/<class>.
 EVAL_PREFIX = "eval/"
+# The driver training the run: fcn.driver.host, fcn.driver.pid, fcn.driver.started.
+DRIVER_TAG = "fcn.driver."
+DRIVER_KEYS = ("host", "pid", "started")
+NOTE_TAG = "mlflow.note.content"  # MLflow's own key: its UI shows it as the run's description
 
 
 class TrackingError(RuntimeError):
@@ -266,6 +277,9 @@ def open_stage_run(params: Params, stage: str, root: Path, ray_run: str, storage
     try:
         experiment_id = set_up(params)
         client = MlflowClient(tracking_uri=uri)
+        for lost in _sweep(client, experiment_id):
+            print(f"[{stage}] MLflow run {lost['run_id']} ({lost['stage']}) was left RUNNING by a driver that is "
+                  f"gone ({lost['driver']}): marked FAILED", flush=True)
         run = _find_run(client, experiment_id, stage, ray_run, storage)
     except TrackingError:
         raise
@@ -278,7 +292,8 @@ def open_stage_run(params: Params, stage: str, root: Path, ray_run: str, storage
     commit, dirty = git_state(root)
     shards_md5, hash_from = shards_hash(Path(params.data.shards_dir), root)
     tags = {STAGE_TAG: stage, RAY_RUN_TAG: ray_run, RAY_STORAGE_TAG: storage, INIT_TAG: init_note,
-            GIT_COMMIT_TAG: commit, SHARDS_HASH_TAG: shards_md5, SHARDS_HASH_SOURCE_TAG: hash_from}
+            GIT_COMMIT_TAG: commit, SHARDS_HASH_TAG: shards_md5, SHARDS_HASH_SOURCE_TAG: hash_from,
+            **{DRIVER_TAG + k: v for k, v in driver.identity().items()}}
     if dirty is not None:
         tags[GIT_DIRTY_TAG] = str(dirty).lower()
     wanted = stage_params(params, stage)
@@ -304,6 +319,57 @@ def open_stage_run(params: Params, stage: str, root: Path, ray_run: str, storage
         print(f"[{stage}] MLflow run {run_id} resumed with changed params (tagged {CHANGED_PARAM_TAG}<key>): "
               + ", ".join(f"{k} {logged[k]} -> {v}" for k, v in changed.items()), flush=True)
     return StageRun(uri, experiment_id, run_id, resumed)
+
+
+def run_driver(run) -> dict:
+    """The driver recorded on an MLflow run (empty values when it has none)."""
+    return {k: run.data.tags.get(DRIVER_TAG + k) for k in DRIVER_KEYS}
+
+
+def _sweep(client, experiment_id: str) -> list[dict]:
+    """Mark FAILED, with a note, every RUNNING run of the experiment whose driver is gone;
+    return {"run_id", "stage", "driver"} of each."""
+    lost = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'"):
+        record = run_driver(run)
+        if not driver.is_gone(record):
+            continue
+        stage = run.data.tags.get(STAGE_TAG, "?")
+        note = (f"Marked FAILED by fcn on {time.strftime('%Y-%m-%d %H:%M:%S')}: its driver "
+                f"({driver.describe(record)}) ended without closing this run (killed, or its machine went down). "
+                f"`fcn train --stage {stage}` with the same parameters resumes it from its last checkpoint.")
+        earlier = run.data.tags.get(NOTE_TAG)
+        client.set_tag(run.info.run_id, NOTE_TAG, f"{earlier}\n\n{note}" if earlier else note)
+        client.set_terminated(run.info.run_id, status="FAILED")
+        lost.append({"run_id": run.info.run_id, "stage": stage, "driver": driver.describe(record)})
+    return lost
+
+
+def sweep_lost_runs(params: Params) -> list[dict]:
+    """_sweep over the pipeline's experiment (none yet: nothing to do). TrackingError when
+    the store cannot be opened."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(params)
+    try:
+        use_store(uri)
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name(params.mlflow.experiment)
+        return [] if experiment is None else _sweep(client, experiment.experiment_id)
+    except Exception as err:
+        raise TrackingError(f"cannot open the MLflow tracking store {uri}: {type(err).__name__}: {err}") from err
+
+
+def stage_runs(params: Params) -> list:
+    """Every stage run of the pipeline's experiment, newest first (empty without the experiment)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(params))
+    experiment = client.get_experiment_by_name(params.mlflow.experiment)
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], filter_string=f"tags.`{STAGE_TAG}` != ''",
+                              order_by=["attributes.start_time DESC"])
 
 
 def logged_steps(client, run_id: str, key: str) -> set[int]:

@@ -3,7 +3,8 @@
     run_stage(params, stage, root)  resolve the start, name the run, open its MLflow run,
                                     train (or resume) on Ray Train, write the outputs
 
-The run lives in <ray.storage_path>/<run name>. Starting a stage again with the same
+The run lives in <ray.storage_path>/<run name>, trained by one driver at a time
+(pipelines.driver.hold_run). Starting a stage again with the same
 run name resumes from that run's last checkpoint (and its MLflow run); the default
 name is pipelines.recipe.run_name, so an interrupted run resumes, a longer one
 continues, and a changed one starts afresh. Every worker runs `train_loop`: the
@@ -16,6 +17,9 @@ checkpoint by mean IU becomes
     reports/<stage>/history.csv   iteration, loss and the four scores at each validation
 
 and the history goes to the stage's MLflow run (pipelines.tracking) as it is, in memory.
+Ctrl-C aborts the run through Ray Train, ends the MLflow run KILLED and raises
+KeyboardInterrupt; a non-finite loss stops every worker (pipelines.loop) and fails
+the stage without outputs.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 from fcn_models.metrics import SCORE_KEYS
-from pipelines import cluster, dataset, loop, recipe, tracking
+from pipelines import cluster, dataset, driver, loop, recipe, tracking
 from pipelines.files import atomic_write_text, replace_dir
 from pipelines.params import Params
 from pipelines.recipe import StageError
@@ -62,6 +66,7 @@ def report_checkpoint(metrics: dict, rank: int, write) -> None:
 
 def train_loop(config: dict) -> None:
     """The Ray Train worker: pipelines.loop's schedule with Ray's device, DDP, data and reports."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -80,9 +85,29 @@ def train_loop(config: dict) -> None:
     # One pass over the shard holds every epoch this attempt needs (dataset.training_datasets
     # plans them from the checkpoint it resumed from).
     batches = iter(dataset.iter_train_batches(train_shard, params, worker.start))
-    loop.run(worker, batches, lambda: dataset.iter_val_batches(val_shard, params),
-             lambda row, write: report_checkpoint(row, rank, write),
-             tracking.MetricsLog(config.get("tracking"), rank, config["stage"]))
+    try:
+        loop.run(worker, batches, lambda: dataset.iter_val_batches(val_shard, params),
+                 lambda row, write: report_checkpoint(row, rank, write),
+                 tracking.MetricsLog(config.get("tracking"), rank, config["stage"]))
+    except loop.NonFiniteLoss as stop:
+        # Every worker stops here, at the same iteration. Raised on, it would be a worker
+        # failure, which Ray Train retries from the last checkpoint into the same loss.
+        if rank == 0:
+            ray.get(config["stop_notice"].put.remote(stop.as_dict()))
+
+
+class StopNotice:
+    """Why the workers stopped early (a NonFiniteLoss as a dict), kept for the driver: a Ray
+    actor, since a report without a checkpoint never reaches the run's result."""
+
+    def __init__(self):
+        self.notice = None
+
+    def put(self, notice: dict) -> None:
+        self.notice = notice
+
+    def get(self) -> dict | None:
+        return self.notice
 
 
 # --------------------------------------------------------------------------- the driver
@@ -123,6 +148,14 @@ def run_stage(params: Params, stage: str, root: Path, run_name: str | None = Non
         warn_random_init(stage, init["note"])
     name = run_name or recipe.run_name(params, stage, init, root)
     storage = storage_path(params)
+    # One run, one driver: a second one stops here (driver.RunHeldError), before it
+    # touches the run or its MLflow run.
+    with driver.hold_run(storage, name):
+        return _run_held(params, stage, root, init, name, storage, trace_dir)
+
+
+def _run_held(params: Params, stage: str, root: Path, init: dict, name: str, storage: str,
+              trace_dir: str | None) -> dict:
     config = loop.loop_config(params, stage, init)
     config["trace_dir"] = trace_dir
     # Build the starting network once here, so a bad init fails now with its own
@@ -156,18 +189,25 @@ def run_stage(params: Params, stage: str, root: Path, run_name: str | None = Non
 
 
 def fit(params: Params, name: str, storage: str, config: dict):
-    """Run (or resume) the Ray Train run `name` in `storage`; return its result."""
+    """Run (or resume) the Ray Train run `name` in `storage`; return its result.
+    StageError when the workers stopped on a non-finite loss."""
+    import ray
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.rendezvous import LoopbackTorchConfig
 
     cluster.connect(params.ray)
     cluster.check_cpu_budget(params.ray)
     print(f"[{config['stage']}] run {name} in {storage}; weights start from {config['init']['note']}", flush=True)
     ray_params = params.ray
-    trainer = TorchTrainer(
+    notice = ray.remote(num_cpus=0)(StopNotice).remote()
+    config = {**config, "stop_notice": notice}
+    trainer = interruptible(TorchTrainer)(
         train_loop,
         train_loop_config=config,
-        torch_config=TorchConfig(backend="nccl" if ray_params.use_gpu else "gloo"),
+        # On a local cluster the process group listens on 127.0.0.1 only.
+        torch_config=LoopbackTorchConfig(backend="nccl" if ray_params.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=ray_params.num_workers, use_gpu=ray_params.use_gpu,
             resources_per_worker={"CPU": ray_params.cpus_per_worker, **({"GPU": 1} if ray_params.use_gpu else {})},
@@ -183,7 +223,52 @@ def fit(params: Params, name: str, storage: str, config: dict):
         datasets=dataset.training_datasets(params, config["iterations"], f"{storage.rstrip('/')}/{name}"),
         dataset_config=dataset.data_config(params),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    stopped = ray.get(notice.get.remote())
+    if stopped:
+        where = result.checkpoint.path if result.checkpoint is not None else None
+        raise StageError(f"{loop.NonFiniteLoss.from_dict(stopped, where)}. Nothing was written to "
+                         f"{Path(params.train.models_dir) / config['stage']}")
+    return result
+
+
+def interruptible(trainer_class):
+    """`trainer_class` whose fit() raises KeyboardInterrupt on Ctrl-C.
+
+    Ray Train's fit() installs its own SIGINT handler: it aborts the run (workers
+    stopped, the run's checkpoints kept) and then leaves by sys.exit(0) or returns as
+    if the run had ended, so the caller never learns of the interrupt. This keeps
+    Ray's abort, then raises KeyboardInterrupt; a second Ctrl-C raises it at once.
+    The handler in place before fit() is back afterwards.
+    """
+    import signal
+
+    class Interruptible(trainer_class):
+        def _register_sigint_handler(self, controller):
+            super()._register_sigint_handler(controller)
+            abort_run = signal.getsignal(signal.SIGINT)
+            interrupted = []
+
+            def on_sigint(signum, frame):
+                if interrupted:
+                    raise KeyboardInterrupt
+                interrupted.append(signum)
+                try:
+                    abort_run(signum, frame)
+                except SystemExit:
+                    pass
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGINT, on_sigint)
+
+        def fit(self):
+            previous = signal.getsignal(signal.SIGINT)
+            try:
+                return super().fit()
+            finally:
+                signal.signal(signal.SIGINT, previous)
+
+    return Interruptible
 
 
 def best_and_history(result) -> tuple[Path, list[dict]]:

@@ -91,3 +91,56 @@ def test_weights_that_do_not_match_meta_are_refused(tmp_path):
     (target / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"meta\.json.*fcn2s"):
         load_checkpoint(target)
+
+
+class _RunsCode:
+    """Unpickling this would create the file named: what a hostile model.pt carries."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _break(directory, how, tmp_path):
+    model_file = directory / "model.pt"
+    if how == "empty":
+        model_file.write_bytes(b"")
+    elif how == "truncated":
+        model_file.write_bytes(model_file.read_bytes()[:1000])
+    elif how == "text":
+        model_file.write_text("not a torch file\n")
+    elif how == "code-carrying":
+        state = torch.load(model_file, weights_only=True)
+        torch.save({**state, "payload": _RunsCode(tmp_path / "pwned")}, model_file)
+    elif how == "no state dict":
+        torch.save([torch.zeros(3)], model_file)
+
+
+@pytest.mark.parametrize("how, words", [
+    ("empty", "is empty (0 bytes)"),
+    ("truncated", "is not a readable PyTorch file"),
+    ("text", "is not a readable PyTorch file"),
+    ("code-carrying", "holds Python objects besides tensors, and unpickling those could run code: refused"),
+    ("no state dict", "does not hold a state dict"),
+])
+def test_broken_weights_are_one_error_naming_the_file_and_never_advise_unsafe_loading(tmp_path, how, words):
+    target = tmp_path / "ckpt"
+    save_checkpoint(target, build_fcn(width=NARROW), {})
+    _break(target, how, tmp_path)
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(target)
+    message = str(err.value)
+    assert message.startswith(f"{target / 'model.pt'} ") and words in message, message
+    assert "weights_only" not in message and "\n" not in message
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_checkpoint_of_another_network_is_refused_where_a_variant_is_expected(tmp_path):
+    target = tmp_path / "models" / "fcn8s"
+    save_checkpoint(target, build_fcn("fcn32s", width=NARROW), {"stage": "fcn32s"})
+    with pytest.raises(ValueError, match=r"meta\.json says its network is fcn32s, but .*fcn8s must hold an fcn8s"):
+        load_checkpoint(target, variant="fcn8s")
+    model, meta = load_checkpoint(target, variant="fcn32s")
+    assert model.variant == meta["variant"] == "fcn32s"

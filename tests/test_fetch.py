@@ -523,3 +523,39 @@ def test_main_reports_bad_params(tmp_path, capsys):
     assert fetch_stage.main(["--params", str(params)]) == 2
     err = capsys.readouterr().err
     assert "data.retries" in err and "Traceback" not in err
+
+
+def test_a_reused_archive_is_trusted_on_size_and_mtime_and_verify_hashes_it_again(voc_tar, sbd_tgz, tmp_path,
+                                                                                 capsys):
+    local = tmp_path / "archives"
+    local.mkdir()
+    (local / "VOCtrainval_11-May-2012.tar").write_bytes(voc_tar)
+    (local / "benchmark.tgz").write_bytes(sbd_tgz)
+    offline = ["http://nonexistent.invalid/x"]
+    params = _write_params(
+        tmp_path / "params.yaml",
+        voc={"filename": "VOCtrainval_11-May-2012.tar", "md5": _md5(voc_tar), "mirrors": offline},
+        sbd={"filename": "benchmark.tgz", "md5": _md5(sbd_tgz), "mirrors": offline},
+    )
+    assert fetch_stage.main(["--params", str(params), "--local-dir", str(local)]) == 0
+    # One byte changed in place, the size and modification time kept.
+    cached = tmp_path / "data" / "downloads" / "VOCtrainval_11-May-2012.tar"
+    stat = cached.stat()
+    data = bytearray(cached.read_bytes())
+    data[-1] ^= 0xFF
+    cached.write_bytes(bytes(data))
+    os.utime(cached, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    capsys.readouterr()
+
+    # The trade-off README states: the record is trusted, as DVC trusts its cache.
+    assert fetch_stage.main(["--params", str(params), "--local-dir", str(local)]) == 0
+    assert f"fetch: reusing {cached} (md5 ok)" in capsys.readouterr().out
+    assert cached.read_bytes() == bytes(data)
+
+    # --verify hashes it again, finds it changed and fetches the archive anew.
+    assert fetch_stage.main(["--params", str(params), "--local-dir", str(local), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert f"fetch: {cached} has md5 {_md5(bytes(data))}, expected {_md5(voc_tar)}; deleting it" in out
+    assert f"fetch: copying {local / 'VOCtrainval_11-May-2012.tar'} -> {cached}" in out
+    assert "fetch: reusing" in out and "(md5 verified)" in out  # the SBD archive, hashed again: unchanged
+    assert cached.read_bytes() == voc_tar

@@ -333,3 +333,42 @@ def test_main_reports_a_bad_sample_and_fails(raw, tmp_path, capsys):
 def test_main_rejects_bad_params_by_key(tmp_path, capsys):
     assert main(["--params", str(_params(tmp_path / "params.yaml", on_bad_sample="ignore"))]) == 2
     assert "data.on_bad_sample" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- what a run leaves behind
+
+def test_the_same_bad_samples_give_the_same_rejected_file(raw, tmp_path):
+    """Reasons carry no object addresses (PIL names the bytes it was given as <_io.BytesIO object at 0x...>)."""
+    splits = split_ids(raw)
+    (voc_dir(raw) / "JPEGImages" / f"{splits.val[0]}.jpg").write_bytes(b"not an image at all")
+    (sbd_dir(raw) / "cls" / f"{splits.train[0]}.mat").write_bytes(b"not a mat file either" * 8)
+    (sbd_dir(raw) / "img" / f"{splits.train[1]}.jpg").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    run(raw, tmp_path / "first", on_bad_sample="skip", workers=2)
+    run(raw, tmp_path / "second", on_bad_sample="skip", workers=1)
+    first = (tmp_path / "first" / "rejected.json").read_bytes()
+    assert first == (tmp_path / "second" / "rejected.json").read_bytes()
+    reasons = {r["id"]: r["reason"] for r in json.loads(first)}
+    assert len(reasons) == 3 and not any("0x" in reason for reason in reasons.values()), reasons
+    assert reasons[splits.val[0]] == "image does not decode: not an image file PIL can identify"
+
+
+def test_a_killed_runs_temp_folder_is_removed_at_the_next_start_and_never_names_a_run(raw, tmp_path, capsys):
+    from pipelines import recipe
+    from pipelines.params import parse_params
+
+    out = tmp_path / "out"
+    run(raw, out)
+    before = file_hashes(out / "shards")
+    params = parse_params({"data": {"shards_dir": str(out / "shards")}, "model": {"imagenet_weights": None}})
+    init = recipe.resolve_init(params, "fcn32s")
+    name = recipe.run_name(params, "fcn32s", init, tmp_path)
+    # What a run killed (SIGKILL, no clean-up) while writing train leaves: its temp dir, half full.
+    stale = out / "shards" / ".train.tmp-4194000"
+    shutil.copytree(out / "shards" / "train", stale)
+    (stale / "part-00001.parquet").write_bytes(b"half a shard")
+    # Training would resume the same run: only the split's part-*.parquet files decide the name.
+    assert recipe.run_name(params, "fcn32s", init, tmp_path) == name
+    run(raw, out)
+    assert f"removing leftover {stale}" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["train", "val"]
+    assert file_hashes(out / "shards") == before

@@ -8,6 +8,7 @@ import argparse
 import sys
 import time
 
+from pipelines.exits import run_main
 from pipelines.mirror import params_snippet, write_mirror
 
 
@@ -31,18 +32,17 @@ def main(argv=None) -> int:
         if total >= 50 and (done % step == 0 or done == total):
             print(f"images: {done}/{total}  ({time.perf_counter() - started:.1f}s)", file=sys.stderr, flush=True)
 
-    try:
+    def body():
+        # write_mirror's ValueError is an argument out of range: a command-line error.
         result = write_mirror(args.out, n_train=args.train, n_val=args.val, seed=args.seed, max_side=args.max_side,
                               min_side=args.min_side, workers=args.workers, progress=report)
-    except ValueError as err:
-        print(f"fcn demo-data: error: {err}", file=sys.stderr)
-        return 2
-    print(f"{result['voc']}  md5 {result['md5']['voc']}")
-    print(f"{result['sbd']}  md5 {result['md5']['sbd']}")
-    print(f"wrote {args.train} train + {args.val} val images in {time.perf_counter() - started:.1f}s;"
-          " to use this mirror, put in params.yaml:\n")
-    print(params_snippet(result), end="")
-    return 0
+        print(f"{result['voc']}  md5 {result['md5']['voc']}")
+        print(f"{result['sbd']}  md5 {result['md5']['sbd']}")
+        print(f"wrote {args.train} train + {args.val} val images in {time.perf_counter() - started:.1f}s;"
+              " to use this mirror, put in params.yaml:\n")
+        print(params_snippet(result), end="")
+
+    return run_main("demo-data", body, (), usage_errors=(ValueError,), resume="run the same command again")
 
 
 if __name__ == "__main__":

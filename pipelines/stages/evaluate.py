@@ -37,9 +37,10 @@ from pipelines import tracking
 from pipelines.exits import run_main
 from pipelines.files import atomic_write_text, file_sha256
 from pipelines.params import Params, load_params
-from pipelines.recipe import stage_command
+from pipelines.recipe import StageError, stage_command, stage_variant
 from pipelines.scoring import (
-    EvaluateError, device_description, format_table, pick_device, reference_key, score_model, stage_report,
+    REFERENCE_PREFIX, EvaluateError, device_description, format_table, pick_device, reference_key, score_model,
+    stage_report,
 )
 from pipelines.shards import ShardError, count_rows, iter_samples, shard_files
 
@@ -81,12 +82,15 @@ def evaluate(params: Params, device: torch.device | None = None) -> dict:
     report = {}
     for stage, (directory, remake) in checkpoints.items():
         try:
-            model, meta = load_checkpoint(directory, map_location=device)
-        except (FileNotFoundError, ValueError) as err:
+            # An imported reference holds whatever network it was imported as.
+            variant = None if stage.startswith(REFERENCE_PREFIX) else stage_variant(stage)
+            model, meta = load_checkpoint(directory, map_location=device, variant=variant)
+        except (FileNotFoundError, ValueError, StageError) as err:
             raise EvaluateError(f"{stage}: {err}; {remake}") from None
         model = optimize_for_inference(model)
         print(f"[{stage}] scoring {total} val images on {device.type}", flush=True)
-        matrix, images, times = score_model(model, iter_samples(files), device, timing_images, total, stage)
+        matrix, images, times = score_model(model, iter_samples(files), device, timing_images, total, stage,
+                                            params.inference.max_pixels)
         if matrix.total == 0:
             raise EvaluateError(f"{files[0].parent}: every val pixel is void (255): nothing to score")
         entry = stage_report(matrix, images, times, device)

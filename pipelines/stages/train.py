@@ -18,6 +18,7 @@ from ray.train import TrainingFailedError
 
 from pipelines import training
 from pipelines.cluster import ClusterError
+from pipelines.driver import RunHeldError
 from pipelines.exits import run_main
 from pipelines.params import load_params, project_dir
 from pipelines.recipe import StageError
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
         print(f"[{args.stage}] best mean IU {metrics['mean_iu']:.4f} at iteration {metrics['best_iteration']} "
               f"of {metrics['iterations']}", flush=True)
 
-    return run_main("train", body, (StageError, ClusterError, ShardError),
+    return run_main("train", body, (StageError, ClusterError, ShardError, RunHeldError),
                     resume=f"run `fcn train --stage {args.stage}` again: it resumes from the last checkpoint")
 
 

@@ -1,0 +1,41 @@
+"""How large an image a network is run on: a pixel limit, which bounds the memory of one forward pass.
+
+An FCN takes an image of any size, and its activations grow with the pixels: a
+photo of tens of megapixels needs tens of gigabytes, more than most machines have.
+Predict, evaluate and the registered model refuse larger images than the limit,
+with a message saying so (fcn predict can instead downscale them: fitting_size).
+
+    MAX_PIXELS                       the default limit: 2048 x 2048 pixels
+    META_KEY                         where a checkpoint's meta.json keeps its own limit
+    too_large(height, width, limit)  None, or why the image is refused
+    fitting_size(height, width, limit)  the largest size of the same shape within the limit
+"""
+from __future__ import annotations
+
+import math
+
+MAX_PIXELS = 2048 * 2048
+META_KEY = "max_pixels"
+
+
+def _amount(pixels: int) -> str:
+    return f"{pixels / 1e6:.1f} megapixels" if pixels >= 100_000 else f"{pixels} pixels"
+
+
+def too_large(height: int, width: int, limit: int) -> str | None:
+    """None when an image of height x width fits the limit, else the reason it does not."""
+    if height * width <= limit:
+        return None
+    exact = f" ({limit} pixels)" if limit >= 100_000 else ""
+    return f"{width}x{height} is {_amount(height * width)}, more than the limit of {_amount(limit)}{exact}"
+
+
+def fitting_size(height: int, width: int, limit: int) -> tuple[int, int]:
+    """(height, width) scaled down by one factor so that height x width <= limit (at least 1 x 1)."""
+    if height * width <= limit:
+        return height, width
+    scale = math.sqrt(limit / (height * width))
+    h, w = max(1, int(height * scale)), max(1, int(width * scale))
+    while h * w > limit:  # rounding can leave one row too many
+        h, w = (h - 1, w) if h >= w else (h, w - 1)
+    return h, w

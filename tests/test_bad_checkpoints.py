@@ -1,0 +1,98 @@
+"""A broken checkpoint, or one of another network, in every stage that reads one: one line naming
+the file and what is wrong with it, exit status 1, nothing scored, trained or registered from it."""
+import contextlib
+import io
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from fcn_models.checkpoint import save_checkpoint
+from fcn_models.fcn import build_fcn
+from pipelines.stages import evaluate, predict, register, train
+from test_checkpoint import _break
+from test_train import WIDTH, write_shards
+
+BROKEN = ("empty", "truncated", "code-carrying")
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    write_shards(tmp_path / "shards", n_train=1, n_val=3)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "data": {"shards_dir": "shards"}, "model": {"width": WIDTH, "imagenet_weights": None},
+        "evaluate": {"stages": ["fcn8s"], "timing_images": 1}}))
+    return tmp_path
+
+
+def stage(main, *argv) -> tuple[int, str]:
+    """(exit status, stderr) of a stage's main()."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        status = main(list(argv))
+    return status, err.getvalue()
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "weights_only" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("how", BROKEN)
+def test_evaluate_names_a_broken_checkpoint(project, how):
+    save_checkpoint(project / "models" / "fcn8s", build_fcn("fcn8s", width=WIDTH), {"stage": "fcn8s"})
+    _break(project / "models" / "fcn8s", how, project)
+    status, err = stage(evaluate.main, "--params", str(project / "params.yaml"), "--device", "cpu")
+    assert status == 1
+    line = one_line(err)
+    assert line.startswith(f"evaluate: stage fcn8s: {project / 'models' / 'fcn8s' / 'model.pt'} ")
+    assert line.endswith("retrain it with `fcn train --stage fcn8s` (or `dvc repro train@fcn8s`)")
+    assert not (project / "reports").exists() and not (project / "pwned").exists()
+
+
+@pytest.mark.parametrize("how", BROKEN)
+def test_train_names_a_broken_starting_checkpoint(project, how):
+    save_checkpoint(project / "models" / "fcn32s", build_fcn("fcn32s", width=WIDTH), {"stage": "fcn32s"})
+    _break(project / "models" / "fcn32s", how, project)
+    status, err = stage(train.main, "--stage", "fcn16s", "--params", str(project / "params.yaml"))
+    assert status == 1
+    line = one_line(err)
+    assert line.startswith(f"train: cannot start fcn16s from fcn32s ({project / 'models' / 'fcn32s'}): "
+                           f"{project / 'models' / 'fcn32s' / 'model.pt'} ")
+    assert not (project / "mlflow.db").exists() and not (project / "pwned").exists()
+
+
+@pytest.mark.parametrize("how", BROKEN)
+def test_predict_names_a_broken_checkpoint(project, how):
+    save_checkpoint(project / "ckpt", build_fcn("fcn8s", width=WIDTH), {})
+    _break(project / "ckpt", how, project)
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(project / "photo.png")
+    status, err = stage(predict.main, str(project / "photo.png"), "--model", str(project / "ckpt"),
+                        "--out", str(project / "out"))
+    assert status == 1
+    assert one_line(err).startswith(f"predict: model {project / 'ckpt'}: {project / 'ckpt' / 'model.pt'} ")
+    assert not (project / "out").exists() and not (project / "pwned").exists()
+
+
+def test_a_checkpoint_of_another_network_is_refused_by_evaluate_register_and_train(project):
+    # An FCN-32s where FCN-8s belongs, and an FCN-8s where FCN-32s belongs.
+    save_checkpoint(project / "models" / "fcn8s", build_fcn("fcn32s", width=WIDTH), {"stage": "fcn8s"})
+    save_checkpoint(project / "models" / "fcn32s", build_fcn("fcn8s", width=WIDTH), {"stage": "fcn32s"})
+    params = str(project / "params.yaml")
+    wrong = f"{project / 'models' / 'fcn8s' / 'meta.json'} says its network is fcn32s, but " \
+            f"{project / 'models' / 'fcn8s'} must hold an fcn8s"
+
+    status, err = stage(evaluate.main, "--params", params, "--device", "cpu")
+    assert status == 1 and one_line(err) == (f"evaluate: stage fcn8s: {wrong}; retrain it with "
+                                             "`fcn train --stage fcn8s` (or `dvc repro train@fcn8s`)")
+    status, err = stage(register.main, "--params", params)
+    assert status == 1 and one_line(err).startswith(f"register: {wrong}; train that stage first")
+    status, err = stage(train.main, "--stage", "fcn16s", "--params", params)
+    assert status == 1 and f"says its network is fcn8s, but {project / 'models' / 'fcn32s'} must hold an fcn32s" \
+        in one_line(err)
+    assert not (project / "reports").exists() and not (project / "mlflow.db").exists()
