@@ -86,7 +86,7 @@ def evaluate(params: Params, device: torch.device | None = None) -> dict:
             variant = None if stage.startswith(REFERENCE_PREFIX) else stage_variant(stage)
             model, meta = load_checkpoint(directory, map_location=device, variant=variant)
         except (FileNotFoundError, ValueError, StageError) as err:
-            raise EvaluateError(f"{stage}: {err}; {remake}") from None
+            raise EvaluateError(f"stage {stage}: {err}; {remake}") from None
         model = optimize_for_inference(model)
         print(f"[{stage}] scoring {total} val images on {device.type}", flush=True)
         matrix, images, times = score_model(model, iter_samples(files), device, timing_images, total, stage,
