@@ -3,6 +3,7 @@
     read_image(path)      (H, W, 3) uint8 RGB, upright as its EXIF orientation says
     mask_image(mask)      a PIL palette image: pixel values are class ids, colours the VOC ones
     save_png(image, path) written whole or not at all
+    class_shares(mask)    (class id, name, percent of pixels) of each class present, largest first
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fcn_models import palette
+from fcn_models.voc import class_names
 from pipelines.files import atomic_write_bytes
 
 
@@ -51,3 +53,11 @@ def mask_image(mask: np.ndarray):
     image = Image.fromarray(mask.astype(np.uint8))
     image.putpalette(palette.voc_colormap(256).ravel().tolist())
     return image
+
+
+def class_shares(mask: np.ndarray) -> list[tuple[int, str, float]]:
+    """(class id, name, percent of pixels) for each class present, largest first."""
+    names = class_names()
+    counts = np.bincount(np.asarray(mask).ravel(), minlength=1)
+    present = sorted(np.flatnonzero(counts), key=lambda c: (-counts[c], c))
+    return [(int(c), names[c] if c < len(names) else f"class {c}", 100.0 * counts[c] / mask.size) for c in present]
