@@ -18,6 +18,10 @@ COMMANDS = {
     "evaluate": ("pipelines.stages.evaluate", "score each trained stage on all of val: the paper's table"),
     "register": ("pipelines.stages.register", "log the best checkpoint to MLflow; move the champion alias if it is better"),
     "predict": ("pipelines.stages.predict", "mask and overlay PNGs for images, from a registered model or a checkpoint"),
+    "predict-batch": ("pipelines.stages.predict_batch",
+                      "masks, overlays and class shares for a directory, glob or Parquet of images, on Ray Data"),
+    "serve": ("pipelines.stages.serve", "serve a registered model over HTTP on 127.0.0.1 (mlflow models serve)"),
+    "export": ("pipelines.stages.export", "write a checkpoint or registered model as ONNX (dynamic height and width)"),
 }
 
 

@@ -269,6 +269,26 @@ def test_champion_loads_in_a_fresh_process_and_predicts_as_its_checkpoint(regist
     np.testing.assert_array_equal(example, decode_val_image(registry["root"] / "data" / "shards", "val_000001"))
 
 
+def test_export_of_the_champion_and_the_onnx_file_of_its_version(registry, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from pipelines import cli
+    from pipelines.onnx_export import run_onnx
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    image = np.random.default_rng(5).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    expected = checkpoint_mask(registry["copies"][3], image)
+    out = tmp_path / "champion.onnx"
+    assert cli.main(["export", "models:/fcn-voc@champion", "--onnx", str(out),
+                     "--params", str(registry["root"] / "params.yaml")]) == 0
+    np.testing.assert_array_equal(run_onnx(out, image)[1], expected)
+    # The register stage logged the same network as ONNX with the version.
+    client = MlflowClient(tracking_uri=registry["uri"], registry_uri=registry["uri"])
+    logged = client.get_logged_model(registry["records"][3]["model_id"])
+    logged_onnx = Path(logged.artifact_location.removeprefix("file://")) / "artifacts" / "model.onnx"
+    np.testing.assert_array_equal(run_onnx(logged_onnx, image)[1], expected)
+
+
 def test_a_champion_without_its_score_tag_stops_the_gate(registry):
     from mlflow import MlflowClient
 
