@@ -21,6 +21,7 @@ COMMANDS = {
     "predict-batch": ("pipelines.stages.predict_batch",
                       "masks, overlays and class shares for a directory, glob or Parquet of images, on Ray Data"),
     "serve": ("pipelines.stages.serve", "serve a registered model over HTTP on 127.0.0.1 (mlflow models serve)"),
+    "ui": ("pipelines.stages.ui", "the MLflow UI over the project's store, on 127.0.0.1; prints where the runs are"),
     "export": ("pipelines.stages.export", "write a checkpoint or registered model as ONNX (dynamic height and width)"),
 }
 

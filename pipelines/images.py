@@ -1,6 +1,7 @@
 """Image files in and out: reading a photo as RGB pixels, writing masks as palette PNGs.
 
     read_image(path)      (H, W, 3) uint8 RGB, upright as its EXIF orientation says
+    decode_image(data, n) the same from a file's bytes (n names it in errors)
     mask_image(mask)      a PIL palette image: pixel values are class ids, colours the VOC ones
     save_png(image, path) written whole or not at all
     class_shares(mask)    (class id, name, percent of pixels) of each class present, largest first
@@ -23,20 +24,26 @@ class ImageError(ValueError):
 
 def read_image(path: Path) -> np.ndarray:
     """An image file as (H, W, 3) uint8 RGB, upright as its EXIF orientation says."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: no such file")
     if not path.is_file():
         raise ImageError(f"{path}: not a file (give image files)")
+    return decode_image(path, str(path))
+
+
+def decode_image(data, name: str) -> np.ndarray:
+    """An encoded image (a path, or the file's bytes) as (H, W, 3) uint8 RGB, upright; `name` in errors."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image PIL can read (give a JPEG, PNG or other image file)") from None
+        raise ImageError(f"{name}: not an image PIL can read (give a JPEG, PNG or other image file)") from None
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ImageError(f"{path}: cannot read the image: {err}") from None
+        raise ImageError(f"{name}: cannot read the image: {err}") from None
 
 
 def save_png(image, path: Path) -> None:
