@@ -67,7 +67,7 @@ from pipelines import figures
 from pipelines.files import file_sha256
 from pipelines.params import Params
 from pipelines.recipe import result_params
-from pipelines.shards import COLUMNS, SPLITS, iter_rows, shard_files
+from pipelines.shards import COLUMNS, SPLITS, ShardError, iter_rows, shard_files
 
 RAY_RUN_TAG = "fcn.ray_run"
 RAY_STORAGE_TAG = "fcn.ray_storage"
@@ -382,7 +382,12 @@ def open_stage_run(params: Params, stage: str, root: Path, ray_run: str, storage
     for i in range(0, len(new_params), 100):
         client.log_batch(run_id, params=new_params[i:i + 100])
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-    log_shard_inputs(client, run_id, shard_datasets(Path(params.data.shards_dir)))
+    try:
+        datasets = shard_datasets(Path(params.data.shards_dir))
+    except ShardError:
+        datasets = []  # a split is missing: the stage fails on it with its own message, and ends this run
+    if datasets:
+        log_shard_inputs(client, run_id, datasets)
     print(f"[{stage}] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in experiment "
           f"{params.mlflow.experiment!r} at {uri}", flush=True)
     if changed:
