@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean mlflow-ui
+.PHONY: demo test bench clean mlflow-ui serve
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,11 +30,15 @@ demo: $(STAMP)
 	echo && cat reports/evaluation.md && \
 	echo && python -c 'import json; r = json.load(open("reports/registry.json")); print("registry:", r["decision"], "version", r["new_version"], "| champion: version", r["champion_version"], "mean IU", round(r["champion_mean_iu"], 4))' && \
 	echo && echo "demo finished in $$(( $$(date +%s) - start )) s" && \
-	echo "MLflow UI (runs, registered model): make mlflow-ui, then http://127.0.0.1:5000"
+	echo "MLflow UI (runs, registered model): make mlflow-ui (it prints the addresses to open)"
 
-# The MLflow UI over the local store, on 127.0.0.1 only.
+# The MLflow UI over the project's store, on 127.0.0.1 only; prints the address of the runs.
 mlflow-ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+	$(BIN)/fcn ui
+
+# The champion as a REST endpoint on 127.0.0.1:5001 (README: Serving).
+serve: $(STAMP)
+	$(BIN)/fcn serve
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -161,11 +161,12 @@ def _fuse(up: torch.Tensor, skip: torch.Tensor, offset: int, what: str) -> torch
     fc6-like shrink (GoogLeNet) the upsampled map can reach one pixel past the
     skip's end, and that pixel is dropped too (it lies far outside the image).
     """
-    h = min(up.shape[-2], skip.shape[-2] - offset)
-    w = min(up.shape[-1], skip.shape[-1] - offset)
-    if h <= 0 or w <= 0:
+    # Slices past the end stop at it: the same as min(up, skip - offset), written so that a
+    # traced export (ONNX) keeps it a function of the input size rather than one branch.
+    cut = skip[..., offset:offset + up.shape[-2], offset:offset + up.shape[-1]]
+    if cut.shape[-2] <= 0 or cut.shape[-1] <= 0:
         raise RuntimeError(f"{what} ({tuple(skip.shape[-2:])}) does not overlap the upsampled scores at offset {offset}")
-    return up[..., :h, :w] + skip[..., offset:offset + h, offset:offset + w]
+    return up[..., :cut.shape[-2], :cut.shape[-1]] + cut
 
 
 def _crop(out: torch.Tensor, offset: int, height: int, width: int) -> torch.Tensor:

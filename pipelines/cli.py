@@ -20,6 +20,11 @@ COMMANDS = {
     "predict": ("pipelines.stages.predict", "mask and overlay PNGs for images, from a registered model or a checkpoint"),
     "import": ("pipelines.stages.import_weights", "the reference's caffemodels / pytorch-fcn files as our checkpoints"),
     "status": ("pipelines.stages.status", "the stage runs in MLflow; runs whose driver is gone marked FAILED"),
+    "predict-batch": ("pipelines.stages.predict_batch",
+                      "masks, overlays and class shares for a directory, glob or Parquet of images, on Ray Data"),
+    "serve": ("pipelines.stages.serve", "serve a registered model over HTTP on 127.0.0.1 (mlflow models serve)"),
+    "ui": ("pipelines.stages.ui", "the MLflow UI over the project's store, on 127.0.0.1; prints where the runs are"),
+    "export": ("pipelines.stages.export", "write a checkpoint or registered model as ONNX (dynamic height and width)"),
 }
 
 

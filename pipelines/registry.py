@@ -1,23 +1,29 @@
-"""The model registry: a checkpoint logged as a pyfunc model, registered, and the alias gated.
+"""The model registry: a checkpoint logged as a pyfunc model, registered, described, and the alias gated.
 
     evaluated_scores(params, stage, checkpoint)   the evaluate stage's full-resolution scores of it
-    register(params, stage, checkpoint, scores)   log, register, move the alias if better -> record
+    register(params, stage, checkpoint, scores)   log, register, describe, move the alias if better -> record
 
 The checkpoint is logged (pipelines/serving.py as the model's code, a copy of
-fcn_models as its code path, model.pt + meta.json as an artifact) into the MLflow
-run that trained it, named in its meta.json, so the registered version's source run
-is the training run; a checkpoint without one (or whose run is not in this store)
-gets a run of its own, holding its scores. The version is tagged with the mean IU
-the gate compares (MEAN_IU_TAG), the stage and the weights' sha256. The alias moves
-to the new version only if its mean IU beats the one tagged on the version holding
-the alias now (a tie keeps the champion; with no champion the new version takes it).
+fcn_models as its code path, model.pt + meta.json and the same network as ONNX as
+artifacts) into the MLflow run that trained it, named in its meta.json: MLflow 3
+makes that a LoggedModel whose source run is the training run, and the registered
+version's run is the training run. The version and the LoggedModel carry the
+weights' sha256 (tracking.WEIGHTS_TAG), which the training run recorded when it
+ended, and evaluate's scores (linked to the LoggedModel, at the checkpoint's
+iteration). A checkpoint without a training run in this store gets a run of its own,
+register-<stage>, holding its scores the same way and its network as params in the
+training runs' key scheme. The experiment, the registered model and the version get
+descriptions (pipelines/modelcard.py); the version's, its model card, is also
+model_card.md in the run's and the model's artifacts. The alias moves to the new
+version only if its mean IU beats the one tagged on the version holding the alias
+now (a tie keeps the champion; with no champion the new version takes it).
 
-The signature takes one image, shape (-1, -1, 3), not a batch (-1, -1, -1, 3): an
-FCN takes whole images of any size (the reference scores them one at a time), and
-images of different sizes cannot share one array. A batch dimension would serve
-only equal-sized images (or ragged object arrays, for which MLflow skips its dtype
-check) and make every single image a [None]-wrapped call; with (-1, -1, 3) MLflow
-checks rank, channels and dtype of every image of every size.
+The signature declares the output only, an (H, W) uint8 mask. An input signature
+would make MLflow's scoring server cast the JSON it gets to the declared dtype before
+the model sees it: float pixels 0.5 become uint8 0, a black image and an
+all-background mask. Without one the model sees what was sent and checks it itself
+(serving.check_image: one image, 3 channels, integer pixels 0..255), for Python
+callers and the server alike. The input example (a val image) shows the format.
 """
 from __future__ import annotations
 
@@ -35,18 +41,21 @@ import fcn_models
 from fcn_models import limits
 from fcn_models.checkpoint import META_FILE, MODEL_FILE, read_meta
 from fcn_models.metrics import SCORE_KEYS
-from pipelines import tracking
+from pipelines import modelcard, tracking
 from pipelines.files import file_sha256
+from pipelines.onnx_export import ExportError, export_onnx
 from pipelines.params import Params
 from pipelines.recipe import StageError, stage_variant
 from pipelines.scoring import REFERENCE_PREFIX
-from pipelines.serving import CHECKPOINT_ARTIFACT, FCNSegmenter
+from pipelines.serving import CHECKPOINT_ARTIFACT, ONNX_ARTIFACT, FCNSegmenter
 from pipelines.shards import decode_sample, iter_rows, shard_files
 
 SERVING_CODE = Path(__file__).resolve().with_name("serving.py")
 FCN_MODELS_DIR = Path(fcn_models.__file__).resolve().parent
 MEAN_IU_TAG = "mean_iu"
-WEIGHTS_TAG = "weights_sha256"
+WEIGHTS_TAG = tracking.WEIGHTS_TAG
+ONNX_FILE = "model.onnx"
+CARD_FILE = "model_card.md"
 # The input example is a val image's centre, at most this many pixels a side:
 # it is stored as JSON with the model, twice.
 EXAMPLE_MAX_SIDE = 64
@@ -106,11 +115,11 @@ def example_image(shards_dir: Path, max_side: int = EXAMPLE_MAX_SIDE) -> np.ndar
 
 
 def model_signature():
+    """The output only (the module docstring says why)."""
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3))]),
-                          outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1))]))
+    return ModelSignature(inputs=None, outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1))]))
 
 
 def requirements() -> list[str]:
@@ -158,6 +167,24 @@ def _training_run(client, meta: dict):
         return None
 
 
+def _lineage(client, run) -> list[dict]:
+    """The runs the given one descends from (parent run tags), nearest first."""
+    from mlflow.exceptions import MlflowException
+
+    chain, seen = [], {run.info.run_id}
+    parent = run.data.tags.get(tracking.PARENT_RUN_TAG)
+    while parent and parent not in seen:
+        seen.add(parent)
+        try:
+            run = client.get_run(parent)
+        except MlflowException:
+            break
+        chain.append({"stage": run.data.tags.get(tracking.STAGE_TAG, "?"), "name": run.info.run_name,
+                      "id": run.info.run_id})
+        parent = run.data.tags.get(tracking.PARENT_RUN_TAG)
+    return chain
+
+
 def _relative(path: Path, root: Path) -> str:
     try:
         return str(path.relative_to(root))
@@ -165,8 +192,15 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
+def network_params(meta: dict) -> dict[str, str]:
+    """The checkpoint's network in the training runs' param keys (model.*)."""
+    norm = meta["input_norm"]["name"] if isinstance(meta.get("input_norm"), dict) else meta.get("input_norm")
+    return {"model.backbone": str(meta["backbone"]), "model.width": str(meta["width"]),
+            "model.num_classes": str(meta["num_classes"]), "model.input_norm": str(norm)}
+
+
 def register(params: Params, stage: str, checkpoint: Path, scores: dict, root: Path) -> dict:
-    """Log, register and gate the alias; return the record (what the registry file holds)."""
+    """Log, register, describe and gate the alias; return the record (what the registry file holds)."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -180,38 +214,74 @@ def register(params: Params, stage: str, checkpoint: Path, scores: dict, root: P
     except (ValueError, RuntimeError, OSError, pickle.UnpicklingError) as err:
         raise RegisterError(f"{checkpoint}: cannot load and run the checkpoint: {err}") from None
     meta = segmenter.meta
+    evaluation = json.loads(Path(params.evaluate.report_file).read_text())
+    step = int(meta.get("iterations") or 0)
 
     experiment_id = tracking.set_up(params)
     client = MlflowClient()
+    client.set_experiment_tag(experiment_id, tracking.NOTE_TAG, modelcard.experiment_description(params))
     champion = current_champion(client, config.model_name, config.alias)
     weights_sha256 = file_sha256(checkpoint / MODEL_FILE)
     trained_in = _training_run(client, meta)
+    datasets = tracking.shard_datasets(Path(params.data.shards_dir))
     with tempfile.TemporaryDirectory(prefix="fcn-register-") as scratch:
-        # Only the weights and their description travel with the model.
-        packed = Path(scratch) / "checkpoint"
+        scratch = Path(scratch)
+        # Only the weights and their description travel with the model, and the same network as ONNX.
+        packed = scratch / "checkpoint"
         packed.mkdir()
         shutil.copy2(checkpoint / MODEL_FILE, packed / MODEL_FILE)
         # The served model refuses images above the limit it is registered with.
         (packed / META_FILE).write_text(json.dumps({**meta, limits.META_KEY: params.inference.max_pixels}, indent=2))
+        try:
+            onnx_file = export_onnx(packed, scratch / ONNX_FILE)
+        except ExportError as err:
+            raise RegisterError(str(err)) from None
         if trained_in is not None:
             run_context = mlflow.start_run(run_id=trained_in.info.run_id)
+            shards_md5 = trained_in.data.tags.get(tracking.SHARDS_HASH_TAG)
         else:
             run_context = mlflow.start_run(experiment_id=experiment_id, run_name=f"register-{stage}")
+            shards_md5 = None
         with run_context as run:
+            run_id = run.info.run_id
             if trained_in is None:
-                # No training run to carry the scores: this run holds them, as evaluate logs them.
-                mlflow.log_metrics({f"{tracking.EVAL_PREFIX}{k}": v for k, v in scores.items()})
+                # No training run to carry the scores: this run holds them, as evaluate logs them,
+                # its network as the training runs' params, and its shards as inputs.
+                client.log_batch(run_id, metrics=tracking.evaluation_metrics(evaluation[stage], step))
+                mlflow.log_params(network_params(meta))
                 mlflow.set_tags({tracking.STAGE_TAG: stage, tracking.INIT_TAG: str(meta.get("init", "unknown"))})
+                tracking.log_shard_inputs(client, run_id, datasets)
             mlflow.set_tag(WEIGHTS_TAG, weights_sha256)
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(SERVING_CODE), code_paths=[str(FCN_MODELS_DIR)],
-                artifacts={CHECKPOINT_ARTIFACT: str(packed)}, signature=model_signature(),
-                input_example=example, pip_requirements=requirements(),
+                artifacts={CHECKPOINT_ARTIFACT: str(packed), ONNX_ARTIFACT: str(onnx_file)},
+                signature=model_signature(), input_example=example, pip_requirements=requirements(),
+                params=network_params(meta), tags={WEIGHTS_TAG: weights_sha256, "stage": stage},
             )
+            # Evaluate's scores of these weights, linked to the logged model too.
+            client.log_batch(run_id, metrics=tracking.evaluation_metrics(evaluation[stage], step, info.model_id))
+        run = client.get_run(run_id)
+    if shards_md5 is None:
+        shards_md5, _ = tracking.shards_hash(Path(params.data.shards_dir), root)
     # The tags come with the version, so the alias gate never sees a version without its score.
     version = mlflow.register_model(info.model_uri, config.model_name, tags={
         MEAN_IU_TAG: repr(scores["mean_iu"]), "stage": stage, WEIGHTS_TAG: weights_sha256,
     })
+    card = modelcard.version_card({
+        "model_name": config.model_name, "version": version.version, "stage": stage, "meta": meta,
+        "weights_sha256": weights_sha256, "run": {"name": run.info.run_name, "id": run_id},
+        "lineage": _lineage(client, run), "datasets": datasets, "shards_md5": shards_md5,
+        "origin": modelcard.data_origin(params), "evaluation": evaluation,
+        "onnx": f"artifacts/{ONNX_FILE}",
+    })
+    client.update_registered_model(config.model_name, description=modelcard.model_description(
+        config.model_name, config.alias))
+    client.update_model_version(config.model_name, version.version, description=card)
+    with tempfile.TemporaryDirectory(prefix="fcn-card-") as scratch:
+        card_file = Path(scratch) / CARD_FILE
+        card_file.write_text(card)
+        client.log_artifact(run_id, str(card_file))
+        client.log_model_artifact(info.model_id, str(card_file))
     new = {"version": int(version.version), "mean_iu": scores["mean_iu"]}
     promote = champion is None or new["mean_iu"] > champion["mean_iu"]
     if promote:
@@ -229,6 +299,8 @@ def register(params: Params, stage: str, checkpoint: Path, scores: dict, root: P
         "champion_mean_iu": after["mean_iu"],
         "stage": stage,
         "checkpoint": _relative(checkpoint, root),
-        "run_id": run.info.run_id,
+        "run_id": run_id,
+        "model_id": info.model_id,
+        "weights_sha256": weights_sha256,
         "model_uri": f"models:/{config.model_name}/{new['version']}",
     }

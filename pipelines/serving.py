@@ -11,7 +11,10 @@ artifact, so
 
 needs only the packages in the model's requirements (mlflow, torch, torchvision,
 numpy), no checkout of this project. The input normalisation comes from the
-checkpoint's meta.json, so callers never normalise.
+checkpoint's meta.json, so callers never normalise. `check_image` is the one place
+where input is checked (shape, channels, pixel dtype and range), for every caller:
+`fcn predict`, batch inference and the scoring server of `mlflow models serve`, which
+answers its ValueError with a 400 saying what to send.
 
 This file must import nothing from `pipelines`: the logged model carries only it
 and fcn_models.
@@ -19,28 +22,65 @@ and fcn_models.
 import mlflow
 import numpy as np
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
 from fcn_models import limits
 from fcn_models.checkpoint import load_checkpoint
 from fcn_models.preprocess import normalize
 
-# Key of the checkpoint directory among the logged model's artifacts.
+# Keys of the logged model's artifacts: the checkpoint directory, and the same network as
+# ONNX (pipelines/onnx_export.py), which serving does not load.
 CHECKPOINT_ARTIFACT = "checkpoint"
+ONNX_ARTIFACT = "onnx"
+# What every refusal asks for instead.
+WHAT_TO_SEND = ("send one RGB image as an (H, W, 3) array of uint8 pixel values 0..255 "
+                "(as JSON: {\"inputs\": [[[r, g, b], ...], ...]} of integers)")
 
 
 def check_image(image, max_pixels: int = limits.MAX_PIXELS) -> np.ndarray:
-    """The image as a (H, W, 3) uint8 array of at most max_pixels pixels, or a ValueError saying
-    what it is instead."""
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected one RGB image as a (H, W, 3) uint8 array, got shape {image.shape} "
-                         f"dtype {image.dtype} (convert grayscale or RGBA images to RGB first)")
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(f"image of shape {image.shape} has no pixels")
-    why = limits.too_large(image.shape[0], image.shape[1], max_pixels)
+    """One RGB image as a (H, W, 3) uint8 array of at most max_pixels pixels, or a ValueError
+    saying what it is and what to send.
+
+    The one place of input checks. Integer pixels of any integer dtype are taken when
+    they lie in 0..255: JSON carries no uint8, so the scoring server hands in int64.
+    Floats are refused, not rounded: a float image is most often scaled to 0..1, which
+    cast to uint8 is a black picture and an all-background mask.
+    """
+    try:
+        image = np.asarray(image)
+    except ValueError as err:  # ragged nested lists
+        raise ValueError(f"not a rectangular array of pixels ({err}): {WHAT_TO_SEND}") from None
+    shape, dtype = tuple(image.shape), image.dtype
+    if image.ndim == 4:
+        raise ValueError(f"got a batch of {shape[0]} images, shape {shape}: {WHAT_TO_SEND}, "
+                         "one image per call (post the others one at a time)")
+    if image.ndim == 2:
+        raise ValueError(f"got a 2-D array of shape {shape} (a grayscale image?): {WHAT_TO_SEND}; "
+                         "convert grayscale to RGB first, e.g. PIL's image.convert('RGB')")
+    if image.ndim != 3:
+        raise ValueError(f"got an array of shape {shape}: {WHAT_TO_SEND}")
+    if shape[2] == 4:
+        raise ValueError(f"got 4 channels, shape {shape} (RGBA?): {WHAT_TO_SEND}; drop the alpha channel, "
+                         "e.g. PIL's image.convert('RGB')")
+    if shape[2] != 3:
+        raise ValueError(f"got {shape[2]} channels, shape {shape}: {WHAT_TO_SEND}")
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"image of shape {shape} has no pixels: {WHAT_TO_SEND}")
+    why = limits.too_large(shape[0], shape[1], max_pixels)
     if why:
         raise ValueError(f"image of {why}, this model's limit: scale it down first")
+    if dtype.kind == "f":
+        low, high = float(np.nanmin(image)), float(np.nanmax(image))
+        raise ValueError(f"got float pixels ({dtype}, values {low:.4g}..{high:.4g}): {WHAT_TO_SEND}; a float "
+                         "image in 0..1 becomes one with (image * 255).round().astype(numpy.uint8)")
+    if dtype.kind not in "ui":
+        raise ValueError(f"got pixels of dtype {dtype}: {WHAT_TO_SEND}")
+    if dtype != np.uint8:
+        low, high = int(image.min()), int(image.max())
+        if low < 0 or high > 255:
+            raise ValueError(f"pixel values {low}..{high} lie outside 0..255: {WHAT_TO_SEND}")
+        image = image.astype(np.uint8)
     return image
 
 
@@ -83,7 +123,12 @@ class FCNSegmenter(PythonModel):
         self.load(context.artifacts[CHECKPOINT_ARTIFACT])
 
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
-        return self.segment(model_input)
+        try:
+            image = check_image(model_input, self.max_pixels)
+        except ValueError as err:
+            # MLflow's scoring server answers this error code with a 400 and the message.
+            raise MlflowException.invalid_parameter_value(str(err)) from None
+        return self.segment(image)
 
 
 # What MLflow loads when this file is the logged model's code.

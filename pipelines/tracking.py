@@ -22,11 +22,22 @@ Every training stage is one MLflow run in the pipeline's experiment (mlflow.expe
                           FAILED, with a note saying so and how to resume it
     log_evaluation(...)   the evaluate stage: full-resolution scores on the stage's run
 
+Lineage: a stage that starts from an earlier stage's checkpoint is nested under the
+run that trained those weights (MLflow's parent run), so the UI shows FCN-32s >
+FCN-16s > FCN-8s as one tree: the pipeline's runs grouped by what each one was
+trained from, not by the `dvc repro` that ran it. DVC re-runs only what changed, so
+one invocation may train FCN-16s and FCN-8s on top of an FCN-32s from an earlier
+one; an invocation parent would split that chain or hold runs it never trained. Each
+run records its train and val shards as dataset inputs (name, DVC md5 of the split's
+directory, rows per source) and, once trained, the sha256 of its best weights
+(WEIGHTS_TAG), which the registered version carries too.
+
 A stage resumed under the same Ray run name (after a worker failure, or run again
 for more iterations) continues the same MLflow run; a new Ray run name (changed
 params) is a new MLflow run; its params are pipelines.recipe's RESULT_PARAMS, the
 same list that names the Ray run and that dvc.yaml re-runs the stage on, with the
-stage's own entry as stage.*. Artifacts: plots/confusion_matrix.png and
+stage's own entry as stage.* and stage.init what the weights really started from
+(random when ImageNet weights were asked for but absent). Artifacts: plots/confusion_matrix.png and
 plots/per_class_iu.png of the best checkpoint, val_images/<id>.png (image | its
 prediction | the truth, in the VOC colours) for the first mlflow.val_images_logged
 val images, outputs/metrics.json and outputs/history.csv.
@@ -49,6 +60,7 @@ fails the stage).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -59,14 +71,24 @@ from pathlib import Path
 import yaml
 
 from pipelines import driver, figures
+from pipelines.files import file_sha256
 from pipelines.params import Params
 from pipelines.recipe import result_params
+from pipelines.shards import COLUMNS, SPLITS, ShardError, iter_rows, shard_files
 
 RAY_RUN_TAG = "fcn.ray_run"
 RAY_STORAGE_TAG = "fcn.ray_storage"
 STAGE_TAG = "fcn.stage"
 INIT_TAG = "fcn.init"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own key: its UI shows it with the run
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests the run under its parent
+NOTE_TAG = "mlflow.note.content"  # MLflow's own: the description of a run or experiment
+# MLflow 3's UI opens an experiment of no kind as a GenAI one (traces); this kind opens its runs.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# The sha256 of a checkpoint's model.pt: on the run that trained it and on its registered version.
+WEIGHTS_TAG = "weights_sha256"
+# What a training run logs its shards as, per split: the dataset's name and its context.
+DATASET_CONTEXT = {"train": "training", "val": "validation"}
 GIT_DIRTY_TAG = "fcn.git_dirty"
 SHARDS_HASH_TAG = "fcn.shards_md5"
 SHARDS_HASH_SOURCE_TAG = "fcn.shards_md5_from"
@@ -135,11 +157,22 @@ def set_up(params: Params) -> str:
     use_store(uri)
     name = params.mlflow.experiment
     experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    # A server decides where artifacts go; a local store keeps them in the project.
-    location = artifact_location(params) if uri.startswith("sqlite:") else None
-    return mlflow.create_experiment(name, artifact_location=location)
+    if experiment is None:
+        # A server decides where artifacts go; a local store keeps them in the project.
+        location = artifact_location(params) if uri.startswith("sqlite:") else None
+        experiment_id = mlflow.create_experiment(name, artifact_location=location,
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    else:
+        experiment_id = experiment.experiment_id
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            mlflow.MlflowClient(tracking_uri=uri).set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG,
+                                                                    EXPERIMENT_KIND)
+    return experiment_id
+
+
+def runs_view(base_url: str, experiment_id: str) -> str:
+    """The UI's address of the experiment's runs (MLflow 3 opens the GenAI view without the parameter)."""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 # ---------------------------------------------------------------------------
@@ -219,6 +252,48 @@ def shards_hash(shards_dir: Path, root: Path) -> tuple[str, str]:
     return compute_shards_hash(shards_dir), "computed"
 
 
+_MLFLOW_TYPES = {"string": "string", "binary": "binary", "int32": "integer"}
+
+
+def shard_datasets(shards_dir: Path) -> list[dict]:
+    """Per split, what the shards are as a dataset: {"name" (the split), "digest" (the md5 DVC gives
+    the split's directory), "rows", "sources" ({"voc": n, "sbd": m}), "uri", "files"}."""
+    out = []
+    for split in SPLITS:
+        files = shard_files(Path(shards_dir), split)
+        sources: dict[str, int] = {}
+        for _, (source,) in iter_rows(files, ("source",)):
+            sources[source] = sources.get(source, 0) + 1
+        out.append({"name": split, "digest": compute_shards_hash(files[0].parent), "rows": sum(sources.values()),
+                    "sources": dict(sorted(sources.items())), "uri": files[0].parent.resolve().as_uri(),
+                    "files": len(files)})
+    return out
+
+
+def log_shard_inputs(client, run_id: str, datasets: list[dict]) -> None:
+    """The shards' splits as the run's dataset inputs (MLflow's log_input, through the client)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    schema = json.dumps({"mlflow_colspec": [{"type": _MLFLOW_TYPES[kind], "name": name, "required": True}
+                                            for name, kind in COLUMNS]})
+    inputs = [DatasetInput(
+        Dataset(name=d["name"], digest=d["digest"], source_type="local", source=json.dumps({"uri": d["uri"]}),
+                schema=schema, profile=json.dumps({"num_rows": d["rows"], "rows_by_source": d["sources"],
+                                                   "num_files": d["files"]})),
+        tags=[InputTag("mlflow.data.context", DATASET_CONTEXT[d["name"]])]) for d in datasets]
+    client.log_inputs(run_id, datasets=inputs)
+
+
+def upstream_run(init: dict) -> str | None:
+    """The MLflow run that trained a stage's starting weights (from its checkpoint's meta.json), or None."""
+    if init.get("source") in ("imagenet", "random") or not init.get("path"):
+        return None
+    try:
+        return json.loads((Path(init["path"]) / "meta.json").read_text()).get("mlflow_run_id")
+    except (OSError, ValueError):
+        return None
+
+
 # ---------------------------------------------------------------------------
 # The driver's side: open the stage's run before training, close it after.
 
@@ -240,12 +315,17 @@ class StageRun:
         return MlflowClient(tracking_uri=self.tracking_uri)
 
 
-def stage_params(params: Params, stage: str) -> dict[str, str]:
+def stage_params(params: Params, stage: str, init: dict | None = None) -> dict[str, str]:
     """What decides the stage's result (recipe.RESULT_PARAMS), flat, as strings; the stage's
-    own entry as stage.* ("stage.lr"), so runs of different stages share their keys."""
+    own entry as stage.* ("stage.lr"), so runs of different stages share their keys. With the
+    resolved init (recipe.resolve_init), stage.init is where the weights really started:
+    "random" when the ImageNet weights asked for are absent."""
     own = f"train.stages.{stage}."
-    return {("stage." + k[len(own):] if k.startswith(own) else k): str(v)
-            for k, v in result_params(params, stage).items()}
+    out = {("stage." + k[len(own):] if k.startswith(own) else k): str(v)
+           for k, v in result_params(params, stage).items()}
+    if init is not None:
+        out["stage.init"] = str(init["source"])
+    return out
 
 
 def _filter_value(value: str) -> str:
@@ -265,10 +345,11 @@ def _find_run(client, experiment_id: str, stage: str, ray_run: str, storage: str
     return runs[0] if runs else None
 
 
-def open_stage_run(params: Params, stage: str, root: Path, ray_run: str, storage: str, init_note: str) -> StageRun:
+def open_stage_run(params: Params, stage: str, root: Path, ray_run: str, storage: str, init: dict) -> StageRun:
     """The stage's MLflow run, resumed (same Ray run in the same storage) or new, marked
-    RUNNING, with the stage's params and tags logged. TrackingError when the store
-    cannot be opened."""
+    RUNNING, with the stage's params, tags and dataset inputs logged, nested under the run
+    that trained its starting weights (init: recipe.resolve_init's). TrackingError when the
+    store cannot be opened."""
     from mlflow import MlflowClient
     from mlflow.entities import Param, RunTag
 
@@ -291,12 +372,15 @@ def open_stage_run(params: Params, stage: str, root: Path, ray_run: str, storage
 
     commit, dirty = git_state(root)
     shards_md5, hash_from = shards_hash(Path(params.data.shards_dir), root)
-    tags = {STAGE_TAG: stage, RAY_RUN_TAG: ray_run, RAY_STORAGE_TAG: storage, INIT_TAG: init_note,
+    tags = {STAGE_TAG: stage, RAY_RUN_TAG: ray_run, RAY_STORAGE_TAG: storage, INIT_TAG: init["note"],
             GIT_COMMIT_TAG: commit, SHARDS_HASH_TAG: shards_md5, SHARDS_HASH_SOURCE_TAG: hash_from,
             **{DRIVER_TAG + k: v for k, v in driver.identity().items()}}
     if dirty is not None:
         tags[GIT_DIRTY_TAG] = str(dirty).lower()
-    wanted = stage_params(params, stage)
+    parent = _existing_run(client, upstream_run(init), experiment_id)
+    if parent:
+        tags[PARENT_RUN_TAG] = parent
+    wanted = stage_params(params, stage, init)
     if run is None:
         run_name = ray_run if ray_run.startswith(stage) else f"{stage}-{ray_run}"
         run = client.create_run(experiment_id, run_name=run_name,
@@ -313,6 +397,12 @@ def open_stage_run(params: Params, stage: str, root: Path, ray_run: str, storage
     for i in range(0, len(new_params), 100):
         client.log_batch(run_id, params=new_params[i:i + 100])
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    try:
+        datasets = shard_datasets(Path(params.data.shards_dir))
+    except ShardError:
+        datasets = []  # a split is missing: the stage fails on it with its own message, and ends this run
+    if datasets:
+        log_shard_inputs(client, run_id, datasets)
     print(f"[{stage}] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in experiment "
           f"{params.mlflow.experiment!r} at {uri}", flush=True)
     if changed:
@@ -372,6 +462,18 @@ def stage_runs(params: Params) -> list:
                               order_by=["attributes.start_time DESC"])
 
 
+def _existing_run(client, run_id: str | None, experiment_id: str) -> str | None:
+    """run_id if that run is in this store's experiment (a checkpoint may come from another store)."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        return run_id if client.get_run(run_id).info.experiment_id == experiment_id else None
+    except MlflowException:
+        return None
+
+
 def logged_steps(client, run_id: str, key: str) -> set[int]:
     return {m.step for m in client.get_metric_history(run_id, key)}
 
@@ -397,8 +499,8 @@ def log_missing_rows(client, run_id: str, rows: list[dict]) -> int:
 def finish_stage_run(stage_run: StageRun, params: Params, stage: str, models_dir: Path,
                      history: list[dict], outputs: dict[str, str]) -> None:
     """After the stage's outputs are written: log the validation rows of `history` that rank 0
-    could not, the plots and val images of the best checkpoint and the output files
-    ({name: text}); mark it FINISHED."""
+    could not, the plots and val images of the best checkpoint, the output files
+    ({name: text}) and the best weights' sha256; mark it FINISHED."""
     client = stage_run.client()
     run_id = stage_run.run_id
     caught_up = log_missing_rows(client, run_id, history)
@@ -412,6 +514,7 @@ def finish_stage_run(stage_run: StageRun, params: Params, stage: str, models_dir
         for name, text in outputs.items():
             (scratch / "outputs" / name).write_text(text)
         client.log_artifacts(run_id, str(scratch))
+    client.set_tag(run_id, WEIGHTS_TAG, file_sha256(Path(models_dir) / "model.pt"))
     client.set_terminated(run_id, status="FINISHED")
 
 
@@ -501,12 +604,13 @@ class MetricsLog:
 # The evaluate stage's scores, on the run that trained the checkpoint.
 
 
-def log_evaluation(params: Params, run_id: str, entry: dict) -> bool:
+def log_evaluation(params: Params, run_id: str, entry: dict, step: int = 0) -> bool:
     """Log an evaluate entry (the four scores, per-class IU by name) to the training run
-    `run_id` as eval/<score> and eval/iu/<class>; False (with a line saying why) when
-    the store has no such run, e.g. a checkpoint trained against another store."""
+    `run_id` as eval/<score> and eval/iu/<class>, at `step` (the checkpoint's iteration, so
+    the full-resolution scores sit on the run's validation curve where those weights were
+    taken); False (with a line saying why) when the store has no such run, e.g. a
+    checkpoint trained against another store."""
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
 
     uri = tracking_uri(params)
@@ -521,12 +625,19 @@ def log_evaluation(params: Params, run_id: str, entry: dict) -> bool:
         print(f"[evaluate] MLflow run {run_id} is not in {tracking_uri(params)}: its scores are in the "
               "report file only", flush=True)
         return False
+    client.log_batch(run_id, metrics=evaluation_metrics(entry, step))
+    return True
+
+
+def evaluation_metrics(entry: dict, step: int, model_id: str | None = None) -> list:
+    """An evaluate entry as eval/<score> and eval/iu/<class> metrics at `step` (of a logged model, if given)."""
+    from mlflow.entities import Metric
+
     now = int(time.time() * 1000)
     values = {f"{EVAL_PREFIX}{k}": entry[k] for k in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu")}
-    values.update({f"{EVAL_PREFIX}iu/{name}": iu for name, iu in entry["per_class_iu"].items()})
-    metrics = [Metric(_metric_key(k), float(v), now, 0) for k, v in values.items() if v is not None]
-    client.log_batch(run_id, metrics=metrics)
-    return True
+    values.update({f"{EVAL_PREFIX}iu/{name}": iu for name, iu in (entry.get("per_class_iu") or {}).items()})
+    return [Metric(_metric_key(k), float(v), now, int(step), model_id=model_id)
+            for k, v in values.items() if v is not None]
 
 
 def _metric_key(key: str) -> str:

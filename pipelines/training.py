@@ -164,7 +164,7 @@ def _run_held(params: Params, stage: str, root: Path, init: dict, name: str, sto
     # The stage's MLflow run opens before anything trains: a store that cannot be
     # opened stops the stage here (pipelines/tracking.py says why).
     try:
-        stage_run = tracking.open_stage_run(params, stage, root, name, storage, init["note"])
+        stage_run = tracking.open_stage_run(params, stage, root, name, storage, init)
     except tracking.TrackingError as err:
         raise StageError(str(err)) from None
     config["tracking"] = stage_run.for_workers()

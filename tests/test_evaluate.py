@@ -274,7 +274,7 @@ def test_scores_go_to_the_run_that_trained_the_checkpoint(tmp_path, monkeypatch)
     client = MlflowClient(tracking_uri=tracking.tracking_uri(params))
     run = client.create_run(tracking.set_up(params), run_name="fcn32s-trained")
     save_checkpoint(tmp_path / "models" / "fcn32s", random_scorer("fcn32s", 2, 3.0, 2.0),
-                    {"stage": "fcn32s", "mlflow_run_id": run.info.run_id})
+                    {"stage": "fcn32s", "mlflow_run_id": run.info.run_id, "iterations": 7})
     # A run id from another store: the scores stay in the report, with a line saying so.
     save_checkpoint(tmp_path / "models" / "fcn8s", random_scorer("fcn8s", 4, 0.3, 1.0),
                     {"stage": "fcn8s", "mlflow_run_id": "f" * 32})
@@ -288,4 +288,6 @@ def test_scores_go_to_the_run_that_trained_the_checkpoint(tmp_path, monkeypatch)
         assert logged[f"eval/{key}"] == pytest.approx(report["fcn32s"][key], rel=1e-12)
     for name, iu in report["fcn32s"]["per_class_iu"].items():
         assert (f"eval/iu/{name}" in logged) == (iu is not None)
+    # At the checkpoint's iteration: on the run's curves where those weights were taken.
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/mean_iu")] == [7]
     assert f"MLflow run {'f' * 32} is not in" in out

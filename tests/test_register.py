@@ -155,6 +155,66 @@ def test_each_version_comes_from_the_run_that_trained_its_weights(registry):
     assert any((registry["root"] / "mlartifacts").rglob("MLmodel"))
 
 
+def test_the_version_is_described_by_its_model_card(registry):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=registry["uri"], registry_uri=registry["uri"])
+    record, scores = registry["records"][3], registry["scores"][3]
+    version = client.get_model_version("fcn-voc", str(record["new_version"]))
+    card = version.description
+    run = client.get_run(record["run_id"])
+    # What the model is, the weights it holds, where it was trained, on what, how well, how to call it.
+    assert card.startswith("# fcn-voc version 4: FCN-8s, vgg16 trunk at width 0.0625")
+    assert "background, aeroplane, bicycle" in card and "tvmonitor" in card
+    assert record["weights_sha256"] in card and run.info.run_name in card and record["run_id"] in card
+    # The params name the official archives' md5s (the defaults).
+    assert "PASCAL VOC 2012 and SBD, the official archives VOCtrainval_11-May-2012.tar (md5 6cd6e144" in card
+    train_rows = f"| train | 2 | sbd 2 | `{tracking.compute_shards_hash(registry['root'] / 'data' / 'shards' / 'train')}` |"
+    assert train_rows in card
+    assert f"| **fcn8s** (this version) | {100 * scores['pixel_acc']:.1f} | {100 * scores['mean_acc']:.1f} | " \
+           f"{100 * scores['mean_iu']:.1f} | {100 * scores['fw_iu']:.1f} |" in card
+    assert 'mlflow.pyfunc.load_model("models:/fcn-voc/4")' in card and "uint8" in card
+    # The registered model and the experiment say what they are.
+    model = client.get_registered_model("fcn-voc")
+    assert "21 PASCAL VOC classes" in model.description and "models:/fcn-voc@champion" in model.description
+    experiment = client.get_experiment_by_name("fcn-voc")
+    assert "FCN-32s > FCN-16s > FCN-8s" in experiment.tags["mlflow.note.content"]
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # The card is an artifact of the run and of the model; the ONNX export travels with the version.
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+    assert (artifacts / "model_card.md").read_text() == card
+    logged = client.get_logged_model(record["model_id"])
+    model_files = Path(logged.artifact_location.removeprefix("file://"))
+    assert (model_files / "model_card.md").read_text() == card
+    assert (model_files / "artifacts" / "model.onnx").stat().st_size > 10_000
+
+
+def test_the_card_tells_the_demo_mirror_from_the_official_archives():
+    from pipelines.modelcard import data_origin
+
+    demo = yaml.safe_load((PROJECT_ROOT / "conf" / "profile" / "demo.yaml").read_text())["data"]
+    params = parse_params({"data": {"voc": {"filename": "VOCtrainval_11-May-2012.tar", "md5": demo["voc"]["md5"]},
+                                    "sbd": {"filename": "benchmark.tgz", "md5": demo["sbd"]["md5"]}}})
+    assert "not the official releases: the generated VOC/SBD-format mirror of `fcn demo-data`" in data_origin(params)
+    assert data_origin(parse_params({})).startswith("PASCAL VOC 2012 and SBD, the official archives")
+
+
+def test_the_logged_model_comes_from_the_training_run_with_its_weights_and_scores(registry):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=registry["uri"], registry_uri=registry["uri"])
+    for record, scores in zip(registry["records"], registry["scores"]):
+        logged = client.get_logged_model(record["model_id"])
+        assert logged.source_run_id == record["run_id"]
+        assert logged.tags["weights_sha256"] == record["weights_sha256"]
+        assert logged.params["model.width"] == "0.0625" and logged.params["model.backbone"] == "vgg16"
+        linked = {m.key: (m.value, m.step) for m in logged.metrics}
+        # At the checkpoint's iteration (10), not at a step 0 of no training.
+        assert linked["eval/mean_iu"] == (pytest.approx(scores["mean_iu"]), 10)
+        version = client.get_model_version("fcn-voc", str(record["new_version"]))
+        assert version.source == f"models:/{record['model_id']}"
+
+
 # A fresh interpreter that cannot import this project: the editable install's finder
 # is dropped and the working directory is elsewhere, so only the model's own code serves.
 FRESH_PROCESS = r"""
@@ -173,7 +233,8 @@ np.save(mask_file, model.predict(np.load(image_file)))
 np.save(example_file, model.input_example)
 import fcn_models
 print(json.dumps({"fcn_models": fcn_models.__file__,
-                  "signature": str(model.metadata.get_input_schema())}))
+                  "inputs": str(model.metadata.get_input_schema()),
+                  "outputs": str(model.metadata.get_output_schema())}))
 """
 
 
@@ -191,7 +252,9 @@ def test_champion_loads_in_a_fresh_process_and_predicts_as_its_checkpoint(regist
     info = json.loads(result.stdout.strip().splitlines()[-1])
     # fcn_models came with the model, not from this checkout.
     assert not Path(info["fcn_models"]).resolve().is_relative_to(PROJECT_ROOT)
-    assert "(-1, -1, 3)" in info["signature"] and "uint8" in info["signature"]
+    # The output is declared; the input is checked by the model itself (serving.check_image),
+    # since an input signature makes the scoring server cast what it gets.
+    assert info["inputs"] == "None" and "(-1, -1)" in info["outputs"] and "uint8" in info["outputs"]
 
     mask = np.load(tmp_path / "mask.npy")
     champion, worse = registry["copies"][3], registry["copies"][1]
@@ -204,6 +267,26 @@ def test_champion_loads_in_a_fresh_process_and_predicts_as_its_checkpoint(regist
     # The input example is the smallest val image (20 x 28, under the size cap: whole).
     example = np.load(tmp_path / "example.npy")
     np.testing.assert_array_equal(example, decode_val_image(registry["root"] / "data" / "shards", "val_000001"))
+
+
+def test_export_of_the_champion_and_the_onnx_file_of_its_version(registry, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from pipelines import cli
+    from pipelines.onnx_export import run_onnx
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    image = np.random.default_rng(5).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    expected = checkpoint_mask(registry["copies"][3], image)
+    out = tmp_path / "champion.onnx"
+    assert cli.main(["export", "models:/fcn-voc@champion", "--onnx", str(out),
+                     "--params", str(registry["root"] / "params.yaml")]) == 0
+    np.testing.assert_array_equal(run_onnx(out, image)[1], expected)
+    # The register stage logged the same network as ONNX with the version.
+    client = MlflowClient(tracking_uri=registry["uri"], registry_uri=registry["uri"])
+    logged = client.get_logged_model(registry["records"][3]["model_id"])
+    logged_onnx = Path(logged.artifact_location.removeprefix("file://")) / "artifacts" / "model.onnx"
+    np.testing.assert_array_equal(run_onnx(logged_onnx, image)[1], expected)
 
 
 def test_a_champion_without_its_score_tag_stops_the_gate(registry):
@@ -271,6 +354,14 @@ def test_a_checkpoint_without_a_training_run_gets_a_run_holding_its_scores(tmp_p
     run = client.get_run(record["run_id"])
     assert run.info.run_name == "register-fcn8s"
     assert {k: run.data.metrics[f"eval/{k}"] for k in SCORE_NAMES} == pytest.approx(scores)
+    # Logged at the checkpoint's iteration, nothing under a training metric's name.
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "eval/mean_iu")} == {10}
+    assert not set(run.data.metrics) & {"loss", *SCORE_NAMES}
+    # The network in the training runs' key scheme, the shards as inputs.
+    assert run.data.params == {"model.backbone": "vgg16", "model.width": "0.0625", "model.num_classes": "21",
+                               "model.input_norm": "torchvision-rgb"}
+    inputs = {d.dataset.name: json.loads(d.dataset.profile)["num_rows"] for d in run.inputs.dataset_inputs}
+    assert inputs == {"train": 2, "val": 3}
     assert client.get_model_version("fcn-voc", "1").run_id == record["run_id"]
 
 

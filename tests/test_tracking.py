@@ -22,9 +22,10 @@ from fcn_models.metrics import SCORE_KEYS
 from pipelines import recipe, tracking, training
 from pipelines.params import parse_params
 from pipelines.shards import decode_sample
-from test_train import SIZES, make_params, read_history, write_shards
+from test_train import N_TRAIN, N_VAL, SIZES, make_params, read_history, write_shards
 
 SCORE_AND_LOSS = ("loss", *SCORE_KEYS)
+RANDOM_INIT = {"source": "random", "path": None, "note": "random (test)"}
 GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
 
@@ -112,15 +113,15 @@ def test_same_ray_run_reopens_its_mlflow_run_and_another_name_opens_a_new_one(tm
     stages = {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 4}}
     params = make_params(tmp_path, stages)
     storage = str(tmp_path / "ray_results")
-    first = tracking.open_stage_run(params, "fcn32s", tmp_path, "one", storage, "random (test)")
+    first = tracking.open_stage_run(params, "fcn32s", tmp_path, "one", storage, RANDOM_INIT)
     assert not first.resumed
     # The embedded default: SQLite in the project, artifacts beside it, both absolute.
     assert first.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}" and (tmp_path / "mlflow.db").is_file()
     tracking.end_stage_run(first, "FAILED")
 
     longer = make_params(tmp_path, {"fcn32s": {**stages["fcn32s"], "iterations": 8}})
-    again = tracking.open_stage_run(longer, "fcn32s", tmp_path, "one", storage, "random (test)")
-    other = tracking.open_stage_run(params, "fcn32s", tmp_path, "two", storage, "random (test)")
+    again = tracking.open_stage_run(longer, "fcn32s", tmp_path, "one", storage, RANDOM_INIT)
+    other = tracking.open_stage_run(params, "fcn32s", tmp_path, "two", storage, RANDOM_INIT)
     assert again.run_id == first.run_id and again.resumed
     assert other.run_id != first.run_id and not other.resumed
 
@@ -135,6 +136,46 @@ def test_same_ray_run_reopens_its_mlflow_run_and_another_name_opens_a_new_one(tm
     assert reopened.data.tags["fcn.param.stage.iterations"] == "8"
     assert "stage.iterations 4 -> 8" in capsys.readouterr().out
     assert {r.data.tags["fcn.ray_run"] for r in runs} == {"one", "two"}
+
+
+def test_a_stage_from_an_earlier_stage_is_nested_under_the_run_that_trained_its_weights(tmp_path, monkeypatch):
+    from fcn_models.checkpoint import save_checkpoint
+    from fcn_models.fcn import build_fcn
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    write_shards(tmp_path / "shards")
+    params = make_params(tmp_path, {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 4},
+                                    "fcn16s": {"init": "fcn32s", "lr": 1e-3, "iterations": 4}})
+    storage = str(tmp_path / "ray_results")
+    first = tracking.open_stage_run(params, "fcn32s", tmp_path, "a", storage, RANDOM_INIT)
+    save_checkpoint(tmp_path / "models" / "fcn32s", build_fcn("fcn32s", width=0.0625),
+                    {"stage": "fcn32s", "mlflow_run_id": first.run_id})
+    init = recipe.resolve_init(params, "fcn16s")
+    second = tracking.open_stage_run(params, "fcn16s", tmp_path, "b", storage, init)
+    client = second.client()
+    run = client.get_run(second.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == first.run_id
+    # stage.init is where the weights really started: FCN-32s's checkpoint; for FCN-32s, random weights.
+    assert run.data.params["stage.init"] == "fcn32s"
+    assert client.get_run(first.run_id).data.params["stage.init"] == "random"
+    assert "mlflow.parentRunId" not in client.get_run(first.run_id).data.tags
+    # The shards as dataset inputs: each split with its DVC md5 and rows.
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["train", "val"]
+    for split, rows in (("train", N_TRAIN), ("val", N_VAL)):
+        dataset = inputs[split].dataset
+        assert dataset.digest == tracking.compute_shards_hash(tmp_path / "shards" / split)
+        assert json.loads(dataset.profile)["num_rows"] == rows
+        assert json.loads(dataset.source)["uri"] == (tmp_path / "shards" / split).as_uri()
+        assert {t.key: t.value for t in inputs[split].tags}["mlflow.data.context"] == \
+            {"train": "training", "val": "validation"}[split]
+    # A checkpoint whose run is not in this store: no parent, no error.
+    save_checkpoint(tmp_path / "models" / "fcn32s", build_fcn("fcn32s", width=0.0625),
+                    {"stage": "fcn32s", "mlflow_run_id": "0" * 32})
+    third = tracking.open_stage_run(params, "fcn16s", tmp_path, "c", storage, recipe.resolve_init(params, "fcn16s"))
+    assert "mlflow.parentRunId" not in client.get_run(third.run_id).data.tags
+    for stage_run in (first, second, third):
+        tracking.end_stage_run(stage_run, "FAILED")
 
 
 def test_a_store_that_cannot_be_opened_stops_the_stage_before_training(tmp_path):
@@ -199,11 +240,16 @@ def test_a_stage_is_one_finished_run_with_its_params_and_provenance(tracked):
     run = runs[0]
     assert run.info.status == "FINISHED" and run.info.run_name == "fcn32s-tracked"
     params = run.data.params
-    assert params["stage.lr"] == "0.001" and params["stage.iterations"] == "4" and params["stage.init"] == "imagenet"
+    # ImageNet weights were asked for (train.stages.fcn32s.init) but are absent: random, as the param says.
+    assert params["stage.lr"] == "0.001" and params["stage.iterations"] == "4" and params["stage.init"] == "random"
     assert params["train.loss"] == "mean" and params["train.val_every"] == "2"
     assert params["model.width"] == "0.0625" and params["ray.num_workers"] == "2"
     # Exactly what decides the result (pipelines.recipe): no knob of how the stage ran.
     assert set(params) == set(tracking.stage_params(tracked["params"], "fcn32s"))
+    # The best weights' sha256, which a registered version of them carries too.
+    from pipelines.files import file_sha256
+
+    assert run.data.tags["weights_sha256"] == file_sha256(root / "models" / "fcn32s" / "model.pt")
     assert "ray.cpus_per_worker" not in params and "data.shards_dir" not in params
     # The checkpoint names its run: evaluate and register find it there.
     from fcn_models.checkpoint import read_meta

@@ -96,6 +96,7 @@ def evaluate(params: Params, device: torch.device | None = None) -> dict:
         entry = stage_report(matrix, images, times, device)
         entry["weights_sha256"] = file_sha256(directory / MODEL_FILE)
         entry["mlflow_run_id"] = meta.get("mlflow_run_id")
+        entry["iterations"] = meta.get("iterations")
         report[stage] = entry
         print(f"[{stage}] " + "  ".join(f"{key} {entry[key]:.4f}" for key in SCORE_KEYS)
               + (f"  forward {entry['forward_ms']:.1f} ms/image" if entry["forward_ms"] is not None else ""),
@@ -112,7 +113,7 @@ def evaluate(params: Params, device: torch.device | None = None) -> dict:
     for stage, entry in report.items():
         if entry["mlflow_run_id"]:
             try:
-                tracking.log_evaluation(params, entry["mlflow_run_id"], entry)
+                tracking.log_evaluation(params, entry["mlflow_run_id"], entry, entry["iterations"] or 0)
             except Exception as err:  # the report is written; an MLflow outage must not lose it
                 print(f"[evaluate] WARNING: could not log {stage}'s scores to MLflow run {entry['mlflow_run_id']}: "
                       f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)

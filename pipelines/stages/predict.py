@@ -18,7 +18,6 @@ within the limit, and the mask is scaled back to the image's size (nearest neigh
 """
 import argparse
 import pickle
-import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -27,15 +26,11 @@ import numpy as np
 
 from fcn_models import palette
 from fcn_models.limits import MAX_PIXELS, fitting_size
-from fcn_models.voc import class_names
-from pipelines import tracking
-from pipelines.images import ImageError, mask_image, read_image, resized, resized_mask, save_png
+from pipelines.images import ImageError, class_shares, mask_image, read_image, resized, resized_mask, save_png
 from pipelines.exits import run_main
+from pipelines.modelsource import ModelSourceError, is_model_uri, open_store
 from pipelines.params import load_params
 from pipelines.serving import FCNSegmenter
-
-# "models:/...", "runs:/...", "s3://...": a URI for MLflow; anything else is a checkpoint directory.
-MODEL_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 
 
 class PredictError(RuntimeError):
@@ -44,7 +39,7 @@ class PredictError(RuntimeError):
 
 def load_predictor(model: str, params_path: str) -> Callable[[np.ndarray], np.ndarray]:
     """image (H, W, 3) uint8 -> mask (H, W) class ids, from a model URI or a checkpoint directory."""
-    if MODEL_URI.match(model):
+    if is_model_uri(model):
         return _load_mlflow_model(model, params_path)
     directory = Path(model)
     if not directory.is_dir():
@@ -60,29 +55,16 @@ def _load_mlflow_model(uri: str, params_path: str):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    params = load_params(params_path)
-    store = tracking.tracking_uri(params)
-    if store.startswith("sqlite:///"):
-        # Connecting would create an empty store; say instead that there is none.
-        db = Path(store[len("sqlite:///"):])
-        if not db.is_file():
-            raise PredictError(f"model {uri}: no MLflow store at {db} (run `fcn register` first, or point "
-                               "--params at the project that registered the model)")
-    tracking.use_store(store)
+    try:
+        store = open_store(load_params(params_path), uri)
+    except ModelSourceError as err:
+        raise PredictError(str(err)) from None
     try:
         return mlflow.pyfunc.load_model(uri).predict
     except (MlflowException, OSError) as err:
         message = getattr(err, "message", str(err))
         raise PredictError(f"model {uri}: {message} (tracking store {store}; check the name and alias, "
                            "or run `fcn register`)") from None
-
-
-def class_shares(mask: np.ndarray) -> list[tuple[int, str, float]]:
-    """(class id, name, percent of pixels) for each class present, largest first."""
-    names = class_names()
-    counts = np.bincount(mask.ravel(), minlength=1)
-    present = sorted(np.flatnonzero(counts), key=lambda c: (-counts[c], c))
-    return [(int(c), names[c] if c < len(names) else f"class {c}", 100.0 * counts[c] / mask.size) for c in present]
 
 
 def output_paths(images: list[Path], out_dir: Path) -> list[tuple[Path, Path]]:

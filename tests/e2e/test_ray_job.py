@@ -30,6 +30,7 @@ from fcn_models.checkpoint import load_checkpoint
 from fcn_models.metrics import SCORE_KEYS
 from project_copy import copy_project
 from pipelines.params import load_params
+from test_register import checkpoint_mask, make_checkpoint
 from test_train import WIDTH, read_history, write_shards
 
 ITERATIONS, VAL_EVERY = 4, 2
@@ -134,11 +135,12 @@ def make_project(project: Path) -> Path:
     return params_file
 
 
-def submit(head: dict, project: Path, submission_id: str, *train_args: str) -> tuple[str, str]:
+def submit(head: dict, project: Path, submission_id: str, *train_args: str,
+           module: str = "pipelines.stages.train") -> tuple[str, str]:
     """`ray job submit` (waits and streams the job's log); return the job's final status and the log."""
     url, env = head["url"], head["env"]
     command = [RAY, "job", "submit", "--address", url, "--submission-id", submission_id,
-               "--working-dir", str(project), "--", "python", "-m", "pipelines.stages.train", *train_args]
+               "--working-dir", str(project), "--", "python", "-m", module, *train_args]
     try:
         run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=420)
     except subprocess.TimeoutExpired:
@@ -213,3 +215,32 @@ def test_stage_runs_as_a_ray_job_and_writes_into_the_project(ray_head, tmp_path)
     assert len(mlflow_runs) == 1
     assert mlflow_runs[0].info.status == "FINISHED"
     assert mlflow_runs[0].data.metrics["mean_iu"] == pytest.approx(history[-1]["mean_iu"], abs=1e-6)
+
+
+def test_batch_inference_runs_as_a_ray_job_on_the_clusters_actors(ray_head, tmp_path):
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    project = tmp_path / "project"
+    params_file = make_project(project)
+    # Under models/, which .gitignore keeps out of the upload: the job reads it from the project.
+    make_checkpoint(project / "models" / "fcn8s", seed=6, mean_iu=0.5)
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    for name, size in (("one", (40, 52)), ("two", (29, 33)), ("three", (57, 41))):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(images / f"{name}.png")
+    (images / "broken.png").write_bytes(b"\x89PNG not really")
+    out = tmp_path / "predictions"
+    status, log = submit(ray_head, project, "fcn-predict-batch", str(images), "--model",
+                         str(project / "models" / "fcn8s"), "--out", str(out), "--actors", "2",
+                         "--params", str(params_file), module="pipelines.stages.predict_batch")
+    assert status == "SUCCEEDED", log[-6000:]
+    assert "3 of 4 images segmented" in log and f"{images / 'broken.png'}: not an image" in log, log[-6000:]
+    summary = {r["image"]: r for r in pq.read_table(out / "summary.parquet").to_pylist()}
+    assert sorted(summary) == ["broken", "one", "three", "two"] and summary["broken"]["error"]
+    for name in ("one", "two", "three"):
+        image = np.asarray(Image.open(images / f"{name}.png").convert("RGB"))
+        np.testing.assert_array_equal(np.asarray(Image.open(out / f"{name}_mask.png")),
+                                      checkpoint_mask(project / "models" / "fcn8s", image))
