@@ -21,7 +21,8 @@ from test_bad_checkpoints import one_line, stage
 
 STAGES = {name: module for name, (module, _) in cli.COMMANDS.items() if module.startswith("pipelines.stages.")}
 READS_PARAMS = {"fetch": [], "preprocess": [], "train": ["--stage", "fcn32s"], "evaluate": [], "register": [],
-                "predict": ["photo.png"], "status": []}
+                "predict": ["photo.png"], "status": [], "predict-batch": ["images", "--out", "out"], "serve": [],
+                "ui": [], "export": ["models:/fcn-voc@champion", "--onnx", "model.onnx"]}
 
 
 def test_every_stage_ends_through_run_main():

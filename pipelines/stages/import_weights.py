@@ -31,12 +31,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exit_:  # argparse: 2 for bad arguments, 0 for --help
-        return int(exit_.code or 0)
-
     def body():
+        try:
+            args = _parser().parse_args(argv)
+        except SystemExit as exit_:  # argparse: 2 for bad arguments, 0 for --help
+            return int(exit_.code or 0)
         result = import_weights(args.source, args.out, variant=args.variant, backbone=args.backbone)
         print("\n".join(result.lines()))
 

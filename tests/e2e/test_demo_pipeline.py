@@ -210,6 +210,12 @@ def check_mlflow_ui(repo: Path, registry: dict) -> None:
         # FCN-16s and FCN-8s ran twice with different params: a run each time.
         assert sorted((stage, len(found)) for stage, found in by_stage.items()) == \
             [("fcn16s", 2), ("fcn32s", 1), ("fcn8s", 2)]
+        # Each nested under the run that trained the weights it started from: one tree per model.
+        ids = {stage: {r["info"]["run_id"] for r in found} for stage, found in by_stage.items()}
+        for stage, parent in (("fcn16s", "fcn32s"), ("fcn8s", "fcn16s")):
+            for run in by_stage[stage]:
+                tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+                assert tags["mlflow.parentRunId"] in ids[parent], stage
 
         model = _get(base, "/registered-models/get", name=params.mlflow.model_name)["registered_model"]
         aliases = {a["alias"]: a["version"] for a in model.get("aliases", [])}
