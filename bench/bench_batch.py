@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchdoc import DOC, write_section  # noqa: E402
+from benchdoc import publish  # noqa: E402
 from fcn_models.checkpoint import save_checkpoint  # noqa: E402
 from fcn_models.fcn import build_fcn  # noqa: E402
 from fcn_models.summary import cpu_model  # noqa: E402
@@ -144,11 +144,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     results, cores = run(args.images, args.rounds, args.width)
     report = format_report(results, cores, args.images, args.rounds, args.width)
-    print()
-    print(report)
-    if not args.no_write:
-        write_section(SECTION, BENCH_NAME, report)
-        print(f"\nwrote {DOC.relative_to(ROOT)}")
+    publish(SECTION, BENCH_NAME, report, write=not args.no_write)
     return 0
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchdoc import DOC, write_section  # noqa: E402
+from benchdoc import DOC, publish  # noqa: E402
 
 SECTION = "## Importing reference weights (bench/bench_import.py)"
 BENCH_NAME = "bench_import"
@@ -191,11 +191,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         report = run(args.repeat, Path(tmp))
     text = format_report(report, args.repeat)
-    print()
-    print(text)
-    if not args.no_write:
-        write_section(SECTION, BENCH_NAME, text)
-        print(f"\nwrote {DOC.relative_to(ROOT)}")
+    publish(SECTION, BENCH_NAME, text, write=not args.no_write)
     return 0
 
 

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fcn_models import build_fcn, optimize_for_inference  # noqa: E402
-from benchdoc import DOC, write_section  # noqa: E402
+from benchdoc import DOC, publish  # noqa: E402
 from fcn_models.summary import machine  # noqa: E402
 
 SECTION = "## Model forward/backward (bench/bench_models.py)"
@@ -218,11 +218,7 @@ def main(argv=None) -> int:
     baselines, results, compile_note, layer_rows = run(args.variants, args.size, args.repeat, not args.no_compile,
                                                        not args.no_layers)
     report = format_report(baselines, results, compile_note, layer_rows, args.size, args.repeat)
-    print()
-    print(report)
-    if not args.no_write:
-        write_section(SECTION, BENCH_NAME, report)
-        print(f"\nwrote {DOC.relative_to(ROOT)}")
+    publish(SECTION, BENCH_NAME, report, write=not args.no_write)
     return 0
 
 

@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchdoc import DOC, write_section  # noqa: E402
+from benchdoc import publish  # noqa: E402
 from fcn_models.checkpoint import save_checkpoint  # noqa: E402
 from fcn_models.fcn import build_fcn  # noqa: E402
 from fcn_models.summary import machine  # noqa: E402
@@ -145,11 +145,7 @@ def main(argv=None) -> int:
         rows.append(measure(width, image, args.requests))
         print(rows[-1], flush=True)
     report = format_report(rows, (args.height, args.width), args.requests)
-    print()
-    print(report)
-    if not args.no_write:
-        write_section(SECTION, BENCH_NAME, report)
-        print(f"\nwrote {DOC.relative_to(ROOT)}")
+    publish(SECTION, BENCH_NAME, report, write=not args.no_write)
     return 0
 
 

@@ -23,3 +23,12 @@ def write_section(section: str, name: str, report: str, path: Path = DOC) -> Non
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def publish(section: str, name: str, report: str, write: bool) -> None:
+    """Print the report and, unless told not to, put it in its section of docs/BENCHMARKS.md."""
+    print()
+    print(report)
+    if write:
+        write_section(section, name, report)
+        print(f"\nwrote {DOC.relative_to(ROOT)}")

@@ -10,7 +10,6 @@ alias and the name of its source run, the run that trained it.
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,17 +22,12 @@ from pipelines import tracking
 from pipelines.params import load_params
 from pipelines.stages import register as register_stage
 from test_register import WIDTH, make_checkpoint, write_evaluation
+from ports import free_port
 from test_train import write_shards
 
 CHROMIUM = "/usr/bin/chromium"
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                "--disable-component-update", "--disable-sync"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ one RGB uint8 image get a 400 whose message says what to send.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,13 +23,8 @@ from pipelines.params import parse_params
 from pipelines.stages import predict
 from pipelines.stages import register as register_stage
 from test_register import WIDTH, make_checkpoint, write_evaluation
+from ports import free_port
 from test_train import write_shards
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
