@@ -30,7 +30,8 @@ demo: $(STAMP)
 	echo && cat reports/evaluation.md && \
 	echo && python -c 'import json; r = json.load(open("reports/registry.json")); print("registry:", r["decision"], "version", r["new_version"], "| champion: version", r["champion_version"], "mean IU", round(r["champion_mean_iu"], 4))' && \
 	echo && echo "demo finished in $$(( $$(date +%s) - start )) s" && \
-	echo "MLflow UI (runs, registered model): make mlflow-ui, then http://127.0.0.1:5000"
+	echo "MLflow UI (runs, registered model): make mlflow-ui, then http://127.0.0.1:5000" && \
+	echo "Share the run: git add dvc.lock params.yaml && git commit, then dvc push (README: the DVC remote)"
 
 # The MLflow UI over the local store, on 127.0.0.1 only.
 mlflow-ui: $(STAMP)
