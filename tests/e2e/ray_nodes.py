@@ -112,24 +112,39 @@ def add_node(head: dict, temp_dir: Path, env: dict, num_cpus: float) -> dict:
     the node to all interfaces; so this module's own __main__ starts it, as `ray start`
     does but on 127.0.0.1.
     """
-    head_id = wait_for_head_node(head)
+    wait_for_head_node(head)
+    # Ray gives a new raylet a fixed 30 s to register with the GCS; a loaded machine can miss
+    # that, and then the node gives up: start it again (its processes killed first).
+    for attempt in range(1, 4):
+        node = _start_node(head, temp_dir, env, num_cpus, temp_dir / f"ray_node.{attempt}.log")
+        if node is not None:
+            return node
+    raise RuntimeError(f"the second node did not register in time, 3 tries:\n{(temp_dir / 'ray_node.3.log').read_text()[-4000:]}")
+
+
+def _start_node(head: dict, temp_dir: Path, env: dict, num_cpus: float, log_path: Path) -> dict | None:
+    """One try of add_node: the node, or None when it timed out registering."""
     agent_http, agent_grpc, runtime_env_agent, metrics = free_ports(4)
-    log_path = temp_dir / "ray_node.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, __file__, "--gcs", head["gcs"], "--num-cpus", f"{num_cpus:g}",
              "--temp-dir", str(temp_dir), "--ports", *map(str, (agent_http, agent_grpc, runtime_env_agent, metrics))],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while True:
+        text = log_path.read_text()
         if process.poll() is not None:
-            raise RuntimeError(f"the second node failed to start:\n{log_path.read_text()[-4000:]}")
-        new = {n["node_id"] for n in alive_nodes(head)} - {head_id}
-        if new:
-            return {"process": process, "node_id": new.pop(), "log": log_path}
+            kill_tree(process)
+            if "timed out during startup" in text:
+                return None
+            raise RuntimeError(f"the second node failed to start:\n{text[-4000:]}")
+        # Its own id (the line _run_node prints), not any other node that might be alive.
+        joined = [line.split()[1] for line in text.splitlines() if line.startswith("node ") and " joined " in line]
+        if joined and joined[0] in {n["node_id"] for n in alive_nodes(head)}:
+            return {"process": process, "node_id": joined[0], "log": log_path}
         if time.monotonic() > deadline:
             stop_node(process)
-            raise RuntimeError(f"the second node did not join in 120 s:\n{log_path.read_text()[-4000:]}")
+            raise RuntimeError(f"the second node did not join in 180 s:\n{text[-4000:]}")
         time.sleep(0.5)
 
 
