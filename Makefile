@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean mlflow-ui serve
+.PHONY: demo test bench bench-gpu clean mlflow-ui serve
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,8 @@ demo: $(STAMP)
 	echo && cat reports/evaluation.md && \
 	echo && python -c 'import json; r = json.load(open("reports/registry.json")); print("registry:", r["decision"], "version", r["new_version"], "| champion: version", r["champion_version"], "mean IU", round(r["champion_mean_iu"], 4))' && \
 	echo && echo "demo finished in $$(( $$(date +%s) - start )) s" && \
-	echo "MLflow UI (runs, registered model): make mlflow-ui (it prints the addresses to open)"
+	echo "MLflow UI (runs, registered model): make mlflow-ui (it prints the addresses to open)" && \
+	echo "Share the run: git add dvc.lock params.yaml && git commit, then dvc push (README: the DVC remote)"
 
 # The MLflow UI over the project's store, on 127.0.0.1 only; prints the address of the runs.
 mlflow-ui: $(STAMP)
@@ -45,6 +46,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_models.py
+
+# On a machine with a CUDA GPU: forward and training step by precision, layout and compilation.
+bench-gpu: $(STAMP)
+	$(BIN)/python bench/bench_gpu.py
 
 clean:
 	rm -rf $(VENV)

@@ -4,6 +4,7 @@
     local_cpus(ray_params)       the logical CPUs a local cluster gets, and a warning when they
                                  are more than the machine's cores
     check_cpu_budget(params)     the training workers and Ray Data fit in the cluster's CPUs
+    check_placement(params)      the workers fit on the alive nodes as ray.placement_strategy places them
     job_working_dir_copy()       the temporary copy of the working directory a Ray job runs in
 
 Only the driver of a stage calls these; pipelines.dataset never connects by itself.
@@ -127,6 +128,57 @@ def check_cpu_budget(ray_params: RayParams, available: float | None = None) -> N
             f"ray.num_workers ({r.num_workers}) x ray.cpus_per_worker ({r.cpus_per_worker}) + ray.data_cpus "
             f"({r.data_cpus}) = {need:g} CPUs, but the Ray cluster has {available:g}: lower "
             "ray.cpus_per_worker or ray.data_cpus (fractions are fine, e.g. 0.75 and 0.5 on 2 cores)")
+
+
+def worker_bundle(ray_params: RayParams) -> dict[str, float]:
+    """What one training worker reserves on its node (its placement group bundle)."""
+    return {"CPU": ray_params.cpus_per_worker, **({"GPU": 1.0} if ray_params.use_gpu else {})}
+
+
+def alive_nodes() -> list[dict[str, float]]:
+    """The total resources of every alive node of the cluster this process is connected to."""
+    import ray
+
+    if not ray.is_initialized():
+        raise ClusterError("not connected to Ray: call pipelines.cluster.connect first")
+    return [dict(node["Resources"]) for node in ray.nodes() if node["Alive"]]
+
+
+def workers_per_node(bundle: dict[str, float], node: dict[str, float]) -> int:
+    return min(int(node.get(key, 0.0) / amount + 1e-9) for key, amount in bundle.items())
+
+
+def check_placement(ray_params: RayParams, nodes: list[dict[str, float]] | None = None) -> None:
+    """Fail fast when the alive nodes cannot hold the workers the way ray.placement_strategy
+    places them: Ray would wait for a node that may never come.
+
+    Every worker's bundle is the same, so what fits is a count: PACK and SPREAD take the
+    workers each node holds, summed; STRICT_PACK the most one node holds; STRICT_SPREAD
+    one per node that holds any.
+    """
+    nodes = alive_nodes() if nodes is None else nodes
+    r, bundle = ray_params, worker_bundle(ray_params)
+    each = [workers_per_node(bundle, node) for node in nodes]
+    strategy = r.placement_strategy
+    fits = {"PACK": sum(each), "SPREAD": sum(each), "STRICT_PACK": max(each, default=0),
+            "STRICT_SPREAD": sum(1 for n in each if n)}[strategy]
+    if fits >= r.num_workers:
+        return
+    n, wants = r.num_workers, " + ".join(f"{v:g} {k}" for k, v in bundle.items())
+    has = f"the Ray cluster has {len(nodes)} alive node{'s' if len(nodes) != 1 else ''} (" + "; ".join(
+        ", ".join(f"{v:g} {k}" for k, v in sorted(node.items()) if k in bundle) or "nothing" for node in nodes) + ")"
+    if strategy == "STRICT_PACK":
+        why = (f"ray.placement_strategy STRICT_PACK puts all {n} workers, {wants} each, on one node; {has}, "
+               f"room for {fits} on the largest")
+        fix = "use PACK, a larger node, or fewer workers (ray.num_workers)"
+    elif strategy == "STRICT_SPREAD":
+        why = (f"ray.placement_strategy STRICT_SPREAD puts each of the {n} workers, {wants} each, on a node of its own; "
+               f"{has}, room for {fits} that way")
+        fix = "add nodes, use SPREAD, or fewer workers (ray.num_workers)"
+    else:
+        why = f"the {n} workers (ray.num_workers) need {wants} each; {has}, room for {fits}"
+        fix = "add nodes, or lower ray.num_workers or ray.cpus_per_worker"
+    raise ClusterError(f"{why}: {fix}")
 
 
 def job_working_dir_copy() -> Path | None:

@@ -1,6 +1,7 @@
 """What a training worker runs: set-up, one train_step, validation, checkpoint files.
 
     worker = StageWorker(config, device)            the stage's starting network, optimizer, grad scaler
+                                                    (amp_dtype=torch.bfloat16: another autocast, for benchmarks)
     worker.resume(directory)                        from a checkpoint written by save()
     worker.train_step(images, labels) -> loss       forward (autocast on a GPU), loss, backward, step
                                                     (no step when the loss is NaN or infinite on any worker)
@@ -151,7 +152,7 @@ def loop_config(params: Params, stage: str, init: dict) -> dict:
         "params": params,
         # Set by the driver once the stage's MLflow run is open: tracking.StageRun.for_workers().
         "tracking": None,
-        # A test's probe of attempts and steps (off unless a test asks: see Trace).
+        # Where attempts and steps are recorded (off unless asked: see Trace).
         "trace_dir": None,
     }
 
@@ -224,13 +225,20 @@ class StageWorker:
     wrap: applied to the network once its starting weights are in (Ray Train's
     prepare_model: DDP; default: moved to `device`); training steps go through the wrapped model, validation and
     checkpoints use the network itself.
+    amp_dtype: None, the stage's rule (train.amp: float16 autocast and the grad scaler, on a
+    GPU only); a dtype forces autocast to it on any device (the scaler only for float16),
+    which is how a benchmark measures bfloat16.
     """
 
     def __init__(self, config: dict, device: torch.device, rank: int = 0,
                  wrap: Optional[Callable[[nn.Module], nn.Module]] = None,
-                 checkpoint_dir: Optional[Path] = None):
+                 checkpoint_dir: Optional[Path] = None, amp_dtype: Optional[torch.dtype] = None):
         self.config, self.device, self.rank = config, torch.device(device), rank
-        self.use_amp = bool(config["amp"]) and self.device.type == "cuda"
+        if amp_dtype is None:
+            self.use_amp = bool(config["amp"]) and self.device.type == "cuda"
+            self.amp_dtype = torch.float16
+        else:
+            self.use_amp, self.amp_dtype = amp_dtype != torch.float32, amp_dtype
         # Same seed on every rank: identical starting weights (DDP also broadcasts rank 0's).
         torch.manual_seed(config["seed"])
         self.net = initial_model(config)
@@ -247,7 +255,8 @@ class StageWorker:
         self.model = wrap(self.net) if wrap is not None else self.net.to(self.device)
         self.optimizer = make_optimizer(self.net, config["lr"], config["momentum"], config["weight_decay"],
                                         config["optimizer"])
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp)
+        # bfloat16 has float32's range: no loss scaling.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp and self.amp_dtype == torch.float16)
         if state is not None:
             # After wrapping: load_state_dict moves the momentum buffers to the parameters' device.
             self.optimizer.load_state_dict(state["optimizer"])
@@ -267,7 +276,7 @@ class StageWorker:
         weights (last_step_finite is then False): backward still runs everywhere, since
         DDP's gradient all_reduce needs every rank, and the next zero_grad drops the result.
         """
-        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
             logits = self.model(images)
         loss = segmentation_loss(logits, labels, self.config["loss"])
         self.optimizer.zero_grad(set_to_none=True)
@@ -311,7 +320,7 @@ def say(line: str) -> None:
 
 
 class Trace:
-    """A test's probe of a run's attempts and steps, in <directory>; off (None) in every stage run.
+    """A record of a run's attempts and steps, in <directory> (`fcn train --trace-dir`); off (None) by default.
 
     workers.jsonl: one line per worker and attempt (rank, pid, start iteration), so a
     test can find the worker processes; iterations.log (rank 0): "start A I" when

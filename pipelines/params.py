@@ -212,6 +212,9 @@ class RayParams:
     # Upper bound on CPUs Ray Data may use for decoding and augmentation.
     data_cpus: float = 1.0
     max_failures: int = 2
+    # How the workers' bundles go on nodes (Ray placement group strategies): PACK as few
+    # nodes as possible, SPREAD over as many; the STRICT_ forms fail rather than bend.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # Where Ray Train keeps run state and checkpoints; every node must reach it.
     storage_path: str = _path("ray_results")
 

@@ -4,7 +4,10 @@
                                     train (or resume) on Ray Train, write the outputs
 
 The run lives in <ray.storage_path>/<run name>, trained by one driver at a time
-(pipelines.driver.hold_run). Starting a stage again with the same
+(pipelines.driver.hold_run). Workers are placed by ray.placement_strategy
+(pipelines.cluster checks the alive nodes can hold them, before training and again
+when a run fails), and each attempt's rank 0 prints the node every worker runs on.
+Starting a stage again with the same
 run name resumes from that run's last checkpoint (and its MLflow run); the default
 name is pipelines.recipe.run_name, so an interrupted run resumes, a longer one
 continues, and a changed one starts afresh. Every worker runs `train_loop`: the
@@ -64,6 +67,24 @@ def report_checkpoint(metrics: dict, rank: int, write) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
+def report_placement(stage: str, rank: int, start: int) -> list[dict]:
+    """Every worker's node, gathered over the process group; rank 0 prints them in one line
+    (one line, not one a worker: Ray folds near-identical lines of several workers into one)."""
+    import ray
+    import torch.distributed as dist
+
+    here = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+            "ip": ray.util.get_node_ip_address()}
+    everyone = [here]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, here)
+    if rank == 0:
+        loop.say(f"[{stage}] workers from iteration {start}: " + ", ".join(
+            f"rank {w['rank']} on node {w['node_id']} ({w['ip']})" for w in everyone))
+    return everyone
+
+
 def train_loop(config: dict) -> None:
     """The Ray Train worker: pipelines.loop's schedule with Ray's device, DDP, data and reports."""
     import ray
@@ -79,6 +100,7 @@ def train_loop(config: dict) -> None:
                                       checkpoint_dir=Path(directory))
     else:
         worker = loop.StageWorker(config, device, rank, wrap=ray.train.torch.prepare_model)
+    report_placement(config["stage"], rank, worker.start)
     params = config["params"]
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -140,7 +162,7 @@ def run_stage(params: Params, stage: str, root: Path, run_name: str | None = Non
     """Train one stage on Ray, write its outputs and track it in MLflow; return the metrics written.
 
     root: the project (where the params file is): its git state and dvc.lock are recorded.
-    trace_dir: a test's probe of attempts and steps (loop.Trace); None in every stage run.
+    trace_dir: where loop.Trace records attempts and steps (`fcn train --trace-dir`); None: off.
     """
     root = Path(root).resolve()
     init = recipe.resolve_init(params, stage)
@@ -199,6 +221,7 @@ def fit(params: Params, name: str, storage: str, config: dict):
 
     cluster.connect(params.ray)
     cluster.check_cpu_budget(params.ray)
+    cluster.check_placement(params.ray)
     print(f"[{config['stage']}] run {name} in {storage}; weights start from {config['init']['note']}", flush=True)
     ray_params = params.ray
     notice = ray.remote(num_cpus=0)(StopNotice).remote()
@@ -210,11 +233,15 @@ def fit(params: Params, name: str, storage: str, config: dict):
         torch_config=LoopbackTorchConfig(backend="nccl" if ray_params.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=ray_params.num_workers, use_gpu=ray_params.use_gpu,
-            resources_per_worker={"CPU": ray_params.cpus_per_worker, **({"GPU": 1} if ray_params.use_gpu else {})},
+            resources_per_worker=cluster.worker_bundle(ray_params),
+            placement_strategy=ray_params.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=ray_params.max_failures),
+            # A worker group that cannot start (a lost node took the room it needs) is
+            # retried as often as a failed worker, not forever.
+            failure_config=ray.train.FailureConfig(max_failures=ray_params.max_failures,
+                                                   controller_failure_limit=ray_params.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=params.train.checkpoints_to_keep,
                 checkpoint_score_attribute="mean_iu", checkpoint_score_order="max",
@@ -223,7 +250,18 @@ def fit(params: Params, name: str, storage: str, config: dict):
         datasets=dataset.training_datasets(params, config["iterations"], f"{storage.rstrip('/')}/{name}"),
         dataset_config=dataset.data_config(params),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        # After a lost node, say what the cluster lacks rather than Ray's timeout.
+        try:
+            cluster.check_placement(ray_params)
+        except cluster.ClusterError as short:
+            raise cluster.ClusterError(
+                f"stage {config['stage']} stopped, the Ray cluster can no longer hold its workers: {short}. "
+                f"Its checkpoints stay in {storage.rstrip('/')}/{name}: once the cluster has room, run the stage "
+                "again and it resumes from the last one") from err
+        raise
     stopped = ray.get(notice.get.remote())
     if stopped:
         where = result.checkpoint.path if result.checkpoint is not None else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ray.train import TrainingFailedError
 
@@ -34,13 +35,17 @@ def main(argv=None) -> int:
     parser.add_argument("--run-name", default=None,
                         help="Ray Train run name; a run with this name resumes from its last checkpoint "
                              "(default: the stage and a fingerprint of its parameters, code, data and init)")
+    parser.add_argument("--trace-dir", default=None,
+                        help="write each attempt's start iteration, its workers' pids and every step to this "
+                             "directory (what a run resumed after a failure redid); off by default")
     args = parser.parse_args(argv)
 
     def body():
         params = load_params(args.params)
         training.check_outputs_outside_job_copy(params)
         try:
-            metrics = training.run_stage(params, args.stage, project_dir(args.params), args.run_name)
+            metrics = training.run_stage(params, args.stage, project_dir(args.params), args.run_name,
+                                         trace_dir=args.trace_dir and str(Path(args.trace_dir).resolve()))
         except TrainingFailedError as err:
             raise StageError(f"stage {args.stage} failed after ray.max_failures retries: {err}\nRunning it again "
                              "with the same run name resumes from its last checkpoint.") from None

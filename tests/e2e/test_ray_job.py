@@ -7,18 +7,11 @@ params.yaml with relative paths, tiny shards under data/shards) is submitted wit
 --params <project>/params.yaml`. The job runs in Ray's copy of the working
 directory; its outputs must land in the project. `ray stop` would stop every Ray
 instance of the user on the machine, so the head is stopped through its own
-`ray start --block` process and its process group instead.
+`ray start --block` process instead (tests/e2e/ray_nodes.py).
 """
 import json
-import os
-import secrets
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +22,7 @@ import yaml
 from fcn_models.checkpoint import load_checkpoint
 from fcn_models.metrics import SCORE_KEYS
 from project_copy import copy_project
+from ray_nodes import RAY, new_token, ray_env, short_temp_dir, start_head, stop_node
 from pipelines.params import load_params
 from test_register import checkpoint_mask, make_checkpoint
 from test_train import WIDTH, read_history, write_shards
@@ -43,86 +37,19 @@ PARAMS = {
               "stages": {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": ITERATIONS}}},
     "ray": {"num_workers": 2, "cpus_per_worker": 0.5, "data_cpus": 0.5, "max_failures": 0},
 }
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct ports free on 127.0.0.1 right now (all held open until each is picked)."""
-    sockets = []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        sockets.append(s)
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def stop_head(head: subprocess.Popen) -> None:
-    """SIGTERM makes `ray start --block` stop what it started; its process group is the backstop."""
-    if head.poll() is None:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(head.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    head.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A Ray head on 127.0.0.1: its dashboard URL, the environment for the ray CLI, its
-    temp dir and the HTTP headers its job API wants."""
-    # Unix socket paths under --temp-dir must stay below 107 characters: a short root.
-    temp_dir = Path(tempfile.mkdtemp(prefix="fcnray-", dir="/tmp" if os.path.isdir("/tmp") else None))
-    token_file = temp_dir / "auth_token"
-    token_file.write_text(secrets.token_hex(32))
-    (gcs, dashboard, client, agent_http, agent_grpc, runtime_env_agent, metrics,
-     autoscaler_metrics, dashboard_metrics) = free_ports(9)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        # Binds every Ray process (and the job's driver, which inherits it) to 127.0.0.1.
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-        # A token of this test's own, not ~/.ray/auth_token.
-        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file),
-        RAY_USAGE_STATS_ENABLED="0", RAY_DATA_DISABLE_PROGRESS_BARS="1",
-        # Stop at once on SIGTERM instead of draining the node for up to 30 s.
-        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
-        AUTOSCALER_METRIC_PORT=str(autoscaler_metrics), DASHBOARD_METRIC_PORT=str(dashboard_metrics),
-    )
-    log = open(temp_dir / "ray_start.log", "w")
-    head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true",
-         "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent_http),
-         "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(runtime_env_agent),
-         "--metrics-export-port", str(metrics), "--num-cpus", "4", "--object-store-memory", str(200 * 2**20),
-         "--temp-dir", str(temp_dir), "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{dashboard}"
-    headers = {"Authorization": f"Bearer {token_file.read_text()}"}
+    """A Ray head on 127.0.0.1 (tests/e2e/ray_nodes.py): its dashboard URL, the environment for the
+    ray CLI, its temp dir and the HTTP headers its job API wants."""
+    temp_dir = short_temp_dir("fcnray-")
+    env = ray_env(new_token(temp_dir))
+    head = start_head(temp_dir, env, num_cpus=4)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert head.poll() is None, f"ray start failed:\n{(temp_dir / 'ray_start.log').read_text()[-4000:]}"
-            assert time.monotonic() < deadline, "the Ray head did not start in 120 s"
-            try:
-                if requests.get(f"{url}/api/version", headers=headers, timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
-        yield {"url": url, "env": env, "temp_dir": temp_dir, "headers": headers}
+        yield {"url": head["url"], "env": env, "temp_dir": temp_dir, "headers": head["headers"]}
     finally:
-        stop_head(head)
-        log.close()
+        stop_node(head["process"])
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
