@@ -26,12 +26,10 @@ import torch
 import yaml
 
 from fcn_models.checkpoint import load_checkpoint
-from project_copy import copy_project
+from project_copy import PIPELINE_FILES, copy_project
 from pipelines.mirror import write_mirror
 from pipelines.params import PROJECT_ROOT, load_params
 
-COPIED = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "conf", "pipelines", "fcn_models",
-          "models/reference/README.md"]
 STAGES = ("fcn32s", "fcn16s", "fcn8s")
 PIPELINE = ("fetch", "preprocess", *(f"train@{s}" for s in STAGES), "evaluate", "register")
 ITERATIONS = {"fcn32s": 6, "fcn16s": 4, "fcn8s": 4}
@@ -57,7 +55,7 @@ def _dvc(repo: Path, *args: str, timeout: int = 600) -> str:
 
 
 def _make_repo(repo: Path) -> None:
-    copy_project(repo, COPIED)
+    copy_project(repo, PIPELINE_FILES)
     _run(repo, "git", "init", "-q")
     _dvc(repo, "init", "-q")
     # The project's DVC config: Hydra composition on, no analytics.
