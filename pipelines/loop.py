@@ -328,6 +328,21 @@ class Trace:
     once a checkpoint is reported. A resumed run shows exactly which steps were redone.
     """
 
+    @staticmethod
+    def read(path: Path) -> dict:
+        """An iterations.log read back: {"starts": [(attempt, iteration)], "checkpoints":
+        [(attempt, iteration)], "steps": {attempt: [iteration]}}."""
+        starts, checkpoints, steps = [], [], {}
+        for line in Path(path).read_text().splitlines():
+            words = line.split()
+            if words[0] == "start":
+                starts.append((int(words[1]), int(words[2])))
+            elif words[0] == "checkpoint":
+                checkpoints.append((int(words[1]), int(words[2])))
+            else:
+                steps.setdefault(int(words[0]), []).append(int(words[1]))
+        return {"starts": starts, "checkpoints": checkpoints, "steps": steps}
+
     def __init__(self, directory: Optional[str], rank: int):
         self.directory = Path(directory) if directory else None
         self.rank, self.attempt = rank, 0

@@ -15,25 +15,12 @@ import time
 import pytest
 
 from pipelines import tracking, training
+from pipelines.loop import Trace
 from test_train import make_params, read_history, write_shards
 
 ITERATIONS, VAL_EVERY = 12, 4
 # Iterations past the first checkpoint before the kill, so there is work to redo.
 PAST_CHECKPOINT = 2
-
-
-def parse_log(path):
-    """{"starts": [(attempt, iteration)], "checkpoints": [(attempt, iteration)], "steps": {attempt: [iteration]}}"""
-    starts, checkpoints, steps = [], [], {}
-    for line in path.read_text().splitlines():
-        words = line.split()
-        if words[0] == "start":
-            starts.append((int(words[1]), int(words[2])))
-        elif words[0] == "checkpoint":
-            checkpoints.append((int(words[1]), int(words[2])))
-        else:
-            steps.setdefault(int(words[0]), []).append(int(words[1]))
-    return {"starts": starts, "checkpoints": checkpoints, "steps": steps}
 
 
 def kill_a_worker_after_the_first_checkpoint(run_dir, progress, killed, timeout_s=240):
@@ -43,7 +30,7 @@ def kill_a_worker_after_the_first_checkpoint(run_dir, progress, killed, timeout_
         registered = (run_dir / "checkpoint_manager_snapshot.json").exists()
         log = progress / "iterations.log"
         if registered and log.exists():
-            steps = parse_log(log)["steps"].get(1, [])
+            steps = Trace.read(log)["steps"].get(1, [])
             if steps and steps[-1] >= VAL_EVERY + PAST_CHECKPOINT:
                 workers = [json.loads(line) for line in (progress / "workers.jsonl").read_text().splitlines()]
                 victim = [w for w in workers if w["rank"] == 1][-1]
@@ -68,7 +55,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint_and_finishes(tmp_path, r
 
     assert killed, "no worker was killed: the run ended before a checkpoint was registered"
     assert killed["after"] < ITERATIONS
-    log = parse_log(trace / "iterations.log")
+    log = Trace.read(trace / "iterations.log")
     # Two attempts: the first from scratch, the second from the last checkpoint the first reported.
     assert [attempt for attempt, _ in log["starts"]] == [1, 2]
     assert log["starts"][0] == (1, 0)

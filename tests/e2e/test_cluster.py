@@ -27,6 +27,7 @@ import yaml
 from project_copy import copy_project
 from ray_nodes import RAY, add_node, alive_nodes, kill_node, new_token, ray_env, short_temp_dir, start_head, \
     stop_node, wait_for_head_node
+from pipelines.loop import Trace
 from pipelines.params import load_params
 from test_train import WIDTH, read_history, write_shards
 
@@ -131,20 +132,6 @@ def placements(log: str) -> list[tuple[int, dict[int, str]]]:
     return found
 
 
-def parse_trace(path: Path) -> dict:
-    """{"starts": [(attempt, iteration)], "checkpoints": [(attempt, iteration)], "steps": {attempt: [iteration]}}"""
-    starts, checkpoints, steps = [], [], {}
-    for line in path.read_text().splitlines():
-        words = line.split()
-        if words[0] == "start":
-            starts.append((int(words[1]), int(words[2])))
-        elif words[0] == "checkpoint":
-            checkpoints.append((int(words[1]), int(words[2])))
-        else:
-            steps.setdefault(int(words[0]), []).append(int(words[1]))
-    return {"starts": starts, "checkpoints": checkpoints, "steps": steps}
-
-
 def registered_checkpoints(run_dir: Path) -> list[int]:
     """The iterations of the checkpoints Ray Train kept for the run, from the checkpoints themselves."""
     return sorted(json.loads(meta.read_text())["iterations"] for meta in run_dir.glob("checkpoint_*/meta.json"))
@@ -173,7 +160,7 @@ def kill_after_first_checkpoint(node: dict, run_dir_parent: Path, trace: Path, t
     while time.monotonic() < deadline:
         registered = list(run_dir_parent.glob("fcn32s-*/checkpoint_manager_snapshot.json"))
         if registered and log.exists():
-            steps = parse_trace(log)["steps"].get(1, [])
+            steps = Trace.read(log)["steps"].get(1, [])
             if steps and steps[-1] >= VAL_EVERY + PAST_CHECKPOINT:
                 kill_node(node)
                 return steps[-1]
@@ -201,7 +188,7 @@ def test_workers_spread_over_two_nodes_in_a_ray_job(head, second_node, tmp_path)
     assert set(ranks.values()) == {head_id, second_node["node_id"]}
 
     # One attempt, every step once; checkpoints at every validation, Ray kept the last two.
-    record = parse_trace(trace / "iterations.log")
+    record = Trace.read(trace / "iterations.log")
     assert record["starts"] == [(1, 0)]
     assert record["steps"] == {1: list(range(1, iterations + 1))}
     assert record["checkpoints"] == [(1, i) for i in range(val_every, iterations + 1, val_every)]
@@ -231,7 +218,7 @@ def test_losing_the_second_node_restarts_the_workers_on_the_head_from_the_last_c
     assert nodes == {head_id}, "the killed node is still listed alive"
 
     # Attempt 1 on both nodes; attempt 2 on the head alone, from the last checkpoint attempt 1 reported.
-    record = parse_trace(trace / "iterations.log")
+    record = Trace.read(trace / "iterations.log")
     assert [attempt for attempt, _ in record["starts"]] == [1, 2]
     resumed_at = record["starts"][1][1]
     reported = [i for attempt, i in record["checkpoints"] if attempt == 1]
@@ -275,7 +262,7 @@ def test_without_room_for_the_workers_the_stage_stops_saying_what_it_needs_and_r
     assert "the Ray cluster has 1 alive node (2 CPU), room for 1 that way: add nodes, use SPREAD" in log, log[-6000:]
     # Nothing half-done where the next stage would read it; the checkpoints stay for a rerun.
     assert not (project / "models").exists() and not (project / "reports").exists()
-    record = parse_trace(trace / "iterations.log")
+    record = Trace.read(trace / "iterations.log")
     assert [attempt for attempt, _ in record["starts"]] == [1]
     kept_run = one_run_dir(storage).name
     kept = registered_checkpoints(one_run_dir(storage))
@@ -292,7 +279,7 @@ def test_without_room_for_the_workers_the_stage_stops_saying_what_it_needs_and_r
     submit(head, project, "fcn-no-room-spread", trace)
     status, log = wait_for_job(head, "fcn-no-room-spread")
     assert status == "SUCCEEDED", log[-6000:]
-    record = parse_trace(trace / "iterations.log")
+    record = Trace.read(trace / "iterations.log")
     assert record["starts"] == [(1, 0), (2, kept[-1])]
     assert record["steps"][2] == list(range(kept[-1] + 1, ITERATIONS + 1))
     placed = placements(log)
