@@ -216,6 +216,7 @@ def fit(params: Params, name: str, storage: str, config: dict):
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from pipelines.rendezvous import LoopbackTorchConfig
 
@@ -224,7 +225,11 @@ def fit(params: Params, name: str, storage: str, config: dict):
     cluster.check_placement(params.ray)
     print(f"[{config['stage']}] run {name} in {storage}; weights start from {config['init']['note']}", flush=True)
     ray_params = params.ray
-    notice = ray.remote(num_cpus=0)(StopNotice).remote()
+    # On the driver's node: an actor on a worker node would die with that node and take
+    # the driver's answer with it, though the run itself survives the loss.
+    notice = ray.remote(num_cpus=0)(StopNotice).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+    ).remote()
     config = {**config, "stop_notice": notice}
     trainer = interruptible(TorchTrainer)(
         train_loop,
