@@ -17,7 +17,7 @@ uint8 crops, then normalisation to float32 N x 3 x H x W in the consuming proces
               a new DataLoader each of the E epochs (workers forked per epoch).
 
 The images are VOC-like (a generated mirror, longer side 500, through
-pipelines.stages.preprocess). A run is E epochs from the start, start-up included (Ray's
+pipelines.sharding). A run is E epochs from the start, start-up included (Ray's
 actors start once a training run, the DataLoader's workers once an epoch); the
 fastest of --repeat runs counts.
 """
@@ -65,7 +65,7 @@ def make_shards(work: Path, n_images: int) -> Path:
     """A generated VOC-like mirror of n_images training images, preprocessed into shards (cached in work)."""
     from pipelines.archives import safe_extract
     from pipelines.mirror import write_mirror
-    from pipelines.stages.preprocess import preprocess
+    from pipelines.sharding import preprocess
 
     shards = work / f"shards-{n_images}"
     if (shards / "train").is_dir():

@@ -34,7 +34,7 @@ VAL_SHARE = 0.2  # of the base size; the rest is SBD train
 
 def run_child(raw: str, out: str, workers: int) -> None:
     """One preprocess run; prints its wall time as JSON (the parent measures memory)."""
-    from pipelines.stages.preprocess import preprocess
+    from pipelines.sharding import preprocess
     started = time.perf_counter()
     stats = preprocess(Path(raw), Path(out) / "shards", Path(out) / "stats.json", Path(out) / "rejected.json",
                        workers=workers, progress_every=10**9)

@@ -62,7 +62,7 @@ def make_shards(work: Path, n_train: int) -> Path:
     """Shards of a generated mirror like the demo's (longer side 160), cached in work."""
     from pipelines.archives import safe_extract
     from pipelines.mirror import write_mirror
-    from pipelines.stages.preprocess import preprocess
+    from pipelines.sharding import preprocess
 
     shards = work / f"shards-{n_train}"
     if (shards / "train").is_dir():

@@ -16,7 +16,8 @@ from PIL import Image
 from pipelines.mirror import write_mirror
 from pipelines.rawdata import split_ids
 from pipelines.shards import SEG11VALID_FILE as SEG11VALID, ShardError, read_id_list as read_ids
-from pipelines.stages.preprocess import PreprocessError, main, preprocess
+from pipelines.sharding import PreprocessError, preprocess
+from pipelines.stages.preprocess import main
 
 N_TRAIN, N_VAL = 16, 8
 EXPECTED_SCHEMA = pa.schema([
