@@ -11,8 +11,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -26,6 +24,7 @@ from pipelines.dataset import (
 )
 from pipelines.params import parse_params
 from pipelines.shards import ShardError, count_rows, decode_sample, shard_files
+from shard_rows import sample_row, write_split
 
 N_TRAIN, N_VAL = 24, 10
 CROP = 64
@@ -45,18 +44,6 @@ def make_params(shards_dir, **sections):
     return parse_params(mapping, "test params")
 
 
-def jpeg_bytes(rgb):
-    buffer = io.BytesIO()
-    Image.fromarray(rgb, "RGB").save(buffer, "JPEG", quality=95)
-    return buffer.getvalue()
-
-
-def png_bytes(label):
-    buffer = io.BytesIO()
-    Image.fromarray(label, "L").save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def make_sample(rng, height, width):
     """A smooth random image and a label of class rectangles with a void outline."""
     label = np.zeros((height, width), np.uint8)
@@ -70,21 +57,14 @@ def make_sample(rng, height, width):
     return image, label
 
 
-def write_split(split_dir, ids, rng, rows_per_file=7):
-    split_dir.mkdir(parents=True)
+def write_shard_split(split_dir, ids, rng, rows_per_file=7):
     rows = []
     for i, sample_id in enumerate(ids):
         # Every third image is smaller than the crop on one side, so crops need padding.
         height, width = (40, 90) if i % 3 == 0 else (int(rng.integers(70, 110)), int(rng.integers(70, 110)))
         image, label = make_sample(rng, height, width)
-        rows.append({"id": sample_id, "source": "sbd", "image": jpeg_bytes(image), "label": png_bytes(label),
-                     "height": height, "width": width})
-    schema = pa.schema([("id", pa.string()), ("source", pa.string()), ("image", pa.binary()),
-                        ("label", pa.binary()), ("height", pa.int32()), ("width", pa.int32())])
-    for part, start in enumerate(range(0, len(rows), rows_per_file)):
-        chunk = rows[start:start + rows_per_file]
-        table = pa.table({name: [r[name] for r in chunk] for name in schema.names}, schema=schema)
-        pq.write_table(table, split_dir / f"part-{part:05d}.parquet")
+        rows.append(sample_row(sample_id, image, label))
+    write_split(split_dir, rows, rows_per_file)
     return rows
 
 
@@ -92,8 +72,8 @@ def write_split(split_dir, ids, rng, rows_per_file=7):
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
     rng = np.random.default_rng(0)
-    rows = {"train": write_split(root / "train", [f"2008_{i:06d}" for i in range(N_TRAIN)], rng),
-            "val": write_split(root / "val", [f"2007_{i:06d}" for i in range(N_VAL)], rng)}
+    rows = {"train": write_shard_split(root / "train", [f"2008_{i:06d}" for i in range(N_TRAIN)], rng),
+            "val": write_shard_split(root / "val", [f"2007_{i:06d}" for i in range(N_VAL)], rng)}
     return root, rows
 
 

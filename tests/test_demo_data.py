@@ -14,7 +14,8 @@ from PIL import Image
 
 from pipelines import mirror as demo_data
 from pipelines.stages import demo_data as demo_data_stage
-from pipelines.params import PROJECT_ROOT, parse_params
+from pipelines.params import parse_params
+from pipelines.shards import seg11valid_ids
 
 VOC = "VOCdevkit/VOC2012"
 SBD = "benchmark_RELEASE/dataset"
@@ -69,7 +70,7 @@ def mirror(tmp_path_factory):
 
 
 def seg11valid() -> list[str]:
-    return (PROJECT_ROOT / "pipelines" / "splits" / "seg11valid.txt").read_text().split()
+    return seg11valid_ids()
 
 
 def test_result_names_the_archives_and_their_md5s(mirror):

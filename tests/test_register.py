@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -31,6 +30,8 @@ from pipelines import tracking
 from pipelines.files import file_sha256
 from pipelines.params import PROJECT_ROOT, parse_params
 from pipelines.stages import register as register_stage
+from pipelines.shards import shard_path
+from shard_rows import sample_row, write_split
 from test_train import write_shards
 
 WIDTH = 0.0625
@@ -71,7 +72,7 @@ def checkpoint_mask(directory: Path, image: np.ndarray) -> np.ndarray:
 
 
 def decode_val_image(shards_dir: Path, image_id: str) -> np.ndarray:
-    table = pq.read_table(shards_dir / "val" / "part-00000.parquet").to_pydict()
+    table = pq.read_table(shard_path(shards_dir / "val", 0)).to_pydict()
     jpeg = table["image"][table["id"].index(image_id)]
     return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
 
@@ -308,31 +309,16 @@ def test_a_champion_without_its_score_tag_stops_the_gate(registry):
 
 # --------------------------------------------------------------------------- without a store
 
-def write_val_shard(path: Path, images: dict) -> None:
-    """One Parquet shard of {id: (H, W, 3) uint8} as the shard contract stores them (labels all background)."""
-    rows = {"id": [], "source": [], "image": [], "label": [], "height": [], "width": []}
-    for image_id, image in images.items():
-        jpeg, png = io.BytesIO(), io.BytesIO()
-        Image.fromarray(image).save(jpeg, "JPEG", quality=95)
-        Image.fromarray(np.zeros(image.shape[:2], np.uint8)).save(png, "PNG")
-        for key, value in (("id", image_id), ("source", "voc"), ("image", jpeg.getvalue()),
-                           ("label", png.getvalue()), ("height", image.shape[0]), ("width", image.shape[1])):
-            rows[key].append(value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(rows, schema=pa.schema([
-        ("id", pa.string()), ("source", pa.string()), ("image", pa.binary()), ("label", pa.binary()),
-        ("height", pa.int32()), ("width", pa.int32())])), path)
-
-
 def test_input_example_is_the_centre_of_the_smallest_val_image(tmp_path):
     rng = np.random.default_rng(0)
     images = {name: rng.integers(0, 256, shape, dtype=np.uint8)
               for name, shape in (("a", (90, 70, 3)), ("b", (80, 100, 3)), ("c", (120, 40, 3)))}
-    write_val_shard(tmp_path / "val" / "part-00000.parquet", {"a": images["a"], "b": images["b"]})
-    write_val_shard(tmp_path / "val" / "part-00001.parquet", {"c": images["c"]})
+    # Labels all background: the example is an image alone.
+    write_split(tmp_path / "val", [sample_row(name, image, np.zeros(image.shape[:2], np.uint8), source="voc")
+                                   for name, image in images.items()], rows_per_file=2)
     example = register.example_image(tmp_path, max_side=64)
     # c has the fewest pixels (4800); its centre 64 rows of 120 start at row 28, all 40 columns.
-    with open(tmp_path / "val" / "part-00001.parquet", "rb") as fh:
+    with open(shard_path(tmp_path / "val", 1), "rb") as fh:
         jpeg = pq.read_table(fh).column("image")[0].as_py()
     decoded = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
     assert example.shape == (64, 40, 3) and example.dtype == np.uint8

@@ -5,18 +5,15 @@ written by a fixture (JPEG/PNG pairs stored with pyarrow as the shard contract s
 and train a width-0.0625 VGG16 FCN on 24 x 32 images for a few iterations.
 """
 import csv
-import io
 import json
 import math
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn as nn
 import yaml
-from PIL import Image
 
 from fcn_models.checkpoint import load_checkpoint, save_checkpoint
 from fcn_models.fcn import build_fcn
@@ -26,6 +23,7 @@ from fcn_models.metrics import SCORE_KEYS
 from pipelines import loop, recipe, training
 from pipelines.params import parse_params
 from pipelines.stages import train as train_stage
+from shard_rows import sample_row, write_split
 
 WIDTH = 0.0625
 N_TRAIN, N_VAL = 8, 5
@@ -39,8 +37,6 @@ def write_shards(shards_dir, n_train=N_TRAIN, n_val=N_VAL, seed=0):
     """Train and val shards of coloured rectangles (class 1 red, class 2 blue) on grey,
     a void row on top of each label."""
     rng = np.random.default_rng(seed)
-    schema = pa.schema([("id", pa.string()), ("source", pa.string()), ("image", pa.binary()),
-                        ("label", pa.binary()), ("height", pa.int32()), ("width", pa.int32())])
     for split, count in (("train", n_train), ("val", n_val)):
         rows = []
         for i in range(count):
@@ -52,14 +48,8 @@ def write_shards(shards_dir, n_train=N_TRAIN, n_val=N_VAL, seed=0):
             image = np.full((height, width, 3), 90, np.uint8)
             image[label == 1] = (220, 40, 40)
             image[label == 2] = (40, 40, 220)
-            jpeg, png = io.BytesIO(), io.BytesIO()
-            Image.fromarray(image, "RGB").save(jpeg, "JPEG", quality=95)
-            Image.fromarray(label, "L").save(png, "PNG")
-            rows.append({"id": f"{split}_{i:06d}", "source": "sbd", "image": jpeg.getvalue(),
-                         "label": png.getvalue(), "height": height, "width": width})
-        (shards_dir / split).mkdir(parents=True)
-        table = pa.table({name: [r[name] for r in rows] for name in schema.names}, schema=schema)
-        pq.write_table(table, shards_dir / split / "part-00000.parquet")
+            rows.append(sample_row(f"{split}_{i:06d}", image, label))
+        write_split(shards_dir / split, rows)
 
 
 def make_params(root, stages, *, workers=2, max_failures=0, **train_knobs):
