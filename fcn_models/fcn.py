@@ -25,6 +25,7 @@ from .backbones import BACKBONES, Trunk, build_trunk
 from .geometry import IDENTITY, Geometry, crop_offset, layer_geometry
 from .norms import InputNorm, NormLike, as_input_norm
 from .surgery import upsampling
+from .voc import NUM_CLASSES
 
 VARIANTS = ("fcn32s", "fcn16s", "fcn8s", "fcn8s-atonce")
 # The trunk strides each variant fuses, coarse to fine.
@@ -43,7 +44,7 @@ def _score_layer(in_channels: int, num_classes: int) -> nn.Conv2d:
 class FCN(nn.Module):
     """Fully convolutional network: (N, 3, H, W) input -> (N, num_classes, H, W) class scores."""
 
-    def __init__(self, trunk: Trunk, variant: str = "fcn32s", num_classes: int = 21,
+    def __init__(self, trunk: Trunk, variant: str = "fcn32s", num_classes: int = NUM_CLASSES,
                  width: float = 1.0, input_norm: Optional[NormLike] = None):
         super().__init__()
         if variant not in VARIANTS:
@@ -178,7 +179,7 @@ def _crop(out: torch.Tensor, offset: int, height: int, width: int) -> torch.Tens
     return out[..., offset:offset + height, offset:offset + width]
 
 
-def build_fcn(variant: str = "fcn32s", backbone: str = "vgg16", num_classes: int = 21,
+def build_fcn(variant: str = "fcn32s", backbone: str = "vgg16", num_classes: int = NUM_CLASSES,
               width: float = 1.0, input_norm: Optional[NormLike] = None) -> FCN:
     """An FCN with a freshly initialised trunk (load ImageNet weights with surgery.load_imagenet_weights)."""
     if variant not in VARIANTS:

@@ -12,8 +12,11 @@ import torch
 
 from .voc import NUM_CLASSES, VOID
 
-# The four scores of the paper's tables, in its column order.
+# The four scores of the paper's tables, in its column order, and their headings there.
 SCORE_KEYS = ("pixel_acc", "mean_acc", "mean_iu", "fw_iu")
+SCORE_HEADINGS = dict(zip(SCORE_KEYS, ("pixel acc.", "mean acc.", "mean IU", "f.w. IU")))
+# The score that ranks checkpoints, stages and registered versions.
+MEAN_IU = "mean_iu"
 
 
 class ConfusionMatrix:

@@ -21,6 +21,7 @@ import torch.nn as nn
 from .backbones import BACKBONES, build_trunk
 from .fcn import build_fcn, optimize_for_inference
 from .geometry import chain_geometry
+from .voc import NUM_CLASSES
 
 # Long, Shelhamer, Darrell, Table 1 (forward time on an NVIDIA K40, 500x500 input).
 PAPER_TABLE1 = {
@@ -105,7 +106,7 @@ def format_layer_table(backbone: str, size: int = 224) -> str:
 
 
 def count_macs(variant: str, backbone: str, height: int, width: int, *, model_width: float = 1.0,
-               num_classes: int = 21) -> int:
+               num_classes: int = NUM_CLASSES) -> int:
     """Multiply-adds of all convolutions and transposed convolutions for one height x width image
     (FLOPs = 2 x MACs), counted from the layer shapes on a meta-device model."""
     total = 0
@@ -132,7 +133,7 @@ def table1_rows(time_forward: bool = True, repeat: int = 3, size: int = 500, com
     rows = []
     for backbone in ("alexnet", "vgg16", "googlenet"):
         with torch.device("meta"):
-            model = build_fcn("fcn32s", backbone, num_classes=21)
+            model = build_fcn("fcn32s", backbone, num_classes=NUM_CLASSES)
         trunk = model.trunk
         # The convolutionalised classifier: trunk to the score source, whatever the
         # classifier had after it (GoogLeNet's 7x7 average pool), then the score layer.

@@ -40,7 +40,7 @@ import numpy as np
 import fcn_models
 from fcn_models import limits
 from fcn_models.checkpoint import META_FILE, MODEL_FILE, read_meta
-from fcn_models.metrics import SCORE_KEYS
+from fcn_models.metrics import MEAN_IU, SCORE_KEYS
 from pipelines import modelcard, tracking
 from pipelines.files import file_sha256
 from pipelines.onnx_export import ExportError, export_onnx
@@ -52,7 +52,7 @@ from pipelines.shards import decode_sample, iter_rows, shard_files
 
 SERVING_CODE = Path(__file__).resolve().with_name("serving.py")
 FCN_MODELS_DIR = Path(fcn_models.__file__).resolve().parent
-MEAN_IU_TAG = "mean_iu"
+MEAN_IU_TAG = MEAN_IU  # a version's tag of its evaluated mean IU
 WEIGHTS_TAG = tracking.WEIGHTS_TAG
 ONNX_FILE = "model.onnx"
 CARD_FILE = "model_card.md"

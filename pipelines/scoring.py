@@ -19,7 +19,7 @@ import time
 import torch
 
 from fcn_models.limits import MAX_PIXELS, too_large
-from fcn_models.metrics import SCORE_KEYS, ConfusionMatrix
+from fcn_models.metrics import SCORE_HEADINGS, SCORE_KEYS, ConfusionMatrix
 from fcn_models.preprocess import normalize
 from fcn_models.published import CONVERTED, PAPER, REFERENCE
 from fcn_models.summary import cpu_model, machine
@@ -30,7 +30,6 @@ DISPLAY_NAMES = {"fcn32s-fixed": "FCN-32s-fixed", "fcn32s": "FCN-32s", "fcn16s":
                  "fcn8s-atonce": "FCN-8s at-once", "fcn-alexnet": "FCN-AlexNet"}
 # Report keys of the reference's released models, scored beside ours: "reference-fcn8s".
 REFERENCE_PREFIX = "reference-"
-TABLE_COLUMNS = {"pixel_acc": "pixel acc.", "mean_acc": "mean acc.", "mean_iu": "mean IU", "fw_iu": "f.w. IU"}
 PROGRESS_EVERY = 100
 
 
@@ -160,11 +159,11 @@ def format_table(report: dict, total_images: int, timing_images: int, where: str
     def percent(value):
         return "n/a" if value is None else f"{100 * value:.1f}"
 
-    header = "| | " + " | ".join(TABLE_COLUMNS.values())
-    lines = [header + " | forward time (ms) |", "|:--|" + "--:|" * (len(TABLE_COLUMNS) + 1)]
+    header = "| | " + " | ".join(SCORE_HEADINGS.values())
+    lines = [header + " | forward time (ms) |", "|:--|" + "--:|" * (len(SCORE_HEADINGS) + 1)]
     for key, entry in report.items():
         forward = "n/a" if entry["forward_ms"] is None else f"{entry['forward_ms']:.1f}"
-        cells = [percent(entry[k]) for k in TABLE_COLUMNS] + [forward]
+        cells = [percent(entry[k]) for k in SCORE_HEADINGS] + [forward]
         lines.append(f"| {display_name(key)} | " + " | ".join(cells) + " |")
     timed = min(timing_images, total_images - 1)
     timing = (f"mean over {timed} val images after one warm-up image, batch 1, at their own sizes, on {where}"
@@ -177,5 +176,5 @@ def format_table(report: dict, total_images: int, timing_images: int, where: str
     published = published_rows(report)
     if published:
         text += ("\n## Published, for comparison (seg11valid, 736 images, the full-size networks)\n\n"
-                 + header + " |\n|:--|" + "--:|" * len(TABLE_COLUMNS) + "\n" + "\n".join(published) + "\n")
+                 + header + " |\n|:--|" + "--:|" * len(SCORE_HEADINGS) + "\n" + "\n".join(published) + "\n")
     return text

@@ -70,6 +70,7 @@ from pathlib import Path
 
 import yaml
 
+from fcn_models.metrics import SCORE_KEYS
 from pipelines import driver, figures
 from pipelines.files import file_sha256
 from pipelines.params import Params
@@ -634,7 +635,7 @@ def evaluation_metrics(entry: dict, step: int, model_id: str | None = None) -> l
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    values = {f"{EVAL_PREFIX}{k}": entry[k] for k in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu")}
+    values = {f"{EVAL_PREFIX}{k}": entry[k] for k in SCORE_KEYS}
     values.update({f"{EVAL_PREFIX}iu/{name}": iu for name, iu in (entry.get("per_class_iu") or {}).items()})
     return [Metric(_metric_key(k), float(v), now, int(step), model_id=model_id)
             for k, v in values.items() if v is not None]

@@ -34,7 +34,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fcn_models.metrics import SCORE_KEYS
+from fcn_models.metrics import MEAN_IU, SCORE_KEYS
 from pipelines import cluster, dataset, driver, loop, recipe, tracking
 from pipelines.files import atomic_write_text, replace_dir
 from pipelines.params import Params
@@ -249,7 +249,7 @@ def fit(params: Params, name: str, storage: str, config: dict):
                                                    controller_failure_limit=ray_params.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=params.train.checkpoints_to_keep,
-                checkpoint_score_attribute="mean_iu", checkpoint_score_order="max",
+                checkpoint_score_attribute=MEAN_IU, checkpoint_score_order="max",
             ),
         ),
         datasets=dataset.training_datasets(params, config["iterations"], f"{storage.rstrip('/')}/{name}"),
@@ -319,7 +319,7 @@ def best_and_history(result) -> tuple[Path, list[dict]]:
     (the latest checkpoint carries all of it; the best one only up to itself)."""
     if not result.best_checkpoints:
         raise StageError(f"run at {result.path} reported no checkpoint")
-    best = result.get_best_checkpoint(metric="mean_iu", mode="max")
+    best = result.get_best_checkpoint(metric=MEAN_IU, mode="max")
     with result.checkpoint.as_directory() as directory:
         history = loop.read_history(Path(directory))
     scratch = Path(tempfile.mkdtemp(prefix="fcn-best-"))
