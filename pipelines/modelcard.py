@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from fcn_models.metrics import SCORE_KEYS
 from fcn_models.voc import class_names
+from pipelines.modelsource import alias_uri
 from pipelines.params import DataParams, Params
 
 SCORE_HEADINGS = {"pixel_acc": "pixel acc.", "mean_acc": "mean acc.", "mean_iu": "mean IU", "fw_iu": "f.w. IU"}
@@ -143,7 +144,7 @@ def model_description(name: str, alias: str) -> str:
         "",
         "## Use",
         "",
-        *_use(f"models:/{name}@{alias}"),
+        *_use(alias_uri(name, alias)),
         "",
     ])
 

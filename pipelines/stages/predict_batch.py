@@ -20,7 +20,7 @@ from pathlib import Path
 from pipelines import batch, cluster
 from pipelines.batch import BatchError
 from pipelines.exits import run_main
-from pipelines.modelsource import ModelSourceError, is_model_uri, local_checkpoint
+from pipelines.modelsource import ModelSourceError, default_model_uri, is_model_uri, local_checkpoint
 from pipelines.params import load_params
 
 
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
             raise BatchError(f"{', '.join(inside)} lies inside this Ray job's temporary copy of the working "
                              "directory and would be lost: give --out as an absolute path (\"$PWD/predictions\")")
         inputs = batch.list_inputs(args.source)
-        model = args.model or f"models:/{params.mlflow.model_name}@{params.mlflow.alias}"
+        model = args.model or default_model_uri(params)
         with tempfile.TemporaryDirectory(prefix="fcn-predict-batch-") as scratch:
             checkpoint = local_checkpoint(model, params if is_model_uri(model) else None, Path(scratch))
             cluster.connect(params.ray)

@@ -11,46 +11,15 @@ the answer is {"predictions": [[class id, ...], ...]}, the (H, W) mask. Anything
 (pipelines.serving.check_image). Ctrl-C stops it.
 """
 import argparse
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 from pipelines.exits import run_main
-from pipelines.modelsource import ModelSourceError, open_store
+from pipelines.mlflowcli import server_command, server_env
+from pipelines.modelsource import ModelSourceError, check_model, default_model_uri, open_store
 from pipelines.params import load_params
 
 DEFAULT_PORT = 5001  # beside the MLflow UI's 5000
-
-
-class ServeError(RuntimeError):
-    """A model that cannot be served; the message says why."""
-
-
-def server_command(model: str, host: str, port: int, workers: int) -> list[str]:
-    mlflow = Path(sys.executable).with_name("mlflow")
-    return [str(mlflow), "models", "serve", "-m", model, "--env-manager", "local", "--host", host,
-            "--port", str(port), "--workers", str(workers)]
-
-
-def server_env(store: str) -> dict:
-    """This environment's bin first on PATH; the model URI resolved against `store`."""
-    bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "MLFLOW_TRACKING_URI": store,
-            "MLFLOW_REGISTRY_URI": store}
-
-
-def check_model(model: str, store: str) -> None:
-    """Fail now, with the model's name, rather than in the server's start-up log."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    try:
-        mlflow.models.get_model_info(model)
-    except (MlflowException, OSError) as err:
-        message = getattr(err, "message", str(err))
-        raise ServeError(f"model {model}: {message} (tracking store {store}; check the name and alias, "
-                         "or run `fcn register`)") from None
 
 
 def main(argv=None) -> int:
@@ -67,7 +36,7 @@ def main(argv=None) -> int:
 
     def body():
         params = load_params(args.params)
-        model = args.model or f"models:/{params.mlflow.model_name}@{params.mlflow.alias}"
+        model = args.model or default_model_uri(params)
         store = open_store(params, model)
         check_model(model, store)
         print(f"[serve] {model} on http://{args.host}:{args.port}/invocations: POST "
@@ -75,7 +44,7 @@ def main(argv=None) -> int:
         return subprocess.run(server_command(model, args.host, args.port, args.workers),
                               env=server_env(store)).returncode
 
-    return run_main("serve", body, (ModelSourceError, ServeError), resume="run `fcn serve` again to restart it")
+    return run_main("serve", body, (ModelSourceError,), resume="run `fcn serve` again to restart it")
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ process, which is plenty for one person and fits a small machine. Ctrl-C stops i
 import argparse
 import subprocess
 import sys
-from pathlib import Path
 
 from pipelines import tracking
 from pipelines.exits import run_main
+from pipelines.mlflowcli import mlflow_cli
 from pipelines.modelsource import ModelSourceError, open_store
 from pipelines.params import load_params
 
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
             print(f"[ui] runs of {params.mlflow.experiment!r}: {tracking.runs_view(base, experiment.experiment_id)}")
         print(f"[ui] registered model {params.mlflow.model_name!r}: {base}/#/models/{params.mlflow.model_name}",
               flush=True)
-        command = [str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri", store,
+        command = [mlflow_cli(), "ui", "--backend-store-uri", store,
                    "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)]
         return subprocess.run(command).returncode
 
