@@ -143,12 +143,13 @@ def _digest(paths: list[Path], names_from: Path) -> str:
 
 
 def code_files(root: Path = PROJECT_ROOT) -> list[Path]:
-    """The source files of CODE_DEPS."""
+    """The files of CODE_DEPS as DVC hashes them: every file of a directory (data files such
+    as fcn_models/voc_classes.txt too), but not Python's bytecode caches (.dvcignore)."""
     files = []
     for dep in CODE_DEPS:
         path = root / dep
-        files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
-    return [p for p in files if "__pycache__" not in p.parts]
+        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return [p for p in files if "__pycache__" not in p.parts and p.suffix != ".pyc"]
 
 
 def _relative(value: Any, root: Path) -> Any:
@@ -161,10 +162,11 @@ def _relative(value: Any, root: Path) -> Any:
 def run_name(params: Params, stage: str, init: dict, root: Path) -> str:
     """<stage>-<fingerprint of everything deciding the result but the iteration count>.
 
-    The fingerprint covers the RESULT_PARAMS values, the CODE_DEPS sources, the
-    shards (names and sizes of the contract's files, nothing else in the directory)
-    and the starting weights themselves (their bytes: an earlier stage retrained to
-    the same scores still gives this stage a new run).
+    The fingerprint covers the RESULT_PARAMS values, the CODE_DEPS files, the shards
+    (names and bytes of the contract's files, nothing else in the directory) and the
+    starting weights themselves (their bytes: an earlier stage retrained to the same
+    scores still gives this stage a new run). Whatever makes DVC re-run the stage
+    therefore names another run, except the iteration count.
     """
     root = Path(root).resolve()
     values = {k: _relative(v, root) for k, v in result_params(params, stage).items()
@@ -173,7 +175,7 @@ def run_name(params: Params, stage: str, init: dict, root: Path) -> str:
     shards = []
     for split in SPLITS:
         try:
-            shards += [(f"{split}/{p.name}", p.stat().st_size) for p in shard_files(shards_dir, split)]
+            shards.append((split, _digest(shard_files(shards_dir, split), shards_dir / split)))
         except ValueError:
             shards.append((split, None))  # no shards yet: the stage fails on them with its own message
     if init["path"] is None:

@@ -180,6 +180,15 @@ def _run_held(params: Params, stage: str, root: Path, init: dict, name: str, sto
               trace_dir: str | None) -> dict:
     config = loop.loop_config(params, stage, init)
     config["trace_dir"] = trace_dir
+    # Fewer iterations than the run has trained cannot be had by resuming it: its best
+    # checkpoint may come from past the count asked for, and the outputs would say otherwise.
+    run_dir = f"{storage.rstrip('/')}/{name}"
+    done = dataset.checkpoint_iteration(run_dir)
+    if done > config["iterations"]:
+        raise StageError(
+            f"run {name} has trained {done} iterations ({run_dir}), more than the {config['iterations']} "
+            f"that train.stages.{stage}.iterations asks for. Ask for {done} or more to use it, or train "
+            f"{config['iterations']} afresh under another run name (--run-name) or after removing {run_dir}")
     # Build the starting network once here, so a bad init fails now with its own
     # message instead of in every worker attempt.
     loop.initial_model(config)

@@ -12,6 +12,7 @@ import torch
 
 from fcn_models.norms import BACKBONE_NORMS, TORCHVISION_GOOGLENET, TORCHVISION_RGB
 from pipelines import dataset, loop, recipe, tracking
+from pipelines.params import PROJECT_ROOT
 from test_train import make_params, write_shards
 
 STAGES = {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 10},
@@ -108,6 +109,15 @@ def test_the_run_follows_the_shards_and_the_starting_weights_not_stray_files(roo
     finally:
         (stray / "part-00000.parquet").unlink()
         stray.rmdir()
+    # A shard rewritten to the same size with other bytes is other data.
+    shard = root / "shards" / "val" / "part-00000.parquet"
+    original = shard.read_bytes()
+    shard.write_bytes(original[:100] + bytes([original[100] ^ 1]) + original[101:])
+    try:
+        assert recipe.run_name(params, "fcn32s", RANDOM, root) != base
+    finally:
+        shard.write_bytes(original)
+    assert recipe.run_name(params, "fcn32s", RANDOM, root) == base
     weights = tmp_path / "vgg16.pth"
     weights.write_bytes(b"one")
     first = recipe.run_name(params, "fcn32s", {"source": "imagenet", "path": str(weights), "note": ""}, root)
@@ -162,3 +172,10 @@ def test_googlenet_trains_on_its_own_normalisation(root):
     from fcn_models.checkpoint import read_meta
 
     assert read_meta(root / "googlenet-checkpoint")["input_norm"]["name"] == TORCHVISION_GOOGLENET.name
+
+
+def test_the_code_in_the_run_name_is_every_file_dvc_hashes_for_the_stage():
+    files = {str(p.relative_to(PROJECT_ROOT)) for p in recipe.code_files()}
+    assert "fcn_models/voc_classes.txt" in files and "pipelines/loop.py" in files
+    assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
+

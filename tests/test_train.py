@@ -302,3 +302,17 @@ def test_same_run_name_resumes_from_its_last_checkpoint(fcn32s_run):
     assert metrics["iterations"] == 6
     history = read_history(root / "reports-longer" / "fcn32s" / "history.csv")
     assert [row["iteration"] for row in history] == [2, 4, 6]
+
+
+def test_fewer_iterations_than_the_run_trained_are_refused_before_training(fcn32s_run, capsys):
+    """DVC re-runs a stage whose iteration count went down; the run of that name cannot give it."""
+    root, _, _ = fcn32s_run
+    shorter = make_params(root, {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 3}},
+                          models_dir=str(root / "models-shorter"), reports_dir=str(root / "reports-shorter"))
+    with pytest.raises(recipe.StageError) as caught:
+        training.run_stage(shorter, "fcn32s", root, run_name="e2e")
+    message = str(caught.value)
+    assert "run e2e has trained " in message and "more than the 3 that train.stages.fcn32s.iterations" in message
+    assert str(root / "ray_results" / "e2e") in message
+    assert not (root / "models-shorter").exists() and not (root / "reports-shorter").exists()
+
