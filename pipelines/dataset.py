@@ -23,8 +23,9 @@ every epoch. The train dataset is a plan made on the driver: for each epoch, the
 shards' row slices (SLICE_ROWS rows) in an order seeded from (train.seed, epoch),
 each slice tagged with its epoch; read tasks turn slices into rows, and the decode
 actors augment each row for its own epoch. The plan covers the steps the run has
-left plus a spare epoch (`train_epochs`); a worker that still wanted batches after
-it would start a second execution of the same plan.
+left plus a spare epoch (`train_epochs`), since the equal split between workers may
+drop a few rows of each; a worker whose batches still ran out would stop the stage
+with a message saying so (pipelines.loop.run), never quietly start the plan again.
 
 Resuming: a run resumed after iteration I (from its checkpoint) starts its plan at
 `resume_epoch(params, rows, I)`, the epoch iteration I + 1 falls in, from that epoch's
