@@ -11,12 +11,11 @@ talks to MLflow.
 """
 from __future__ import annotations
 
-from fcn_models.metrics import SCORE_KEYS
+from fcn_models.metrics import SCORE_HEADINGS, SCORE_KEYS
 from fcn_models.voc import class_names
 from pipelines.modelsource import alias_uri
 from pipelines.params import DataParams, Params
 
-SCORE_HEADINGS = {"pixel_acc": "pixel acc.", "mean_acc": "mean acc.", "mean_iu": "mean IU", "fw_iu": "f.w. IU"}
 VARIANT_NAMES = {"fcn32s": "FCN-32s", "fcn16s": "FCN-16s", "fcn8s": "FCN-8s", "fcn8s-atonce": "FCN-8s at-once"}
 INPUT_TEXT = ("One RGB image as an (H, W, 3) array of uint8 pixel values 0..255, any height and width "
               "(as JSON for the scoring server: `{\"inputs\": [[[r, g, b], ...], ...]}` of integers). Out: an "
