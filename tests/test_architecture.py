@@ -107,22 +107,32 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def rule_violations(graph: dict[str, set[str]]) -> list[str]:
-    """The import rules of docs/ARCHITECTURE.md broken by a graph (module -> all its imports)."""
+    """The import rules of docs/ARCHITECTURE.md broken by a graph (module -> all its imports).
+
+    The light modules' rules hold for everything they import of the packages too: a
+    shards.py that imported a module importing Ray would load Ray just the same."""
     def under(name, prefixes):
         return any(name == p or name.startswith(p + ".") for p in prefixes)
 
+    own = internal(graph)
     broken = []
     for module, imports in sorted(graph.items()):
         for imported in sorted(imports):
             is_stage = under(imported, ("pipelines.stages",)) and imported != "pipelines.stages"
             if is_stage and module not in ("pipelines.cli", imported):
                 broken.append(f"{module} imports the stage {imported} (only pipelines.cli may)")
-            if module in NO_RAY_NO_MLFLOW and under(imported, HEAVY):
-                broken.append(f"{module} imports {imported} (params, files and shards stay free of Ray and MLflow)")
-            if module == "pipelines.shards" and under(imported, ("torch",)):
-                broken.append(f"{module} imports {imported} (the shard contract needs no torch)")
             if under(module, ("fcn_models",)) and under(imported, ("pipelines", "ray", "mlflow", "dvc")):
                 broken.append(f"{module} imports {imported} (fcn_models is PyTorch only)")
+        if module not in NO_RAY_NO_MLFLOW:
+            continue
+        for through in sorted(closure(own, [module])):
+            via = "" if through == module else f" (through {through})"
+            for imported in sorted(graph[through]):
+                if under(imported, HEAVY):
+                    broken.append(f"{module} imports {imported}{via} (params, files and shards stay free of "
+                                  "Ray and MLflow)")
+                if module == "pipelines.shards" and under(imported, ("torch",)):
+                    broken.append(f"{module} imports {imported}{via} (the shard contract needs no torch)")
     return broken
 
 
@@ -156,6 +166,8 @@ def code_files(modules) -> set[str]:
 # --------------------------------------------------------------------------- the package
 
 GRAPH = import_graph(PROJECT_ROOT)
+# The benchmarks too: they time the shared modules, never a stage's entry point.
+BENCH_GRAPH = import_graph(PROJECT_ROOT, ("bench",))
 
 
 def test_the_package_has_no_import_cycle():
@@ -164,6 +176,8 @@ def test_the_package_has_no_import_cycle():
 
 def test_the_package_keeps_its_import_rules():
     assert rule_violations(GRAPH) == []
+    assert rule_violations({**GRAPH, **BENCH_GRAPH}) == []
+    assert "bench.bench_preprocess" in BENCH_GRAPH
     # The rules saw the modules they are about.
     assert {"pipelines.cli", "pipelines.stages.train", "pipelines.shards", "fcn_models.fcn"} <= set(GRAPH)
 
@@ -179,17 +193,23 @@ def test_the_checker_finds_a_cycle_a_stage_import_and_a_heavy_library(tmp_path):
         "pipelines/dataset.py": "from . import loop\n",
         "pipelines/shards.py": "import torch\ndef g():\n    import ray.data\n",
         "pipelines/tracking.py": "from pipelines.stages.train import main\n",
+        "pipelines/params.py": "def h():\n    from pipelines import cluster\n",
+        "pipelines/cluster.py": "import ray\n",
         "fcn_models/__init__.py": "",
         "fcn_models/fcn.py": "from pipelines import shards\n",
+        "bench/bench_train.py": "from pipelines.stages.train import main\n",
     }
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    graph = import_graph(tmp_path)
+    graph = import_graph(tmp_path, ("pipelines", "fcn_models", "bench"))
     assert cycles(internal(graph)) == [["pipelines.dataset", "pipelines.loop"]]
     assert rule_violations(graph) == [
+        "bench.bench_train imports the stage pipelines.stages.train (only pipelines.cli may)",
         "fcn_models.fcn imports pipelines (fcn_models is PyTorch only)",
         "fcn_models.fcn imports pipelines.shards (fcn_models is PyTorch only)",
+        "pipelines.params imports ray (through pipelines.cluster) (params, files and shards stay free of Ray "
+        "and MLflow)",
         "pipelines.shards imports ray.data (params, files and shards stay free of Ray and MLflow)",
         "pipelines.shards imports torch (the shard contract needs no torch)",
         "pipelines.stages.evaluate imports the stage pipelines.stages.train (only pipelines.cli may)",
