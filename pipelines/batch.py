@@ -101,7 +101,8 @@ def _parquet_inputs(source: str, files: list[Path]) -> dict:
 class Segmenter:
     """The actor of the pool: decode, segment, write the two PNGs, return a summary row per image."""
 
-    def __init__(self, weights, out_dir: str, alpha: float, threads: int, use_gpu: bool):
+    def __init__(self, weights, out_dir: str, alpha: float, threads: int, use_gpu: bool,
+                 max_pixels: int | None = None):
         import ray
         import torch
 
@@ -113,7 +114,7 @@ class Segmenter:
         self.scratch = tempfile.mkdtemp(prefix="fcn-batch-")
         for name, data in files.items():
             Path(self.scratch, name).write_bytes(data)
-        self.model = FCNSegmenter().load(self.scratch, device="cuda" if use_gpu else "cpu")
+        self.model = FCNSegmenter().load(self.scratch, device="cuda" if use_gpu else "cpu", max_pixels=max_pixels)
         self.out_dir, self.alpha = Path(out_dir), alpha
         self.num_classes = self.model.model.num_classes
 
@@ -151,7 +152,7 @@ class Segmenter:
 
         shares = [np.nan] * self.num_classes
         try:
-            image = decode_image(data, label, self.model.max_pixels)
+            image = decode_image(data, label, self.model.max_pixels, "scale it down first")
             mask = self.model.segment(image)
         except (ImageError, ValueError, OSError, RuntimeError) as err:
             return {"name": name, "height": -1, "width": -1, "mask": "", "overlay": "", "error": str(err),
@@ -186,9 +187,11 @@ def actor_plan(use_gpu: bool, actors: int | None, cpus_per_actor: float, images:
 
 
 def run_batch(inputs: dict, checkpoint: Path, out_dir: Path, use_gpu: bool = False, actors: int | None = None,
-              cpus_per_actor: float = 1.0, alpha: float = 0.5) -> list[dict]:
+              cpus_per_actor: float = 1.0, alpha: float = 0.5, max_pixels: int | None = None) -> list[dict]:
     """Segment every input on an actor pool (connected Ray needed); write the PNGs and the
-    summary Parquet; return the summary rows (failed ones with their error)."""
+    summary Parquet; return the summary rows (failed ones with their error).
+
+    max_pixels: the largest image segmented (default: the limit the model was registered with)."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -208,7 +211,7 @@ def run_batch(inputs: dict, checkpoint: Path, out_dir: Path, use_gpu: bool = Fal
         num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"],
         # A list, so that Ray hands the reference itself to the actor, which reads it once.
         fn_constructor_kwargs={"weights": [weights], "out_dir": str(out_dir.resolve()), "alpha": alpha,
-                               "threads": plan["threads"], "use_gpu": use_gpu},
+                               "threads": plan["threads"], "use_gpu": use_gpu, "max_pixels": max_pixels},
     )
     rows = []
     for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):

@@ -57,7 +57,11 @@ def read_image(path: Path, max_pixels: int | None = None) -> np.ndarray:
     return decode_image(path, str(path), max_pixels)
 
 
-def decode_image(data, name: str, max_pixels: int | None = None) -> np.ndarray:
+# What to do with an image above the limit, for `fcn predict`, which can downscale.
+SCALE_DOWN = "scale it down first, or pass --downscale to predict it at a smaller size"
+
+
+def decode_image(data, name: str, max_pixels: int | None = None, too_large_advice: str = SCALE_DOWN) -> np.ndarray:
     """An encoded image (a path, or the file's bytes) as (H, W, 3) uint8 RGB, upright; `name` in errors."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -67,7 +71,7 @@ def decode_image(data, name: str, max_pixels: int | None = None) -> np.ndarray:
             width, height = image.size
             if max_pixels is not None and too_large(height, width, max_pixels):
                 raise ImageError(f"{name}: {too_large(height, width, max_pixels)} (inference.max_pixels): "
-                                 "scale it down first, or pass --downscale to predict it at a smaller size")
+                                 f"{too_large_advice}")
             if Image.MAX_IMAGE_PIXELS and height * width > Image.MAX_IMAGE_PIXELS:
                 raise ImageError(f"{name}: {width}x{height} pixels is more than any image this reads "
                                  f"({Image.MAX_IMAGE_PIXELS} pixels, PIL's bound against decompression bombs)")

@@ -32,7 +32,10 @@ class PredictError(RuntimeError):
 
 
 def load_predictor(model: str, params_path: str) -> Callable[[np.ndarray], np.ndarray]:
-    """image (H, W, 3) uint8 -> mask (H, W) class ids, from a model URI or a checkpoint directory."""
+    """image (H, W, 3) uint8 -> mask (H, W) class ids, from a model URI or a checkpoint directory.
+
+    A checkpoint directory takes images up to the params' inference.max_pixels; a registered
+    model keeps the limit it was registered with."""
     if is_model_uri(model):
         return _load_mlflow_model(model, params_path)
     directory = Path(model)
@@ -40,7 +43,7 @@ def load_predictor(model: str, params_path: str) -> Callable[[np.ndarray], np.nd
         raise PredictError(f"model {model}: no such checkpoint directory (give a directory holding model.pt "
                            "and meta.json, or a models:/<name>@<alias> URI)")
     try:
-        return FCNSegmenter().load(directory).segment
+        return FCNSegmenter().load(directory, max_pixels=pixel_limit(params_path)).segment
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as err:
         raise PredictError(f"model {model}: {err}") from None
 

@@ -93,15 +93,17 @@ class FCNSegmenter(PythonModel):
         self.device = None
         self.max_pixels = limits.MAX_PIXELS
 
-    def load(self, checkpoint_dir, device=None) -> "FCNSegmenter":
-        """Load a checkpoint directory (weights with weights_only=True) onto `device` (default: CUDA if present)."""
+    def load(self, checkpoint_dir, device=None, max_pixels: int | None = None) -> "FCNSegmenter":
+        """Load a checkpoint directory (weights with weights_only=True) onto `device` (default: CUDA if present).
+
+        max_pixels: the largest image it takes; default the limit the model was registered with
+        (meta.json's), else the library's."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, meta = load_checkpoint(checkpoint_dir, map_location=device)
         if model.num_classes > 256:
             raise ValueError(f"{checkpoint_dir}: {model.num_classes} classes do not fit the uint8 masks served")
         self.model, self.meta, self.device = model.eval(), meta, device
-        # The limit the model was registered with (inference.max_pixels), else the library's.
-        self.max_pixels = int(meta.get(limits.META_KEY, limits.MAX_PIXELS))
+        self.max_pixels = int(max_pixels or meta.get(limits.META_KEY, limits.MAX_PIXELS))
         return self
 
     def segment(self, image) -> np.ndarray:

@@ -99,3 +99,20 @@ def test_bad_sources_name_themselves(project, tmp_path, capsys):
                      str(tmp_path / "out"), "--params", str(project / "params.yaml")]) == 1
     assert "no 'image' column" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_directory_is_held_to_the_params_pixel_limit(project, ray_cluster, tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({**yaml.safe_load((project / "params.yaml").read_text()),
+                                      "inference": {"max_pixels": 1500}}))
+    out = tmp_path / "out"
+    # a 61x45 (2745 pixels), b 40x30 (1200), e 77x21 (1617), gray 34x26 (884)
+    assert cli.main(["predict-batch", str(project / "images" / "*.png"), "--model", str(project / "ckpt"),
+                     "--out", str(out), "--actors", "1", "--params", str(params)]) == 0
+    assert "2 of 4 images segmented" in capsys.readouterr().out
+    summary = {r["image"]: r for r in pq.read_table(out / "summary.parquet").to_pylist()}
+    assert summary["a"]["error"].endswith("61x45 is 2745 pixels, more than the limit of 1500 pixels "
+                                          "(inference.max_pixels): scale it down first")
+    assert "77x21 is 1617 pixels, more than the limit of 1500 pixels" in summary["e"]["error"]
+    assert summary["b"]["error"] is None and summary["gray"]["error"] is None
+    assert not (out / "a_mask.png").exists() and (out / "b_mask.png").exists()

@@ -118,6 +118,23 @@ def test_the_served_model_keeps_the_limit_it_was_registered_with(checkpoint):
         served.segment(np.zeros((20, 31, 3), np.uint8))
 
 
+def test_a_checkpoint_directory_takes_the_params_limit_not_its_own(tmp_path, checkpoint):
+    import json
+
+    # A limit in meta.json (a registered model's checkpoint) below the params' limit.
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    (checkpoint / "meta.json").write_text(json.dumps({**meta, "max_pixels": 600}))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"inference": {"max_pixels": 4000}}))
+    pixels = np.random.default_rng(5).integers(0, 256, (50, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photo.png")
+    status, err = stage(predict.main, str(tmp_path / "photo.png"), "--model", str(checkpoint), "--out",
+                        str(tmp_path / "out"), "--params", str(params))
+    assert status == 0, err
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "photo_mask.png")),
+                                  checkpoint_mask(checkpoint, pixels))
+
+
 def test_evaluate_refuses_a_val_image_above_the_limit(tmp_path):
     from fcn_models.checkpoint import save_checkpoint
     from fcn_models.fcn import build_fcn

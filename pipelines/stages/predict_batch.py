@@ -56,9 +56,11 @@ def main(argv=None) -> int:
         model = args.model or default_model_uri(params)
         with tempfile.TemporaryDirectory(prefix="fcn-predict-batch-") as scratch:
             checkpoint = local_checkpoint(model, params if is_model_uri(model) else None, Path(scratch))
+            # A registered model keeps the limit it was registered with; a checkpoint directory takes the params'.
+            max_pixels = None if is_model_uri(model) else params.inference.max_pixels
             cluster.connect(params.ray)
             rows = batch.run_batch(inputs, checkpoint, Path(args.out), params.ray.use_gpu, args.actors,
-                                   args.cpus_per_actor, args.alpha)
+                                   args.cpus_per_actor, args.alpha, max_pixels)
         failed = [r for r in rows if r["error"]]
         print(f"[predict-batch] {len(rows) - len(failed)} of {len(rows)} images segmented: masks and overlays in "
               f"{args.out}, class shares in {Path(args.out) / batch.SUMMARY_FILE}", flush=True)
