@@ -1,6 +1,7 @@
 """Batch inference on Ray Data: many images in; masks, overlays and a table of class shares out.
 
     list_inputs(source)                      what a directory, a glob or Parquet files hold, named
+    check_checkpoint(checkpoint)             loaded once on the driver: BatchError naming a broken file
     run_batch(inputs, checkpoint, out_dir, ...)  the Ray Data job; returns the summary rows
 
 The job: the inputs as a dataset (file paths, or Parquet rows of encoded images) ->
@@ -166,6 +167,19 @@ class Segmenter:
 
     def __del__(self):
         shutil.rmtree(getattr(self, "scratch", ""), ignore_errors=True)
+
+
+def check_checkpoint(checkpoint: Path) -> None:
+    """Load the checkpoint once here, so that a broken one fails before Ray starts, in one line
+    naming its file, not as a traceback from every actor."""
+    import pickle
+
+    from pipelines.serving import FCNSegmenter
+
+    try:
+        FCNSegmenter().load(checkpoint, device="cpu")
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as err:
+        raise BatchError(f"model {checkpoint}: {err}") from None
 
 
 def actor_plan(use_gpu: bool, actors: int | None, cpus_per_actor: float, images: int) -> dict:

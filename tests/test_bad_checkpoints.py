@@ -10,7 +10,7 @@ from PIL import Image
 
 from fcn_models.checkpoint import save_checkpoint
 from fcn_models.fcn import build_fcn
-from pipelines.stages import evaluate, predict, register, train
+from pipelines.stages import evaluate, predict, predict_batch, register, train
 from test_checkpoint import _break
 from test_train import WIDTH, write_shards
 
@@ -76,6 +76,19 @@ def test_predict_names_a_broken_checkpoint(project, how):
                         "--out", str(project / "out"))
     assert status == 1
     assert one_line(err).startswith(f"predict: model {project / 'ckpt'}: {project / 'ckpt' / 'model.pt'} ")
+    assert not (project / "out").exists() and not (project / "pwned").exists()
+
+
+@pytest.mark.parametrize("how", BROKEN)
+def test_predict_batch_names_a_broken_checkpoint_before_ray_starts(project, how):
+    save_checkpoint(project / "ckpt", build_fcn("fcn8s", width=WIDTH), {})
+    _break(project / "ckpt", how, project)
+    (project / "photos").mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(project / "photos" / "photo.png")
+    status, err = stage(predict_batch.main, str(project / "photos"), "--model", str(project / "ckpt"),
+                        "--out", str(project / "out"), "--params", str(project / "params.yaml"))
+    assert status == 1
+    assert one_line(err).startswith(f"predict-batch: model {project / 'ckpt'}: {project / 'ckpt' / 'model.pt'} ")
     assert not (project / "out").exists() and not (project / "pwned").exists()
 
 

@@ -58,6 +58,7 @@ def main(argv=None) -> int:
             checkpoint = local_checkpoint(model, params if is_model_uri(model) else None, Path(scratch))
             # A registered model keeps the limit it was registered with; a checkpoint directory takes the params'.
             max_pixels = None if is_model_uri(model) else params.inference.max_pixels
+            batch.check_checkpoint(checkpoint)
             cluster.connect(params.ray)
             rows = batch.run_batch(inputs, checkpoint, Path(args.out), params.ray.use_gpu, args.actors,
                                    args.cpus_per_actor, args.alpha, max_pixels)
