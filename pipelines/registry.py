@@ -7,7 +7,8 @@ The checkpoint is logged (pipelines/serving.py as the model's code, a copy of
 fcn_models as its code path, model.pt + meta.json and the same network as ONNX as
 artifacts) into the MLflow run that trained it, named in its meta.json: MLflow 3
 makes that a LoggedModel whose source run is the training run, and the registered
-version's run is the training run. The version and the LoggedModel carry the
+version's run is the training run. It is logged by run id, not by reopening the run:
+the training run keeps its status and end time whatever happens to register. The version and the LoggedModel carry the
 weights' sha256 (tracking.WEIGHTS_TAG), which the training run recorded when it
 ended, and evaluate's scores (linked to the LoggedModel, at the checkpoint's
 iteration). A checkpoint without a training run in this store gets a run of its own,
@@ -41,6 +42,7 @@ import fcn_models
 from fcn_models import limits
 from fcn_models.checkpoint import META_FILE, MODEL_FILE, read_meta
 from fcn_models.metrics import MEAN_IU, SCORE_KEYS
+from fcn_models.reference import reference_network
 from pipelines import modelcard, tracking
 from pipelines.files import file_sha256
 from pipelines.onnx_export import ExportError, export_onnx
@@ -72,7 +74,8 @@ def evaluated_scores(params: Params, stage: str, checkpoint: Path, remake: str |
     `stage`, checked: they must be of these very weights, and the mean IU a finite number.
     remake: how to make the checkpoint, for the message when there is none."""
     try:
-        read_meta(checkpoint, variant=None if stage.startswith(REFERENCE_PREFIX) else stage_variant(stage))
+        read_meta(checkpoint, **(reference_network(stage[len(REFERENCE_PREFIX):]) if stage.startswith(REFERENCE_PREFIX)
+                                 else {"variant": stage_variant(stage)}))
     except (FileNotFoundError, ValueError, StageError) as err:
         remake = remake or f"train that stage first (`fcn train --stage {checkpoint.name}`) or set mlflow.register_stage"
         raise RegisterError(f"{err}; {remake}") from None
@@ -203,6 +206,9 @@ def register(params: Params, stage: str, checkpoint: Path, scores: dict, root: P
     """Log, register, describe and gate the alias; return the record (what the registry file holds)."""
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.entities import Param, RunTag
+    from mlflow.models import Model
+    from mlflow.tracking.context.registry import resolve_tags
 
     root = Path(root).resolve()
     config = params.mlflow
@@ -237,29 +243,44 @@ def register(params: Params, stage: str, checkpoint: Path, scores: dict, root: P
         except ExportError as err:
             raise RegisterError(str(err)) from None
         if trained_in is not None:
-            run_context = mlflow.start_run(run_id=trained_in.info.run_id)
+            run_id, own_run = trained_in.info.run_id, False
             shards_md5 = trained_in.data.tags.get(tracking.SHARDS_HASH_TAG)
         else:
-            run_context = mlflow.start_run(experiment_id=experiment_id, run_name=f"register-{stage}")
-            shards_md5 = None
-        with run_context as run:
-            run_id = run.info.run_id
-            if trained_in is None:
+            # The context tags (user, source, git commit) mlflow.start_run would give it.
+            run_id = client.create_run(experiment_id, run_name=f"register-{stage}",
+                                       tags=resolve_tags()).info.run_id
+            own_run, shards_md5 = True, None
+        # Logged by run id, never through mlflow.start_run: reopening the finished training run
+        # would mark it RUNNING meanwhile (a sweep then blames its gone training driver, a kill
+        # leaves it so) and FAILED on any error or Ctrl-C. The training run stays as it was.
+        try:
+            if own_run:
                 # No training run to carry the scores: this run holds them, as evaluate logs them,
                 # its network as the training runs' params, and its shards as inputs.
                 client.log_batch(run_id, metrics=tracking.evaluation_metrics(evaluation[stage], step))
-                mlflow.log_params(network_params(meta))
-                mlflow.set_tags({tracking.STAGE_TAG: stage, tracking.INIT_TAG: str(meta.get("init", "unknown"))})
+                client.log_batch(run_id, params=[Param(k, v) for k, v in network_params(meta).items()])
+                client.log_batch(run_id, tags=[RunTag(tracking.STAGE_TAG, stage),
+                                               RunTag(tracking.INIT_TAG, str(meta.get("init", "unknown")))])
                 tracking.log_shard_inputs(client, run_id, datasets)
-            mlflow.set_tag(WEIGHTS_TAG, weights_sha256)
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(SERVING_CODE), code_paths=[str(FCN_MODELS_DIR)],
+            client.set_tag(run_id, WEIGHTS_TAG, weights_sha256)
+            # Model.log is what mlflow.pyfunc.log_model calls, the one that takes the run's id. It puts
+            # the LoggedModel in the current experiment, "Default" unless one is set.
+            mlflow.set_experiment(experiment_id=experiment_id)
+            info = Model.log(
+                artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id, python_model=str(SERVING_CODE),
+                code_paths=[str(FCN_MODELS_DIR)],
                 artifacts={CHECKPOINT_ARTIFACT: str(packed), ONNX_ARTIFACT: str(onnx_file)},
                 signature=model_signature(), input_example=example, pip_requirements=requirements(),
                 params=network_params(meta), tags={WEIGHTS_TAG: weights_sha256, "stage": stage},
             )
             # Evaluate's scores of these weights, linked to the logged model too.
             client.log_batch(run_id, metrics=tracking.evaluation_metrics(evaluation[stage], step, info.model_id))
+        except BaseException as err:
+            if own_run:
+                client.set_terminated(run_id, status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            raise
+        if own_run:
+            client.set_terminated(run_id, status="FINISHED")
         run = client.get_run(run_id)
     if shards_md5 is None:
         shards_md5, _ = tracking.shards_hash(Path(params.data.shards_dir), root)

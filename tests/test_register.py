@@ -384,3 +384,54 @@ def test_bad_inputs_stop_before_the_store_is_touched(tmp_path, capsys, monkeypat
     # The report written here is the only file under reports/: no registry decision, no store.
     assert not (tmp_path / "mlflow.db").exists()
     assert [p.name for p in (tmp_path / "reports").iterdir()] == ["evaluation.json"]
+
+
+@pytest.mark.parametrize("failure", ["artifact store unwritable", "ctrl-c"])
+def test_a_register_that_fails_leaves_the_training_run_as_it_was(tmp_path, capsys, monkeypatch, failure):
+    """Register logs into the finished training run; failing half-way must not mark it FAILED.
+
+    The Ctrl-C case is simulated: KeyboardInterrupt raised from the scores' logging, after the
+    model is logged, since a real SIGINT cannot be made to land at a known point of it."""
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    write_shards(tmp_path / "data" / "shards", n_train=2, n_val=3)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({"model": {"width": WIDTH}}))
+    params = parse_params({"model": {"width": WIDTH}}, root=tmp_path)
+    uri = tracking.tracking_uri(params)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    trained = client.create_run(tracking.set_up(params), run_name="fcn8s-trained", tags={"fcn.stage": "fcn8s"})
+    client.set_terminated(trained.info.run_id, "FINISHED")
+    before = client.get_run(trained.info.run_id).info
+    checkpoint = tmp_path / "models" / "fcn8s"
+    write_evaluation(params, "fcn8s", checkpoint, make_checkpoint(checkpoint, 1, 0.5, trained.info.run_id))
+    if failure == "ctrl-c":
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(tracking, "evaluation_metrics", interrupted)
+        expected_status = 130
+    else:
+        # A file where the logged models' directory goes: writing the model's artifacts fails (as root too).
+        (tmp_path / "mlartifacts").mkdir()
+        (tmp_path / "mlartifacts" / "models").write_text("not a directory")
+        expected_status = 1
+
+    assert register_stage.main(["--params", str(params_file)]) == expected_status
+    assert "register:" in capsys.readouterr().err
+    after = client.get_run(trained.info.run_id).info
+    assert (after.status, after.end_time) == ("FINISHED", before.end_time)
+    assert client.search_registered_models() == []
+
+    # Once the cause is gone, register succeeds, and the run is still as training left it.
+    monkeypatch.undo()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    if failure != "ctrl-c":
+        (tmp_path / "mlartifacts" / "models").unlink()
+    assert register_stage.main(["--params", str(params_file)]) == 0
+    after = client.get_run(trained.info.run_id).info
+    assert (after.status, after.end_time) == ("FINISHED", before.end_time)
+    record = json.loads((tmp_path / "reports" / "registry.json").read_text())
+    assert record["run_id"] == trained.info.run_id
+    # The logged model is in the pipeline's experiment, beside its run.
+    assert client.get_logged_model(record["model_id"]).experiment_id == after.experiment_id
