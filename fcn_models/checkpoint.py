@@ -17,13 +17,22 @@ from typing import Union
 
 import torch
 
-from .fcn import FCN, build_fcn
+from .fcn import FCN, VARIANTS, build_fcn
 from .norms import InputNorm
 from .weights import read_state_dict
 
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
 MODEL_KEYS = ("variant", "backbone", "width", "num_classes", "input_norm")
+# A training stage named <variant>-fixed trains <variant> (with a fixed learning rate).
+FIXED_SUFFIX = "-fixed"
+
+
+def stage_network(stage: str) -> str | None:
+    """The network a training stage trains: its name without a "-fixed" suffix; None when that
+    names no network."""
+    variant = stage[: -len(FIXED_SUFFIX)] if stage.endswith(FIXED_SUFFIX) else stage
+    return variant if variant in VARIANTS else None
 
 
 def model_meta(model: FCN) -> dict:
@@ -66,9 +75,10 @@ def save_checkpoint(directory: Union[str, os.PathLike], model: FCN, meta: dict |
     return directory
 
 
-def read_meta(directory: Union[str, os.PathLike], variant: str | None = None) -> dict:
+def read_meta(directory: Union[str, os.PathLike], variant: str | None = None, backbone: str | None = None) -> dict:
     """meta.json of a checkpoint directory, checked for the keys needed to rebuild the model
-    and, when `variant` is given, that it describes that network (ValueError otherwise)."""
+    and that it describes the network `variant` (without one: the network of the stage it
+    names, if any) on the trunk `backbone`, when given (ValueError otherwise)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
@@ -90,17 +100,24 @@ def read_meta(directory: Union[str, os.PathLike], variant: str | None = None) ->
     if variant is not None and meta["variant"] != variant:
         raise ValueError(f"{directory / META_FILE} says its network is {meta['variant']}, but {directory} must "
                          f"hold an {variant}")
+    trained = stage_network(meta["stage"]) if variant is None and isinstance(meta.get("stage"), str) else None
+    if trained is not None and meta["variant"] != trained:
+        raise ValueError(f"{directory / META_FILE} says its network is {meta['variant']}, but the stage it names, "
+                         f"{meta['stage']}, trains an {trained}: the checkpoint is mislabelled; replace it")
+    if backbone is not None and meta["backbone"] != backbone:
+        raise ValueError(f"{directory / META_FILE} says its trunk is {meta['backbone']}, but {directory} must "
+                         f"hold a {backbone} network")
     return meta
 
 
 def load_checkpoint(directory: Union[str, os.PathLike], map_location="cpu",
-                    variant: str | None = None) -> tuple[FCN, dict]:
+                    variant: str | None = None, backbone: str | None = None) -> tuple[FCN, dict]:
     """Rebuild the model described by meta.json and load model.pt into it: (model, meta).
 
-    variant: the network the checkpoint must hold (ValueError otherwise). Every way
+    variant, backbone: the network and trunk the checkpoint must hold (read_meta). Every way
     model.pt can be unusable (empty, truncated, not tensors) is a ValueError naming it."""
     directory = Path(directory)
-    meta = read_meta(directory, variant)
+    meta = read_meta(directory, variant, backbone)
     try:
         model = build_fcn(meta["variant"], meta["backbone"], int(meta["num_classes"]), float(meta["width"]),
                           InputNorm.from_dict(meta["input_norm"]))
@@ -117,4 +134,4 @@ def load_checkpoint(directory: Union[str, os.PathLike], map_location="cpu",
     return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model, meta
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_meta", "model_meta"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_meta", "model_meta", "stage_network"]

@@ -62,6 +62,15 @@ IMPORTABLE_BACKBONES = tuple(FIRST_CONV)
 HASH_CHUNK = 8 << 20
 
 
+def reference_network(name: str) -> dict:
+    """What a reference model imported under `name` (models/reference/<name>) must be, as
+    read_meta's keyword arguments: an FCN variant's name is that network, fcn-alexnet an
+    FCN on Caffe's AlexNet; {} for any other name."""
+    if name in VARIANTS:
+        return {"variant": name}
+    return {"backbone": "caffe-alexnet"} if name == "fcn-alexnet" else {}
+
+
 class WeightsImportError(ValueError):
     """Input that cannot be imported; the message names the file and what is wrong."""
 
@@ -494,4 +503,4 @@ def import_weights(source: Union[str, os.PathLike], out: Union[str, os.PathLike]
 
 
 __all__ = ["import_weights", "WeightsImportError", "ImportResult", "KNOWN_FILES", "file_digests", "check_known",
-           "open_source"]
+           "open_source", "reference_network"]

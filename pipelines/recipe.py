@@ -25,12 +25,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fcn_models.checkpoint import FIXED_SUFFIX, stage_network
 from fcn_models.fcn import VARIANTS
 from fcn_models.norms import BACKBONE_NORMS, InputNorm, as_input_norm
 from pipelines.params import PROJECT_ROOT, Params
 from pipelines.shards import SPLITS, shard_files
 
-FIXED_SUFFIX = "-fixed"
 # Dotted params keys whose values decide a training stage's result; "{stage}" is the
 # stage's own entry of train.stages. A section name stands for all of its keys.
 RESULT_PARAMS = (
@@ -63,8 +63,8 @@ class StageError(RuntimeError):
 
 def stage_variant(stage: str) -> str:
     """The network a stage trains: its name, without a "-fixed" suffix."""
-    variant = stage[: -len(FIXED_SUFFIX)] if stage.endswith(FIXED_SUFFIX) else stage
-    if variant not in VARIANTS:
+    variant = stage_network(stage)
+    if variant is None:
         raise StageError(
             f"stage {stage!r}: cannot tell its network; name a stage after one of "
             f"{', '.join(VARIANTS)} (optionally with '{FIXED_SUFFIX}')"

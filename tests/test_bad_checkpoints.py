@@ -92,6 +92,30 @@ def test_predict_batch_names_a_broken_checkpoint_before_ray_starts(project, how)
     assert not (project / "out").exists() and not (project / "pwned").exists()
 
 
+@pytest.mark.parametrize("name, network, says", [
+    ("fcn8s", ("fcn32s", "vgg16"), "says its network is fcn32s, but {dir} must hold an fcn8s"),
+    ("fcn-alexnet", ("fcn32s", "vgg16"), "says its trunk is vgg16, but {dir} must hold a caffe-alexnet network"),
+])
+def test_a_reference_of_another_network_is_refused_by_evaluate_and_register(project, name, network, says):
+    from pipelines.params import load_params
+    from pipelines.registry import RegisterError, evaluated_scores
+
+    directory = project / "models" / "reference" / name
+    save_checkpoint(directory, build_fcn(network[0], network[1], width=WIDTH), {})
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["evaluate"]["references"] = [name]
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    wrong = f"{directory / 'meta.json'} " + says.format(dir=directory)
+    status, err = stage(evaluate.main, "--params", str(project / "params.yaml"), "--device", "cpu")
+    assert status == 1
+    assert one_line(err) == (f"evaluate: stage reference-{name}: {wrong}; import it again with "
+                             f"`fcn import SOURCE --out {directory}`")
+    assert not (project / "reports").exists()
+    with pytest.raises(RegisterError) as refused:
+        evaluated_scores(load_params(project / "params.yaml"), f"reference-{name}", directory)
+    assert str(refused.value).startswith(f"{wrong}; ")
+
+
 def test_a_checkpoint_of_another_network_is_refused_by_evaluate_register_and_train(project):
     # An FCN-32s where FCN-8s belongs, and an FCN-8s where FCN-32s belongs.
     save_checkpoint(project / "models" / "fcn8s", build_fcn("fcn32s", width=WIDTH), {"stage": "fcn8s"})

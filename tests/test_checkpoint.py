@@ -144,3 +144,21 @@ def test_a_checkpoint_of_another_network_is_refused_where_a_variant_is_expected(
         load_checkpoint(target, variant="fcn8s")
     model, meta = load_checkpoint(target, variant="fcn32s")
     assert model.variant == meta["variant"] == "fcn32s"
+
+
+@pytest.mark.parametrize("stage, trained", [("fcn8s", "fcn8s"), ("fcn16s-fixed", "fcn16s")])
+def test_a_checkpoint_whose_stage_trains_another_network_is_refused_without_an_expected_variant(
+        tmp_path, stage, trained):
+    from fcn_models.checkpoint import read_meta
+
+    target = tmp_path / "ckpt"
+    save_checkpoint(target, build_fcn("fcn32s", width=NARROW), {"stage": stage})
+    for read in (read_meta, load_checkpoint):
+        with pytest.raises(ValueError) as err:
+            read(target)
+        assert str(err.value) == (f"{target / 'meta.json'} says its network is fcn32s, but the stage it names, "
+                                  f"{stage}, trains an {trained}: the checkpoint is mislabelled; replace it")
+    save_checkpoint(target, build_fcn(trained, width=NARROW), {"stage": stage})
+    assert load_checkpoint(target)[0].variant == trained
+    save_checkpoint(target, build_fcn("fcn32s", width=NARROW), {"stage": "reference-fcn8s"})  # names no stage
+    assert load_checkpoint(target)[0].variant == "fcn32s"

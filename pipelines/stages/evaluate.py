@@ -33,6 +33,7 @@ import torch
 from fcn_models.checkpoint import MODEL_FILE, load_checkpoint
 from fcn_models.fcn import optimize_for_inference
 from fcn_models.metrics import SCORE_KEYS
+from fcn_models.reference import reference_network
 from pipelines import tracking
 from pipelines.exits import run_main
 from pipelines.files import atomic_write_text, file_sha256
@@ -82,9 +83,10 @@ def evaluate(params: Params, device: torch.device | None = None) -> dict:
     report = {}
     for stage, (directory, remake) in checkpoints.items():
         try:
-            # An imported reference holds whatever network it was imported as.
-            variant = None if stage.startswith(REFERENCE_PREFIX) else stage_variant(stage)
-            model, meta = load_checkpoint(directory, map_location=device, variant=variant)
+            # An imported reference must be the network its name says.
+            expected = reference_network(stage[len(REFERENCE_PREFIX):]) if stage.startswith(REFERENCE_PREFIX) \
+                else {"variant": stage_variant(stage)}
+            model, meta = load_checkpoint(directory, map_location=device, **expected)
         except (FileNotFoundError, ValueError, StageError) as err:
             raise EvaluateError(f"stage {stage}: {err}; {remake}") from None
         model = optimize_for_inference(model)
