@@ -8,10 +8,10 @@ fcn_models as its code path, model.pt + meta.json and the same network as ONNX a
 artifacts) into the MLflow run that trained it, named in its meta.json: MLflow 3
 makes that a LoggedModel whose source run is the training run, and the registered
 version's run is the training run. It is logged by run id, not by reopening the run:
-the training run keeps its status and end time whatever happens to register. The version and the LoggedModel carry the
-weights' sha256 (tracking.WEIGHTS_TAG), which the training run recorded when it
-ended, and evaluate's scores (linked to the LoggedModel, at the checkpoint's
-iteration). A checkpoint without a training run in this store gets a run of its own,
+the training run keeps its status and end time whatever happens to register. The
+version and the LoggedModel carry the weights' sha256 (tracking.WEIGHTS_TAG), which
+the training run recorded when it ended, and evaluate's scores (linked to the
+LoggedModel, at the checkpoint's iteration). A checkpoint without a training run in this store gets a run of its own,
 register-<stage>, holding its scores the same way and its network as params in the
 training runs' key scheme. The experiment, the registered model and the version get
 descriptions (pipelines/modelcard.py); the version's, its model card, is also
