@@ -43,8 +43,10 @@ prediction | the truth, in the VOC colours) for the first mlflow.val_images_logg
 val images, outputs/metrics.json and outputs/history.csv.
 
 The shards' hash is the md5 DVC gives data.shards_dir: read from dvc.lock while the
-lock's file count and size still match the directory, else computed with DVC's own
-library (dvc_data), as `dvc add` would.
+lock's file count and size still match the shard files, else computed with DVC's own
+library (dvc_data), as `dvc add` would. Only the contract's files count (each split's
+pipelines.shards.FILE_PATTERN), what preprocess leaves: a temp folder a killed
+preprocess left beside them is not data any run reads, and must not change the hash.
 
 Every stage run is tagged with its driver (fcn.driver.host, .pid, .started:
 pipelines.driver.identity()); the sweep marks a run lost only when that driver ran
@@ -199,16 +201,28 @@ def git_state(root: Path) -> tuple[str, bool | None]:
     return head.stdout.strip(), dirty
 
 
-def _files_size(directory: Path) -> tuple[int, int]:
-    files = [p for p in directory.rglob("*") if p.is_file()]
+def _contract_files(shards_dir: Path, split: str | None = None) -> list[Path]:
+    """The shards of `split` (None: every split), the files DVC holds when preprocess ended
+    cleanly; a temp folder a killed preprocess left beside them is not among them."""
+    files = []
+    for name in SPLITS if split is None else (split,):
+        try:
+            files += shard_files(Path(shards_dir), name)
+        except ShardError:
+            pass  # a missing split: the stage fails on it with its own message
+    return files
+
+
+def _files_size(shards_dir: Path) -> tuple[int, int]:
+    files = _contract_files(shards_dir)
     return len(files), sum(p.stat().st_size for p in files)
 
 
 def _locked_hash(shards_dir: Path, root: Path) -> str | None:
-    """The md5 dvc.lock records for shards_dir, if it still describes the directory.
+    """The md5 dvc.lock records for shards_dir, if it still describes the shards.
 
     DVC wrote it when the stage that makes the shards last ran; a count or size of
-    files that no longer matches means the shards changed outside DVC since.
+    shard files that no longer matches means the shards changed outside DVC since.
     """
     lock = root / "dvc.lock"
     if not lock.is_file():
@@ -229,15 +243,22 @@ def _locked_hash(shards_dir: Path, root: Path) -> str | None:
     return None
 
 
-def compute_shards_hash(shards_dir: Path) -> str:
-    """The md5 DVC gives the directory (ends with ".dir"), computed with DVC's own library."""
+def compute_shards_hash(shards_dir: Path, split: str | None = None) -> str:
+    """The md5 DVC gives the shards directory (split None) or one split's directory (ends
+    with ".dir"), computed with DVC's own library over the contract's shard files only:
+    the same value while the directory holds nothing else, as preprocess leaves it."""
     from dvc_data.hashfile.build import build
     from dvc_data.hashfile.db import HashFileDB
+    from dvc_data.hashfile.tree import Tree
     from dvc_objects.fs import LocalFileSystem, MemoryFileSystem
 
+    base = (Path(shards_dir) if split is None else Path(shards_dir) / split).resolve()
     # build() stages objects in a database; a throwaway in-memory one keeps nothing.
-    staging = HashFileDB(MemoryFileSystem(), "memory://fcn-shards-hash")
-    _, _, tree = build(staging, str(Path(shards_dir).resolve()), LocalFileSystem(), "md5", dry_run=True)
+    staging, fs, tree = HashFileDB(MemoryFileSystem(), "memory://fcn-shards-hash"), LocalFileSystem(), Tree()
+    for path in _contract_files(shards_dir, split):
+        _, meta, obj = build(staging, str(path.resolve()), fs, "md5", dry_run=True)
+        tree.add(path.resolve().relative_to(base).parts, meta, obj.hash_info)
+    tree.digest()
     return tree.hash_info.value
 
 
@@ -265,7 +286,7 @@ def shard_datasets(shards_dir: Path) -> list[dict]:
         sources: dict[str, int] = {}
         for _, (source,) in iter_rows(files, ("source",)):
             sources[source] = sources.get(source, 0) + 1
-        out.append({"name": split, "digest": compute_shards_hash(files[0].parent), "rows": sum(sources.values()),
+        out.append({"name": split, "digest": compute_shards_hash(shards_dir, split), "rows": sum(sources.values()),
                     "sources": dict(sorted(sources.items())), "uri": files[0].parent.resolve().as_uri(),
                     "files": len(files)})
     return out

@@ -107,6 +107,26 @@ def test_shards_hash_is_dvcs_from_the_lock_while_it_still_fits(tmp_path):
     assert tracking.shards_hash(shards, tmp_path) == (expected, "computed")
 
 
+def test_a_temp_folder_left_by_a_killed_preprocess_does_not_change_the_shards_hash(tmp_path):
+    shards = tmp_path / "data" / "shards"
+    write_shards(shards)
+    clean = dvc_md5(shards, tmp_path)
+    files = [p for p in shards.rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    # What a preprocess killed before its swap leaves: a half-written split beside the shards.
+    stale = shards / ".train.tmp-12345"
+    stale.mkdir()
+    shutil.copy(shards / "train" / "part-00000.parquet", stale / "part-00000.parquet")
+    assert tracking.shards_hash(shards, tmp_path) == (clean, "computed")
+    # dvc.lock, written before the killed run, still describes the shards.
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"preprocess": {
+        "outs": [{"path": "data/shards", "hash": "md5", "md5": clean, "size": size, "nfiles": len(files)}]}}}))
+    assert tracking.shards_hash(shards, tmp_path) == (clean, "dvc.lock")
+    # A split's digest is DVC's md5 of that split's directory.
+    (tmp_path / "split").mkdir()
+    assert tracking.compute_shards_hash(shards, "train") == dvc_md5(shards / "train", tmp_path / "split")
+
+
 def test_same_ray_run_reopens_its_mlflow_run_and_another_name_opens_a_new_one(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     write_shards(tmp_path / "shards")
@@ -164,7 +184,7 @@ def test_a_stage_from_an_earlier_stage_is_nested_under_the_run_that_trained_its_
     assert sorted(inputs) == ["train", "val"]
     for split, rows in (("train", N_TRAIN), ("val", N_VAL)):
         dataset = inputs[split].dataset
-        assert dataset.digest == tracking.compute_shards_hash(tmp_path / "shards" / split)
+        assert dataset.digest == tracking.compute_shards_hash(tmp_path / "shards", split)
         assert json.loads(dataset.profile)["num_rows"] == rows
         assert json.loads(dataset.source)["uri"] == (tmp_path / "shards" / split).as_uri()
         assert {t.key: t.value for t in inputs[split].tags}["mlflow.data.context"] == \
