@@ -43,6 +43,7 @@ from .checkpoint import save_checkpoint
 from .fcn import ATONCE_SCALES, VARIANTS, build_fcn
 from .norms import CAFFE_BGR
 from .surgery import bilinear_weight
+from .weights import refused_global
 
 # Published sums: pytorch-fcn's md5s (torchfcn/models/*.py) and OpenCV's sha1 of the
 # reference's FCN-8s (opencv_extra testdata/dnn/download_models.py).
@@ -210,11 +211,11 @@ def _state_dict_source(path: Path, zipped: bool) -> Source:
         # weights_only: tensors and plain containers only, so no code in the pickle ever runs
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as err:
-        # torch's message suggests weights_only=False; pass on only what the pickle asked for
-        lines = [line.strip() for line in str(err).splitlines()]
-        asked = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), type(err).__name__)
+        # torch's message advises unsafe loading; pass on only the object the pickle asked for
+        asked = refused_global(err)
         raise WeightsImportError(
-            f"{path}: refused: its pickle asks for more than tensors, so it was not run ({asked[:200]})"
+            f"{path}: refused: its pickle asks for more than tensors, so it was not run"
+            + (f" (it asks for {asked})" if asked else "")
         ) from None
     except Exception as err:  # torch raises RuntimeError/EOFError/zip errors for damaged files
         raise WeightsImportError(f"{path}: not a readable PyTorch file: {type(err).__name__}: {err}"[:400]) from None

@@ -43,6 +43,7 @@ from fcn_models.fcn import build_fcn, reference_param_groups
 from fcn_models.metrics import SCORE_KEYS, ConfusionMatrix
 from fcn_models.surgery import load_imagenet_weights, transfer_weights
 from fcn_models.voc import VOID
+from fcn_models.weights import read_plain
 from pipelines.params import Params
 from pipelines.recipe import StageError, input_norm, stage_variant
 
@@ -265,7 +266,7 @@ class StageWorker:
     def _load(self, directory: Path) -> dict:
         saved, _ = load_checkpoint(directory, variant=self.config["variant"])
         self.net.load_state_dict(saved.state_dict())
-        state = torch.load(directory / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
+        state = read_plain(directory / TRAIN_STATE_FILE)
         state["history"] = json.loads((directory / HISTORY_FILE).read_text())
         return state
 

@@ -162,3 +162,31 @@ def test_a_checkpoint_whose_stage_trains_another_network_is_refused_without_an_e
     assert load_checkpoint(target)[0].variant == trained
     save_checkpoint(target, build_fcn("fcn32s", width=NARROW), {"stage": "reference-fcn8s"})  # names no stage
     assert load_checkpoint(target)[0].variant == "fcn32s"
+
+
+@pytest.mark.parametrize("how, words", [
+    ("truncated", "is not a readable PyTorch file"),
+    ("code-carrying", "holds Python objects besides tensors, and unpickling those could run code: refused"),
+])
+def test_a_broken_training_state_is_one_error_naming_it_without_unsafe_advice(tmp_path, how, words):
+    from fcn_models.metrics import ConfusionMatrix
+    from pipelines import loop
+    from test_nonfinite import tiny_worker
+
+    worker = tiny_worker(tmp_path)
+    matrix = ConfusionMatrix().update(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]))
+    directory = tmp_path / "ckpt"
+    worker.save(directory, 2, matrix.scores(), matrix)
+    assert loop.StageWorker(worker.config, "cpu", checkpoint_dir=directory).start == 2
+    state_file = directory / loop.TRAIN_STATE_FILE
+    if how == "truncated":
+        state_file.write_bytes(state_file.read_bytes()[:500])
+    else:
+        state = torch.load(state_file, weights_only=True)
+        torch.save({**state, "payload": _RunsCode(tmp_path / "pwned")}, state_file)
+    with pytest.raises(ValueError) as err:
+        loop.StageWorker(worker.config, "cpu", checkpoint_dir=directory)
+    message = str(err.value)
+    assert message.startswith(f"{state_file} ") and words in message, message
+    assert "weights_only" not in message and "add_safe_globals" not in message and "\n" not in message
+    assert not (tmp_path / "pwned").exists()
