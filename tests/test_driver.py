@@ -120,6 +120,32 @@ def test_runs_of_a_gone_driver_are_marked_failed_with_a_note(tmp_path, monkeypat
     assert tracking.sweep_lost_runs(params) == []
 
 
+def test_a_stage_start_marks_the_runs_of_a_gone_driver_failed(tmp_path, monkeypatch, capsys):
+    from mlflow import MlflowClient
+    from test_train import make_params, write_shards
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    write_shards(tmp_path / "shards")
+    params = make_params(tmp_path, {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 4}})
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(params))
+    dead = gone_process()
+    lost = client.create_run(tracking.set_up(params), tags={
+        tracking.STAGE_TAG: "fcn16s", tracking.RAY_RUN_TAG: "fcn16s-x",
+        **{tracking.DRIVER_TAG + k: str(v) for k, v in dead.items()}}).info.run_id
+
+    started = tracking.open_stage_run(params, "fcn32s", tmp_path, "fcn32s-y", str(tmp_path / "ray_results"),
+                                      {"source": "random", "path": None, "note": "random (test)"})
+    out = capsys.readouterr().out
+    assert f"[fcn32s] MLflow run {lost} (fcn16s) was left RUNNING by a driver that is gone (host {dead['host']}, " \
+        f"pid {dead['pid']}" in out
+    assert client.get_run(lost).info.status == "FAILED"
+    note = client.get_run(lost).data.tags[tracking.NOTE_TAG]
+    assert f"pid {dead['pid']}" in note and "`fcn train --stage fcn16s`" in note
+    # The stage's own run, opened by this (living) driver, is left running.
+    assert client.get_run(started.run_id).info.status == "RUNNING"
+    tracking.end_stage_run(started, "FINISHED")
+
+
 def test_more_logical_cpus_than_cores_is_allowed_and_said():
     from pipelines import cluster
 
