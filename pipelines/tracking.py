@@ -106,7 +106,6 @@ EVAL_PREFIX = "eval/"
 # The driver training the run: fcn.driver.host, fcn.driver.pid, fcn.driver.started.
 DRIVER_TAG = "fcn.driver."
 DRIVER_KEYS = ("host", "pid", "started")
-NOTE_TAG = "mlflow.note.content"  # MLflow's own key: its UI shows it as the run's description
 
 
 class TrackingError(RuntimeError):

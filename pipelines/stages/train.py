@@ -12,6 +12,7 @@ from its last checkpoint.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -53,7 +54,18 @@ def main(argv=None) -> int:
               f"of {metrics['iterations']}", flush=True)
 
     return run_main("train", body, (StageError, ClusterError, ShardError, RunHeldError),
-                    resume=f"run `fcn train --stage {args.stage}` again: it resumes from the last checkpoint")
+                    resume=f"run `{resume_command(parser, args)}` again: it resumes from the last checkpoint")
+
+
+def resume_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The command that resumes this stage: the options given away from their defaults too,
+    since another params file or run name would start a fresh run."""
+    words = ["fcn", "train", "--stage", args.stage]
+    for option in ("--params", "--run-name", "--trace-dir"):
+        dest = option[2:].replace("-", "_")
+        if getattr(args, dest) != parser.get_default(dest):
+            words += [option, str(getattr(args, dest))]
+    return shlex.join(words)
 
 
 if __name__ == "__main__":
