@@ -42,13 +42,12 @@ import fcn_models
 from fcn_models import limits
 from fcn_models.checkpoint import META_FILE, MODEL_FILE, read_meta
 from fcn_models.metrics import MEAN_IU, SCORE_KEYS
-from fcn_models.reference import reference_network
 from pipelines import modelcard, tracking
 from pipelines.files import file_sha256
 from pipelines.onnx_export import ExportError, export_onnx
 from pipelines.params import Params
-from pipelines.recipe import StageError, stage_variant
-from pipelines.scoring import REFERENCE_PREFIX
+from pipelines.recipe import StageError
+from pipelines.scoring import expected_network
 from pipelines.serving import CHECKPOINT_ARTIFACT, ONNX_ARTIFACT, FCNSegmenter
 from pipelines.shards import decode_sample, iter_rows, shard_files
 
@@ -74,8 +73,7 @@ def evaluated_scores(params: Params, stage: str, checkpoint: Path, remake: str |
     `stage`, checked: they must be of these very weights, and the mean IU a finite number.
     remake: how to make the checkpoint, for the message when there is none."""
     try:
-        read_meta(checkpoint, **(reference_network(stage[len(REFERENCE_PREFIX):]) if stage.startswith(REFERENCE_PREFIX)
-                                 else {"variant": stage_variant(stage)}))
+        read_meta(checkpoint, **expected_network(stage))
     except (FileNotFoundError, ValueError, StageError) as err:
         remake = remake or f"train that stage first (`fcn train --stage {checkpoint.name}`) or set mlflow.register_stage"
         raise RegisterError(f"{err}; {remake}") from None

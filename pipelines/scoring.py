@@ -22,8 +22,10 @@ from fcn_models.limits import MAX_PIXELS, too_large
 from fcn_models.metrics import SCORE_HEADINGS, SCORE_KEYS, ConfusionMatrix
 from fcn_models.preprocess import normalize
 from fcn_models.published import CONVERTED, PAPER, REFERENCE
+from fcn_models.reference import reference_network
 from fcn_models.summary import cpu_model, machine
 from fcn_models.voc import names_for
+from pipelines.recipe import stage_variant
 
 # Row names of the paper's table; any other stage keeps its own name.
 DISPLAY_NAMES = {"fcn32s-fixed": "FCN-32s-fixed", "fcn32s": "FCN-32s", "fcn16s": "FCN-16s", "fcn8s": "FCN-8s",
@@ -31,6 +33,14 @@ DISPLAY_NAMES = {"fcn32s-fixed": "FCN-32s-fixed", "fcn32s": "FCN-32s", "fcn16s":
 # Report keys of the reference's released models, scored beside ours: "reference-fcn8s".
 REFERENCE_PREFIX = "reference-"
 PROGRESS_EVERY = 100
+
+
+def expected_network(key: str) -> dict:
+    """What the checkpoint behind a report key must hold, as read_meta's keyword arguments:
+    a stage's network, or for "reference-<name>" the network the reference's name says."""
+    if key.startswith(REFERENCE_PREFIX):
+        return reference_network(key[len(REFERENCE_PREFIX):])
+    return {"variant": stage_variant(key)}
 
 
 class EvaluateError(RuntimeError):

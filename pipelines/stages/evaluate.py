@@ -33,14 +33,13 @@ import torch
 from fcn_models.checkpoint import MODEL_FILE, load_checkpoint
 from fcn_models.fcn import optimize_for_inference
 from fcn_models.metrics import SCORE_KEYS
-from fcn_models.reference import reference_network
 from pipelines import tracking
 from pipelines.exits import run_main
 from pipelines.files import atomic_write_text, file_sha256
 from pipelines.params import Params, load_params
-from pipelines.recipe import StageError, stage_command, stage_variant
+from pipelines.recipe import StageError, stage_command
 from pipelines.scoring import (
-    REFERENCE_PREFIX, EvaluateError, device_description, format_table, pick_device, reference_key, score_model,
+    EvaluateError, device_description, expected_network, format_table, pick_device, reference_key, score_model,
     stage_report,
 )
 from pipelines.shards import ShardError, count_rows, iter_samples, shard_files
@@ -83,10 +82,7 @@ def evaluate(params: Params, device: torch.device | None = None) -> dict:
     report = {}
     for stage, (directory, remake) in checkpoints.items():
         try:
-            # An imported reference must be the network its name says.
-            expected = reference_network(stage[len(REFERENCE_PREFIX):]) if stage.startswith(REFERENCE_PREFIX) \
-                else {"variant": stage_variant(stage)}
-            model, meta = load_checkpoint(directory, map_location=device, **expected)
+            model, meta = load_checkpoint(directory, map_location=device, **expected_network(stage))
         except (FileNotFoundError, ValueError, StageError) as err:
             raise EvaluateError(f"stage {stage}: {err}; {remake}") from None
         model = optimize_for_inference(model)
