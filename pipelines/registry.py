@@ -13,9 +13,10 @@ version and the LoggedModel carry the weights' sha256 (tracking.WEIGHTS_TAG), wh
 the training run recorded when it ended, and evaluate's scores (linked to the
 LoggedModel, at the checkpoint's iteration). A checkpoint without a training run in
 this store gets a run of its own, register-<stage>, holding its scores the same way
-and its network as params in the training runs' key scheme. The experiment, the registered model and the version get
-descriptions (pipelines/modelcard.py); the version's, its model card, is also
-model_card.md in the run's and the model's artifacts. The alias moves to the new
+and its network as params in the training runs' key scheme. The experiment, the
+registered model and the version get descriptions (pipelines/modelcard.py); the
+version's, its model card, is also model_card.md in the run's and the model's
+artifacts. The alias moves to the new
 version only if its mean IU beats the one tagged on the version holding the alias
 now (a tie keeps the champion; with no champion the new version takes it).
 
