@@ -62,7 +62,7 @@ import numpy as np
 import ray
 import ray.data
 import torch
-from ray.data import ActorPoolStrategy, DataContext, ExecutionOptions, ExecutionResources
+from ray.data import ActorPoolStrategy, DataContext, ExecutionOptions, ExecutionResources, TaskPoolStrategy
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import DataConfig
 
@@ -325,7 +325,7 @@ def build_train_dataset(params: Params, *, epochs: int = 1, start_iteration: int
     plan = epoch_plan(params, slices, range(first_epoch, first_epoch + epochs), start_iteration)
     ds = ray.data.from_items(plan, override_num_blocks=len(plan))
     ds = ds.map_batches(slice_reader(READ_COLUMNS), batch_size=None, num_cpus=res["io_cpus"] / PARALLEL_READS,
-                        concurrency=READ_TASKS)
+                        compute=TaskPoolStrategy(size=READ_TASKS))
     return _decode(ds, res, params, True)
 
 
