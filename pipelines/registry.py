@@ -256,10 +256,10 @@ def register(params: Params, stage: str, checkpoint: Path, scores: dict, root: P
             if own_run:
                 # No training run to carry the scores: this run holds them, as evaluate logs them,
                 # its network as the training runs' params, and its shards as inputs.
-                client.log_batch(run_id, metrics=tracking.evaluation_metrics(evaluation[stage], step))
-                client.log_batch(run_id, params=[Param(k, v) for k, v in network_params(meta).items()])
-                client.log_batch(run_id, tags=[RunTag(tracking.STAGE_TAG, stage),
-                                               RunTag(tracking.INIT_TAG, str(meta.get("init", "unknown")))])
+                client.log_batch(run_id, metrics=tracking.evaluation_metrics(evaluation[stage], step),
+                                 params=[Param(k, v) for k, v in network_params(meta).items()],
+                                 tags=[RunTag(tracking.STAGE_TAG, stage),
+                                       RunTag(tracking.INIT_TAG, str(meta.get("init", "unknown")))])
                 tracking.log_shard_inputs(client, run_id, datasets)
             client.set_tag(run_id, WEIGHTS_TAG, weights_sha256)
             # Model.log is what mlflow.pyfunc.log_model calls, the one that takes the run's id. It puts

@@ -157,6 +157,11 @@ def check_outputs_outside_job_copy(params: Params) -> None:
             "paths or s3:// URIs")
 
 
+def run_dir(storage: str, name: str) -> str:
+    """Where Ray Train keeps run `name` (its checkpoints) in `storage`, a path or a URI."""
+    return f"{storage.rstrip('/')}/{name}"
+
+
 def run_stage(params: Params, stage: str, root: Path, run_name: str | None = None,
               trace_dir: str | None = None) -> dict:
     """Train one stage on Ray, write its outputs and track it in MLflow; return the metrics written.
@@ -182,13 +187,13 @@ def _run_held(params: Params, stage: str, root: Path, init: dict, name: str, sto
     config["trace_dir"] = trace_dir
     # Fewer iterations than the run has trained cannot be had by resuming it: its best
     # checkpoint may come from past the count asked for, and the outputs would say otherwise.
-    run_dir = f"{storage.rstrip('/')}/{name}"
-    done = dataset.checkpoint_iteration(run_dir)
+    where = run_dir(storage, name)
+    done = dataset.checkpoint_iteration(where)
     if done > config["iterations"]:
         raise StageError(
-            f"run {name} has trained {done} iterations ({run_dir}), more than the {config['iterations']} "
+            f"run {name} has trained {done} iterations ({where}), more than the {config['iterations']} "
             f"that train.stages.{stage}.iterations asks for. Ask for {done} or more to use it, or train "
-            f"{config['iterations']} afresh under another run name (--run-name) or after removing {run_dir}")
+            f"{config['iterations']} afresh under another run name (--run-name) or after removing {where}")
     # Build the starting network once here, so a bad init fails now with its own
     # message instead of in every worker attempt.
     loop.initial_model(config)
@@ -261,7 +266,7 @@ def fit(params: Params, name: str, storage: str, config: dict):
                 checkpoint_score_attribute=MEAN_IU, checkpoint_score_order="max",
             ),
         ),
-        datasets=dataset.training_datasets(params, config["iterations"], f"{storage.rstrip('/')}/{name}"),
+        datasets=dataset.training_datasets(params, config["iterations"], run_dir(storage, name)),
         dataset_config=dataset.data_config(params),
     )
     try:
@@ -273,7 +278,7 @@ def fit(params: Params, name: str, storage: str, config: dict):
         except cluster.ClusterError as short:
             raise cluster.ClusterError(
                 f"stage {config['stage']} stopped, the Ray cluster can no longer hold its workers: {short}. "
-                f"Its checkpoints stay in {storage.rstrip('/')}/{name}: once the cluster has room, run the stage "
+                f"Its checkpoints stay in {run_dir(storage, name)}: once the cluster has room, run the stage "
                 "again and it resumes from the last one") from err
         raise
     stopped = ray.get(notice.get.remote())
