@@ -9,9 +9,9 @@ FCN-8s (VGG16 at the demo's width 1/8; random weights with random score layers, 
 that masks hold several classes as a trained net's do), write the palette mask PNG
 and the overlay PNG, and compute the class shares.
 
-  loop       pipelines.predicting.predict over all the files in this process, with
+  loop       pipelines.serve.segment_files.predict over all the files in this process, with
              1 and with all torch threads: the better of the two is the baseline
-  ray        pipelines.batch.run_batch on a local Ray started beforehand (as a cluster
+  ray        pipelines.serve.batch.run_batch on a local Ray started beforehand (as a cluster
              already running, or `ray job submit`, has it), one actor per core with one
              torch thread each; the actors' start-up (importing torch, loading the
              weights) is inside the time, as a user pays it
@@ -37,12 +37,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchdoc import publish  # noqa: E402
+
 from fcn_models.checkpoint import save_checkpoint  # noqa: E402
 from fcn_models.fcn import build_fcn  # noqa: E402
 from fcn_models.summary import cpu_model  # noqa: E402
-from pipelines import batch, cluster  # noqa: E402
-from pipelines.params import parse_params  # noqa: E402
-from pipelines.predicting import predict  # noqa: E402
+from pipelines import cluster  # noqa: E402
+from pipelines.core.params import parse_params  # noqa: E402
+from pipelines.serve import batch
+from pipelines.serve.segment_files import predict  # noqa: E402
 
 SECTION = "## Batch inference (bench/bench_batch.py)"
 BENCH_NAME = "bench_batch"

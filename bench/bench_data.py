@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_data.py --no-write  # prints only
 
 Both sides do the same work per image: decode the JPEG and PNG label, the full
-training augmentation of pipelines/dataset.py (random rescale, pad, 512 x 512 random
+training augmentation of pipelines/data/dataset.py (random rescale, pad, 512 x 512 random
 crop, flip; the same albumentations pipeline and per-sample seeds), batches of
 uint8 crops, then normalisation to float32 N x 3 x H x W in the consuming process.
 
@@ -17,7 +17,7 @@ uint8 crops, then normalisation to float32 N x 3 x H x W in the consuming proces
               a new DataLoader each of the E epochs (workers forked per epoch).
 
 The images are VOC-like (a generated mirror, longer side 500, through
-pipelines.sharding). A run is E epochs from the start, start-up included (Ray's
+pipelines.data.build_shards). A run is E epochs from the start, start-up included (Ray's
 actors start once a training run, the DataLoader's workers once an epoch); the
 fastest of --repeat runs counts.
 """
@@ -36,13 +36,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fcn_models.preprocess import normalize  # noqa: E402
 from benchdoc import DOC, write_section  # noqa: E402
+
+from fcn_models.preprocess import normalize  # noqa: E402
 from fcn_models.summary import cpu_model  # noqa: E402
-from pipelines.dataset import DecodeAugment, build_datasets, iter_train_batches  # noqa: E402
-from pipelines.recipe import input_norm  # noqa: E402
-from pipelines.shards import shard_files  # noqa: E402
-from pipelines.params import parse_params  # noqa: E402
+from pipelines.core.params import parse_params  # noqa: E402
+from pipelines.data.dataset import DecodeAugment, build_datasets, iter_train_batches  # noqa: E402
+from pipelines.data.shards import shard_files  # noqa: E402
+from pipelines.core.params import input_norm
+from pipelines.train.recipe import input_norm  # noqa: E402
 
 SECTION = "## Data pipeline (bench/bench_data.py)"
 BENCH_NAME = "bench_data"  # its markers in docs/BENCHMARKS.md
@@ -63,9 +65,9 @@ def bench_params(shards_dir: Path, workers: int, batch_size: int):
 
 def make_shards(work: Path, n_images: int) -> Path:
     """A generated VOC-like mirror of n_images training images, preprocessed into shards (cached in work)."""
-    from pipelines.archives import safe_extract
-    from pipelines.mirror import write_mirror
-    from pipelines.sharding import preprocess
+    from pipelines.data.archives import safe_extract
+    from pipelines.data.build_shards import preprocess
+    from pipelines.data.synthetic import write_mirror
 
     shards = work / f"shards-{n_images}"
     if (shards / "train").is_dir():
@@ -216,7 +218,7 @@ def main(argv=None) -> int:
     import ray
     from ray.data import DataContext
 
-    from pipelines.cluster import bind_loopback
+    from pipelines.train.cluster import bind_loopback
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     shards = make_shards(args.workdir, args.images)

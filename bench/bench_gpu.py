@@ -5,9 +5,9 @@ as images/s and as a fraction of a bfloat16 matrix product measured in the same 
     python bench/bench_gpu.py --settings bf16-cl-compile --variants fcn8s --no-write
     python bench/bench_gpu.py --size 64 --crop 48 --crop-batch 2 --width 0.0625 --steps 2 --no-write  # CPU, small
 
-Needs torch, fcn_models and pipelines.loop (with pipelines.params and .recipe: numpy and
+Needs torch, fcn_models and pipelines.train.loop (with pipelines.core.params and .recipe: numpy and
 PyYAML), nothing of Ray or MLflow. The training step is the one a stage runs,
-`pipelines.loop.StageWorker.train_step` (forward under autocast, the loss, backward, the
+`pipelines.train.loop.StageWorker.train_step` (forward under autocast, the loss, backward, the
 reference SGD step through the grad scaler), from the stage's own starting network.
 
 Modes, per network:
@@ -40,11 +40,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchdoc import DOC, write_section  # noqa: E402
+
 from fcn_models import build_fcn  # noqa: E402
 from fcn_models.summary import machine  # noqa: E402
 from fcn_models.voc import NUM_CLASSES, VOID  # noqa: E402
 from pipelines import loop  # noqa: E402
-from pipelines.params import parse_params  # noqa: E402
+from pipelines.core.params import parse_params  # noqa: E402
 
 SECTION = "## FCNs on a GPU (bench/bench_gpu.py)"
 BENCH_NAME = "bench_gpu"

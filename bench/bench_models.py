@@ -26,8 +26,9 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fcn_models import build_fcn, optimize_for_inference  # noqa: E402
 from benchdoc import DOC, publish  # noqa: E402
+
+from fcn_models import build_fcn, optimize_for_inference  # noqa: E402
 from fcn_models.summary import machine  # noqa: E402
 
 SECTION = "## Model forward/backward (bench/bench_models.py)"

@@ -4,8 +4,8 @@
     .venv/bin/python bench/bench_onnx.py --no-write
 
 The same FCN-8s checkpoint (random weights: time does not depend on them), exported by
-`fcn export`'s code (pipelines/onnx_export.py), on the same uint8 images, each side
-doing what a caller gets: PyTorch eager is pipelines.serving's FCNSegmenter.segment
+`fcn export`'s code (pipelines/serve/onnx_export.py), on the same uint8 images, each side
+doing what a caller gets: PyTorch eager is pipelines.serve.pyfunc_model's FCNSegmenter.segment
 (normalise, forward, argmax), onnxruntime one session.run of the graph (normalisation
 and argmax inside). Runs alternate between the two, so load from other processes
 falls on both; each side's median and best over --repeat runs count, and the ratio is
@@ -28,11 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchdoc import publish  # noqa: E402
+
 from fcn_models.checkpoint import save_checkpoint  # noqa: E402
 from fcn_models.fcn import build_fcn  # noqa: E402
 from fcn_models.summary import machine  # noqa: E402
-from pipelines.onnx_export import _session, export_onnx, run_onnx  # noqa: E402
-from pipelines.serving import FCNSegmenter  # noqa: E402
+from pipelines.serve.onnx_export import _session, export_onnx, run_onnx  # noqa: E402
+from pipelines.serve.pyfunc_model import FCNSegmenter  # noqa: E402
 
 SECTION = "## ONNX export (bench/bench_onnx.py)"
 BENCH_NAME = "bench_onnx"

@@ -34,7 +34,7 @@ VAL_SHARE = 0.2  # of the base size; the rest is SBD train
 
 def run_child(raw: str, out: str, workers: int) -> None:
     """One preprocess run; prints its wall time as JSON (the parent measures memory)."""
-    from pipelines.sharding import preprocess
+    from pipelines.data.build_shards import preprocess
     started = time.perf_counter()
     stats = preprocess(Path(raw), Path(out) / "shards", Path(out) / "stats.json", Path(out) / "rejected.json",
                        workers=workers, progress_every=10**9)
@@ -93,8 +93,8 @@ def measure(raw: Path, out: Path, workers: int) -> dict:
 
 def make_raw(work: Path, total: int, max_side: int) -> Path:
     """A generated mirror of `total` images, extracted; reused from an earlier run in the same workdir."""
-    from pipelines.archives import safe_extract
-    from pipelines.mirror import SBD_ARCHIVE, VOC_ARCHIVE, write_mirror
+    from pipelines.data.archives import safe_extract
+    from pipelines.data.synthetic import SBD_ARCHIVE, VOC_ARCHIVE, write_mirror
     n_val = max(1, round(total * VAL_SHARE))
     mirror_dir = work / f"mirror-{total}-{max_side}"
     archives = [mirror_dir / VOC_ARCHIVE, mirror_dir / SBD_ARCHIVE]

@@ -3,9 +3,9 @@
     .venv/bin/python bench/bench_serve.py             # prints the table, updates docs/BENCHMARKS.md
     .venv/bin/python bench/bench_serve.py --no-write
 
-The registered model's pyfunc (pipelines/serving.py, fcn_models as its code, an FCN-8s
+The registered model's pyfunc (pipelines/serve/pyfunc_model.py, fcn_models as its code, an FCN-8s
 checkpoint of random weights) is saved as an MLflow model and served the way `fcn
-serve` serves it (the same command and environment: pipelines.mlflowcli), one
+serve` serves it (the same command and environment: pipelines.track.mlflow_cli), one
 worker on 127.0.0.1. 20 requests (after 2 warm-ups) post one VOC-sized uint8 image as
 JSON, one at a time; latency is the time from sending to the decoded mask, the
 payload encoded beforehand. The forward time is FCNSegmenter.segment on the same
@@ -34,12 +34,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchdoc import publish  # noqa: E402
+
 from fcn_models.checkpoint import save_checkpoint  # noqa: E402
 from fcn_models.fcn import build_fcn  # noqa: E402
 from fcn_models.summary import machine  # noqa: E402
-from pipelines.mlflowcli import server_command, server_env  # noqa: E402
-from pipelines.registry import FCN_MODELS_DIR, SERVING_CODE, model_signature  # noqa: E402
-from pipelines.serving import CHECKPOINT_ARTIFACT, FCNSegmenter  # noqa: E402
+from pipelines.registry.publish import FCN_MODELS_DIR, SERVING_CODE, model_signature  # noqa: E402
+from pipelines.serve.pyfunc_model import CHECKPOINT_ARTIFACT, FCNSegmenter  # noqa: E402
+from pipelines.track.mlflow_cli import server_command, server_env  # noqa: E402
 
 SECTION = "## Serving latency (bench/bench_serve.py)"
 BENCH_NAME = "bench_serve"

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_train_overhead.py [--steps 150] [--warmup 20] [--width 0.125]
 
-Every setting runs the training step a stage runs, pipelines.loop's
+Every setting runs the training step a stage runs, pipelines.train.loop's
 `StageWorker.train_step` (forward, with autocast and the grad scaler on a GPU,
 `segmentation_loss` (mean), backward, step of the reference SGD groups), from the
 same starting network (`initial_model`, random init, `freeze_for_stage`), on the
@@ -42,10 +42,13 @@ sys.path.insert(0, str(ROOT))
 
 from fcn_models.preprocess import normalize  # noqa: E402
 from fcn_models.summary import cpu_model  # noqa: E402
-from pipelines import cluster, dataset, loop  # noqa: E402
-from pipelines.params import parse_params  # noqa: E402
-from pipelines.recipe import input_norm  # noqa: E402
-from pipelines.shards import shard_files  # noqa: E402
+from pipelines import loop  # noqa: E402
+from pipelines.core.params import parse_params  # noqa: E402
+from pipelines.data import dataset
+from pipelines.data.shards import shard_files  # noqa: E402
+from pipelines.train import cluster
+from pipelines.core.params import input_norm
+from pipelines.train.recipe import input_norm  # noqa: E402
 
 
 def bench_params(shards_dir: Path, width: float):
@@ -60,9 +63,9 @@ def bench_params(shards_dir: Path, width: float):
 
 def make_shards(work: Path, n_train: int) -> Path:
     """Shards of a generated mirror like the demo's (longer side 160), cached in work."""
-    from pipelines.archives import safe_extract
-    from pipelines.mirror import write_mirror
-    from pipelines.sharding import preprocess
+    from pipelines.data.archives import safe_extract
+    from pipelines.data.build_shards import preprocess
+    from pipelines.data.synthetic import write_mirror
 
     shards = work / f"shards-{n_train}"
     if (shards / "train").is_dir():

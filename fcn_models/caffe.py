@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+from .errors import FCNError
 
 VARINT, FIXED64, LENGTH, START_GROUP, END_GROUP, FIXED32 = 0, 1, 2, 3, 4, 5
 
@@ -47,7 +48,7 @@ _FLOAT_TAG, _DOUBLE_TAG = (5 << 3) | FIXED32, (8 << 3) | FIXED64
 _SCAN_RECORDS = 1 << 20  # unpacked values checked per numpy pass
 
 
-class CaffeFormatError(ValueError):
+class CaffeFormatError(FCNError, ValueError):
     """A file that cannot be read as a Caffe model; the message names the file and the byte."""
 
     def __init__(self, path: Union[str, os.PathLike], offset: Optional[int], problem: str):

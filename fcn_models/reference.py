@@ -44,6 +44,7 @@ from .fcn import ATONCE_SCALES, VARIANTS, build_fcn
 from .norms import CAFFE_BGR
 from .surgery import bilinear_weight
 from .weights import refused_global
+from .errors import FCNError
 
 # Published sums: pytorch-fcn's md5s (torchfcn/models/*.py) and OpenCV's sha1 of the
 # reference's FCN-8s (opencv_extra testdata/dnn/download_models.py).
@@ -72,7 +73,7 @@ def reference_network(name: str) -> dict:
     return {"backbone": "caffe-alexnet"} if name == "fcn-alexnet" else {}
 
 
-class WeightsImportError(ValueError):
+class WeightsImportError(FCNError, ValueError):
     """Input that cannot be imported; the message names the file and what is wrong."""
 
 

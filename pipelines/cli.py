@@ -11,20 +11,20 @@ import sys
 
 COMMANDS = {
     "summary": ("fcn_models.summary", "per-layer table of a trunk, and the paper's Table 1"),
-    "demo-data": ("pipelines.stages.demo_data", "write a generated VOC2012/SBD-format mirror"),
+    "demo-data": ("pipelines.commands.demo_data", "write a generated VOC2012/SBD-format mirror"),
     "fetch": ("pipelines.stages.fetch", "download, verify and extract VOC2012 and SBD"),
     "preprocess": ("pipelines.stages.preprocess", "convert the raw datasets into Parquet shards"),
     "train": ("pipelines.stages.train", "train one FCN stage on Ray Train"),
     "evaluate": ("pipelines.stages.evaluate", "score each trained stage on all of val: the paper's table"),
     "register": ("pipelines.stages.register", "log the best checkpoint to MLflow; move the champion alias if it is better"),
-    "predict": ("pipelines.stages.predict", "mask and overlay PNGs for images, from a registered model or a checkpoint"),
-    "import": ("pipelines.stages.import_weights", "the reference's caffemodels / pytorch-fcn files as our checkpoints"),
-    "status": ("pipelines.stages.status", "the stage runs in MLflow; runs whose driver is gone marked FAILED"),
-    "predict-batch": ("pipelines.stages.predict_batch",
+    "predict": ("pipelines.commands.predict", "mask and overlay PNGs for images, from a registered model or a checkpoint"),
+    "import": ("pipelines.commands.import_weights", "the reference's caffemodels / pytorch-fcn files as our checkpoints"),
+    "status": ("pipelines.commands.status", "the stage runs in MLflow; runs whose driver is gone marked FAILED"),
+    "predict-batch": ("pipelines.commands.predict_batch",
                       "masks, overlays and class shares for a directory, glob or Parquet of images, on Ray Data"),
-    "serve": ("pipelines.stages.serve", "serve a registered model over HTTP on 127.0.0.1 (mlflow models serve)"),
-    "ui": ("pipelines.stages.ui", "the MLflow UI over the project's store, on 127.0.0.1; prints where the runs are"),
-    "export": ("pipelines.stages.export", "write a checkpoint or registered model as ONNX (dynamic height and width)"),
+    "serve": ("pipelines.commands.serve", "serve a registered model over HTTP on 127.0.0.1 (mlflow models serve)"),
+    "ui": ("pipelines.commands.ui", "the MLflow UI over the project's store, on 127.0.0.1; prints where the runs are"),
+    "export": ("pipelines.commands.export", "write a checkpoint or registered model as ONNX (dynamic height and width)"),
 }
 
 

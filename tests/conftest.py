@@ -7,8 +7,8 @@ def ray_cluster():
     import ray
     from ray.data import DataContext
 
-    from pipelines import cluster
-    from pipelines.params import parse_params
+    from pipelines.core.params import parse_params
+    from pipelines.train import cluster
 
     cluster.connect(parse_params({"ray": {"num_workers": 2, "cpus_per_worker": 0.5, "data_cpus": 0.5}}).ray)
     DataContext.get_current().enable_progress_bars = False

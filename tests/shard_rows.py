@@ -1,4 +1,4 @@
-"""Shards for tests, written through the shard contract (pipelines.shards): its schema and file names."""
+"""Shards for tests, written through the shard contract (pipelines.data.shards): its schema and file names."""
 import io
 from pathlib import Path
 
@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines import shards
+from pipelines.data import shards
 
 
 def sample_row(sample_id: str, image: np.ndarray, label: np.ndarray, source: str = "sbd") -> dict:

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from test_checkpoint import _break
+from test_train import WIDTH, write_shards
 
 from fcn_models.checkpoint import save_checkpoint
 from fcn_models.fcn import build_fcn
 from pipelines.stages import evaluate, predict, predict_batch, register, train
-from test_checkpoint import _break
-from test_train import WIDTH, write_shards
 
 BROKEN = ("empty", "truncated", "code-carrying")
 
@@ -97,8 +97,8 @@ def test_predict_batch_names_a_broken_checkpoint_before_ray_starts(project, how)
     ("fcn-alexnet", ("fcn32s", "vgg16"), "says its trunk is vgg16, but {dir} must hold a caffe-alexnet network"),
 ])
 def test_a_reference_of_another_network_is_refused_by_evaluate_and_register(project, name, network, says):
-    from pipelines.params import load_params
-    from pipelines.registry import RegisterError, evaluated_scores
+    from pipelines.core.params import load_params
+    from pipelines.registry.publish import RegisterError, evaluated_scores
 
     directory = project / "models" / "reference" / name
     save_checkpoint(directory, build_fcn(network[0], network[1], width=WIDTH), {})

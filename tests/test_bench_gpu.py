@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
-
-from pipelines.params import PROJECT_ROOT
 from test_architecture import import_graph, imports_of
+
+from pipelines.core.params import PROJECT_ROOT
 
 BENCH = PROJECT_ROOT / "bench" / "bench_gpu.py"
 SMALL = ["--size", "40", "--crop", "36", "--crop-batch", "2", "--width", "0.0625", "--steps", "1", "--warmup", "1",
@@ -99,7 +99,7 @@ def test_the_benchmark_imports_neither_ray_nor_mlflow():
     graph = import_graph(PROJECT_ROOT)
     ours = {m for m in imports_of(BENCH, PROJECT_ROOT) if m in graph}
     # `from pipelines import loop` imports the package too (a docstring only).
-    assert ours <= {"pipelines", "pipelines.loop", "pipelines.params", "pipelines.recipe"} | {
+    assert ours <= {"pipelines", "pipelines.train.loop", "pipelines.core.params", "pipelines.train.recipe"} | {
         m for m in graph if m.startswith("fcn_models")}, ours
 
 

@@ -483,8 +483,9 @@ def test_failed_import_leaves_an_existing_checkpoint_alone(written, imported, tm
 # ---------------------------------------------------------------- the command
 
 def test_command_prints_what_it_did(written, tmp_path, capsys):
-    from pipelines.cli import COMMANDS, main as cli_main
-    assert COMMANDS["import"][0] == "pipelines.stages.import_weights"
+    from pipelines.cli import COMMANDS
+    from pipelines.cli import main as cli_main
+    assert COMMANDS["import"][0] == "pipelines.commands.import_weights"
     path = written["alexnet-fcn32s"][2]
     assert cli_main(["import", str(path), "--out", str(tmp_path / "alex")]) == 0
     out = capsys.readouterr().out

@@ -169,9 +169,10 @@ def test_a_checkpoint_whose_stage_trains_another_network_is_refused_without_an_e
     ("code-carrying", "holds Python objects besides tensors, and unpickling those could run code: refused"),
 ])
 def test_a_broken_training_state_is_one_error_naming_it_without_unsafe_advice(tmp_path, how, words):
-    from fcn_models.metrics import ConfusionMatrix
-    from pipelines import loop
     from test_nonfinite import tiny_worker
+
+    from fcn_models.metrics import ConfusionMatrix
+    from pipelines.train import loop
 
     worker = tiny_worker(tmp_path)
     matrix = ConfusionMatrix().update(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]))

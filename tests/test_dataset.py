@@ -15,16 +15,27 @@ import pytest
 import torch
 from PIL import Image
 from ray import cloudpickle
+from shard_rows import sample_row, write_split
 
 from fcn_models.preprocess import CAFFE_BGR, TORCHVISION_RGB, normalize
-from pipelines.cluster import ClusterError, bind_loopback, check_cpu_budget
-from pipelines.dataset import (
-    DecodeAugment, ToTensors, TrainDatasetFactory, build_datasets, checkpoint_iteration, data_config,
-    data_resources, iter_train_batches, iter_val_batches, resume_epoch, sample_seed, train_epochs, train_rows,
+from pipelines.core.params import parse_params
+from pipelines.data.dataset import (
+    DecodeAugment,
+    ToTensors,
+    TrainDatasetFactory,
+    build_datasets,
+    checkpoint_iteration,
+    data_config,
+    data_resources,
+    iter_train_batches,
+    iter_val_batches,
+    resume_epoch,
+    sample_seed,
+    train_epochs,
+    train_rows,
 )
-from pipelines.params import parse_params
-from pipelines.shards import ShardError, count_rows, decode_sample, shard_files
-from shard_rows import sample_row, write_split
+from pipelines.data.shards import ShardError, count_rows, decode_sample, shard_files
+from pipelines.train.cluster import ClusterError, bind_loopback, check_cpu_budget
 
 N_TRAIN, N_VAL = 24, 10
 CROP = 64
@@ -201,7 +212,7 @@ def test_collate_makes_tensors_and_warns_once_when_the_plan_is_for_another_resum
     batch = {"epoch": np.array([2, 2]), "start_iteration": np.array([0, 0]), "image": ragged,
              "label": np.arange(4, dtype=np.uint8).reshape(2, 1, 2)}
     collate = ToTensors(start_iteration=30)
-    with caplog.at_level("WARNING", logger="pipelines.dataset"):
+    with caplog.at_level("WARNING", logger="pipelines.data.dataset"):
         out = collate(batch)
         collate(batch)
     assert out["image"].shape == (2, 1, 2, 3) and out["label"].tolist() == [[[0, 1]], [[2, 3]]]

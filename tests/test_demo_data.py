@@ -12,10 +12,10 @@ import scipy.sparse
 import yaml
 from PIL import Image
 
-from pipelines import mirror as demo_data
+from pipelines.core.params import parse_params
+from pipelines.data import synthetic as demo_data
+from pipelines.data.shards import seg11valid_ids
 from pipelines.stages import demo_data as demo_data_stage
-from pipelines.params import parse_params
-from pipelines.shards import seg11valid_ids
 
 VOC = "VOCdevkit/VOC2012"
 SBD = "benchmark_RELEASE/dataset"

@@ -14,9 +14,11 @@ import textwrap
 
 import pytest
 
-from pipelines import driver, tracking
-from pipelines.params import PROJECT_ROOT, parse_params
+from pipelines.core import driver
+from pipelines.core.params import PROJECT_ROOT, parse_params
 from pipelines.stages import status as status_stage
+from pipelines.track import tracking
+from pipelines.train import recipe
 
 
 def gone_process() -> dict:
@@ -43,7 +45,7 @@ def test_a_driver_is_gone_only_when_it_ran_here_and_runs_no_more():
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from pipelines import driver
+    from pipelines.core import driver
     with driver.hold_run(sys.argv[1], "run-a"):
         print("held", flush=True)
         time.sleep(600)
@@ -133,8 +135,9 @@ def test_a_stage_start_marks_the_runs_of_a_gone_driver_failed(tmp_path, monkeypa
         tracking.STAGE_TAG: "fcn16s", tracking.RAY_RUN_TAG: "fcn16s-x",
         **{tracking.DRIVER_TAG + k: str(v) for k, v in dead.items()}}).info.run_id
 
-    started = tracking.open_stage_run(params, "fcn32s", tmp_path, "fcn32s-y", str(tmp_path / "ray_results"),
-                                      {"source": "random", "path": None, "note": "random (test)"})
+    init = {"source": "random", "path": None, "note": "random (test)"}
+    started = tracking.open_stage_run(params, "fcn32s", tmp_path, "fcn32s-y", str(tmp_path / "ray_results"), init,
+                                      recipe.stage_params(params, "fcn32s", init))
     out = capsys.readouterr().out
     assert f"[fcn32s] MLflow run {lost} (fcn16s) was left RUNNING by a driver that is gone (host {dead['host']}, " \
         f"pid {dead['pid']}" in out
@@ -147,7 +150,7 @@ def test_a_stage_start_marks_the_runs_of_a_gone_driver_failed(tmp_path, monkeypa
 
 
 def test_more_logical_cpus_than_cores_is_allowed_and_said():
-    from pipelines import cluster
+    from pipelines.train import cluster
 
     params = parse_params({"ray": {"num_workers": 2, "cpus_per_worker": 64, "data_cpus": 1}})
     num_cpus, warning = cluster.local_cpus(params.ray, cores=2)

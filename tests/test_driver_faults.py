@@ -24,11 +24,12 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-
-from pipelines import cluster, tracking
-from pipelines.params import PROJECT_ROOT, load_params
-from pipelines.rendezvous import is_loopback
 from test_train import WIDTH, write_shards
+
+from pipelines.core.params import PROJECT_ROOT, load_params
+from pipelines.track import tracking
+from pipelines.train import cluster
+from pipelines.train.rendezvous import is_loopback
 
 STAGE = "fcn32s"
 VAL_EVERY = 2
@@ -220,7 +221,7 @@ def test_a_killed_driver_takes_its_cluster_along_and_its_run_is_marked_failed(tm
     assert [r.info.status for r in runs] == ["RUNNING"]
     run_id = runs[0].info.run_id
     assert runs[0].data.tags[tracking.DRIVER_TAG + "pid"] == str(c.pid)
-    status = subprocess.run([sys.executable, "-m", "pipelines.stages.status", "--params", str(params_file)],
+    status = subprocess.run([sys.executable, "-m", "pipelines.commands.status", "--params", str(params_file)],
                             capture_output=True, text=True, env=environment(), timeout=300)
     assert status.returncode == 0, status.stderr
     assert f"marked FAILED: MLflow run {run_id} ({STAGE}): its driver is gone" in status.stdout

@@ -18,17 +18,18 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from test_train import WIDTH, write_shards
 
 from fcn_models.checkpoint import save_checkpoint
 from fcn_models.fcn import build_fcn
-from fcn_models.voc import class_names
 from fcn_models.preprocess import normalize
 from fcn_models.summary import cpu_model
-from pipelines import cli, scoring, tracking
-from pipelines.files import file_sha256
-from pipelines.params import parse_params
+from fcn_models.voc import class_names
+from pipelines import cli
+from pipelines.core.files import file_sha256
+from pipelines.core.params import parse_params
 from pipelines.stages import evaluate
-from test_train import WIDTH, write_shards
+from pipelines.track import tracking, val_scores
 
 N_VAL = 7
 TIMING_IMAGES = 3
@@ -112,7 +113,7 @@ def evaluated(tmp_path_factory):
         save_checkpoint(root / "models" / stage, model, {"stage": stage})
     params_file = write_params(root / "params.yaml", root, root / "shards", root / "models")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(scoring, "PROGRESS_EVERY", 5)  # 7 images: one progress line per stage
+        patch.setattr(val_scores, "PROGRESS_EVERY", 5)  # 7 images: one progress line per stage
         status, out, err = evaluate_cli(params_file)
     assert status == 0, err
     val_rows = decoded_rows(root / "shards" / "val")

@@ -1,7 +1,7 @@
 """Every stage ends the same way: a params error is 2, any other stage error 1, Ctrl-C 130, each with one line.
 
 The structure is read from the source (every stage's main goes through
-pipelines.exits.run_main); the behaviour is run: a params file with an unknown key
+pipelines.core.exits.run_main); the behaviour is run: a params file with an unknown key
 in every stage that reads one, a report that cannot be written, Ctrl-C (SIGINT) to
 a stage working in a process of its own.
 """
@@ -10,14 +10,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
+from test_bad_checkpoints import one_line, stage
 
 from pipelines import cli
-from pipelines.params import PROJECT_ROOT
-from test_bad_checkpoints import one_line, stage
+from pipelines.core.params import PROJECT_ROOT
 
 STAGES = {name: module for name, (module, _) in cli.COMMANDS.items() if module.startswith("pipelines.stages.")}
 READS_PARAMS = {"fetch": [], "preprocess": [], "train": ["--stage", "fcn32s"], "evaluate": [], "register": [],
@@ -56,9 +55,10 @@ def test_a_params_error_is_status_2_with_one_line_naming_the_key(name, tmp_path)
 
 
 def test_a_file_that_cannot_be_written_is_status_1_with_one_line_naming_it(tmp_path):
+    from test_train import WIDTH, write_shards
+
     from fcn_models.checkpoint import save_checkpoint
     from fcn_models.fcn import build_fcn
-    from test_train import WIDTH, write_shards
 
     write_shards(tmp_path / "shards", n_train=1, n_val=1)
     save_checkpoint(tmp_path / "models" / "fcn8s", build_fcn("fcn8s", width=WIDTH), {"stage": "fcn8s"})
@@ -75,7 +75,7 @@ def test_ctrl_c_is_status_130_with_a_line_saying_how_to_resume(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH"))
                                                        if p)}
     # A mirror large enough to be interrupted while it is written.
-    process = subprocess.Popen([sys.executable, "-m", "pipelines.stages.demo_data", "--out", str(tmp_path / "m"),
+    process = subprocess.Popen([sys.executable, "-m", "pipelines.commands.demo_data", "--out", str(tmp_path / "m"),
                                 "--train", "4000", "--val", "100", "--max-side", "160", "--workers", "1"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                start_new_session=True)

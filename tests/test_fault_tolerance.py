@@ -3,7 +3,7 @@
 The run must go on from its last checkpoint (the steps after it redone, none
 skipped) and end where an uninterrupted run ends. The training loop writes each
 worker's pid and every completed iteration, with its attempt number, to
-a trace directory (pipelines.loop.Trace, which only tests turn on); the kill comes once Ray has registered a checkpoint and a
+a trace directory (pipelines.train.loop.Trace, which only tests turn on); the kill comes once Ray has registered a checkpoint and a
 couple of steps past it have been taken.
 """
 import json
@@ -13,10 +13,11 @@ import threading
 import time
 
 import pytest
-
-from pipelines import tracking, training
-from pipelines.loop import Trace
 from test_train import make_params, read_history, write_shards
+
+from pipelines.track import tracking
+from pipelines.train import trainer
+from pipelines.train.loop import Trace
 
 ITERATIONS, VAL_EVERY = 12, 4
 # Iterations past the first checkpoint before the kill, so there is work to redo.
@@ -50,7 +51,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint_and_finishes(tmp_path, r
     killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, args=(run_dir, trace, killed),
                               daemon=True)
     killer.start()
-    metrics = training.run_stage(params, "fcn32s", tmp_path, run_name="faulty", trace_dir=str(trace))
+    metrics = trainer.run_stage(params, "fcn32s", tmp_path, run_name="faulty", trace_dir=str(trace))
     killer.join(timeout=5)
 
     assert killed, "no worker was killed: the run ended before a checkpoint was registered"

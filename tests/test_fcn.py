@@ -4,9 +4,19 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fcn_models import (BACKBONES, CAFFE_BGR, FCN, TORCHVISION_RGB, VARIANTS, InputNorm, build_fcn,
-                        optimize_for_inference,
-                        build_trunk, normalize, reference_param_groups)
+from fcn_models import (
+    BACKBONES,
+    CAFFE_BGR,
+    FCN,
+    TORCHVISION_RGB,
+    VARIANTS,
+    InputNorm,
+    build_fcn,
+    build_trunk,
+    normalize,
+    optimize_for_inference,
+    reference_param_groups,
+)
 from fcn_models.geometry import chain_geometry, layer_geometry
 from fcn_models.preprocess import as_input_norm, denormalize
 from fcn_models.surgery import bilinear_kernel

@@ -1,4 +1,5 @@
-"""The fetch stage (pipelines.download, pipelines.archives, pipelines.stages.fetch) against a Range-capable HTTP server on 127.0.0.1 and small archives built here."""
+"""The fetch stage (pipelines.data.download, pipelines.data.archives, pipelines.stages.fetch) against a Range-capable HTTP server on 127.0.0.1 and small archives built here."""
+import dataclasses
 import hashlib
 import io
 import os
@@ -11,12 +12,9 @@ from pathlib import Path
 
 import pytest
 
-import dataclasses
-
-from pipelines import archives, download
-from pipelines.params import ArchiveParams, DataParams, parse_params
+from pipelines.core.params import ArchiveParams, DataParams, parse_params
+from pipelines.data import archives, download
 from pipelines.stages import fetch as fetch_stage
-
 
 # ---------------------------------------------------------------------------------------
 # A file server that honours (or ignores) Range and can break a transfer off mid-way
@@ -452,7 +450,7 @@ def test_fetch_all_over_http(server, voc_tar, sbd_tgz, tmp_path):
 
 
 def test_fetch_all_serves_the_generated_mirror(server, tmp_path):
-    from pipelines.mirror import write_mirror
+    from pipelines.data.synthetic import write_mirror
 
     mirror = write_mirror(tmp_path / "mirror", n_train=4, n_val=3, max_side=64, workers=1)
     for key in ("voc", "sbd"):

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-
-from fcn_models.limits import MAX_PIXELS, fitting_size
-from pipelines.images import ImageError, read_image, resized
-from pipelines.serving import FCNSegmenter
-from pipelines.stages import evaluate, predict
 from test_bad_checkpoints import one_line, stage
 from test_register import WIDTH, checkpoint_mask, make_checkpoint
 from test_train import write_shards
+
+from fcn_models.limits import MAX_PIXELS, fitting_size
+from pipelines.serve.images import ImageError, read_image, resized
+from pipelines.serve.pyfunc_model import FCNSegmenter
+from pipelines.stages import evaluate, predict
 
 
 def png16(path, values: np.ndarray) -> None:
@@ -154,11 +154,11 @@ def test_evaluate_refuses_a_val_image_above_the_limit(tmp_path):
 
 def test_the_registered_model_refuses_an_image_above_the_limit_it_was_registered_with(tmp_path, monkeypatch):
     import mlflow
-
-    from pipelines import tracking
-    from pipelines.params import parse_params
-    from pipelines.stages import register
     from test_register import write_evaluation
+
+    from pipelines.core.params import parse_params
+    from pipelines.stages import register
+    from pipelines.track import tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     write_shards(tmp_path / "data" / "shards", n_train=1, n_val=2)

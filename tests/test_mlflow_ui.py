@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from pipelines import tracking
-from pipelines.params import load_params
-from pipelines.stages import register as register_stage
-from test_register import WIDTH, make_checkpoint, write_evaluation
 from ports import free_port
+from test_register import WIDTH, make_checkpoint, write_evaluation
 from test_train import write_shards
+
+from pipelines.core.params import load_params
+from pipelines.stages import register as register_stage
+from pipelines.track import tracking
+from pipelines.train import recipe
 
 CHROMIUM = "/usr/bin/chromium"
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -40,7 +41,7 @@ def store(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         init = {"source": "random", "path": None, "note": "random (no ImageNet weights)"}
-        run = tracking.open_stage_run(params, "fcn8s", root, "fcn8s-ui0test", str(root / "ray_results"), init)
+        run = tracking.open_stage_run(params, "fcn8s", root, "fcn8s-ui0test", str(root / "ray_results"), init, recipe.stage_params(params, "fcn8s", init))
         checkpoint = root / "models" / "fcn8s"
         scores = make_checkpoint(checkpoint, seed=6, mean_iu=0.6, run_id=run.run_id)
         rows = [{"iteration": i, "loss": 1.0 / i, "pixel_acc": 0.5 + i / 40, "mean_acc": 0.2 + i / 40,
@@ -57,7 +58,7 @@ def ui(store):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     log = open(store["root"] / "ui.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "pipelines.stages.ui", "--port", str(port), "--params",
+    server = subprocess.Popen([sys.executable, "-m", "pipelines.commands.ui", "--port", str(port), "--params",
                                str(store["root"] / "params.yaml")], cwd=store["root"], env=env, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:

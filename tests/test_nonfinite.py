@@ -1,6 +1,6 @@
 """Infinite params are refused; a non-finite training loss stops the stage (or is skipped, when allowed).
 
-The loop tests run pipelines.loop without Ray on the tiny network of test_train: a
+The loop tests run pipelines.train.loop without Ray on the tiny network of test_train: a
 learning rate raised to 1e30 after the first checkpoint blows the weights up, a NaN
 image gives one bad batch. The Ray test trains a stage whose learning rate is 1e30
 from the start on two workers.
@@ -11,11 +11,11 @@ import sys
 
 import pytest
 import torch
-
-from pipelines import loop, recipe, training
-from pipelines.params import PROJECT_ROOT, ParamsError, load_params
-from pipelines.recipe import StageError
 from test_train import make_params, write_shards
+
+from pipelines.core.errors import StageError
+from pipelines.core.params import PROJECT_ROOT, ParamsError, load_params
+from pipelines.train import loop, recipe, trainer
 
 ITERATIONS, VAL_EVERY = 6, 2
 
@@ -114,7 +114,7 @@ def test_a_stage_whose_loss_goes_nan_stops_once_fails_its_run_and_writes_nothing
     stages = {"fcn32s": {"init": "imagenet", "lr": 1e30, "iterations": ITERATIONS}}
     params = make_params(tmp_path, stages, optimizer="sgd", momentum=0.9, val_every=VAL_EVERY, max_failures=2)
     with pytest.raises(StageError) as err:
-        training.run_stage(params, "fcn32s", tmp_path, run_name="nan", trace_dir=str(tmp_path / "trace"))
+        trainer.run_stage(params, "fcn32s", tmp_path, run_name="nan", trace_dir=str(tmp_path / "trace"))
     message = str(err.value)
     assert "the training loss is nan at iteration 2" in message, message
     assert "no checkpoint was written before it" in message
@@ -126,7 +126,7 @@ def test_a_stage_whose_loss_goes_nan_stops_once_fails_its_run_and_writes_nothing
 
     from mlflow import MlflowClient
 
-    from pipelines import tracking
+    from pipelines.track import tracking
 
     client = MlflowClient(tracking_uri=tracking.tracking_uri(params))
     runs = client.search_runs([client.get_experiment_by_name(params.mlflow.experiment).experiment_id])

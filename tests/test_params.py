@@ -4,8 +4,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.params import (
-    PROJECT_ROOT, ArchiveParams, DataParams, Params, ParamsError, load_params, parse_params,
+from pipelines.core.params import (
+    PROJECT_ROOT,
+    ArchiveParams,
+    DataParams,
+    Params,
+    ParamsError,
+    load_params,
+    parse_params,
 )
 
 PROJECT_PARAMS = PROJECT_ROOT / "params.yaml"

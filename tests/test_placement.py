@@ -1,14 +1,14 @@
 """Where a stage's workers go: ray.placement_strategy, and the check that the alive nodes can hold them.
 
-pipelines.cluster.check_placement is given the nodes' resources as Ray reports them
+pipelines.train.cluster.check_placement is given the nodes' resources as Ray reports them
 (ray.nodes()[i]["Resources"]); tests/e2e/test_cluster.py runs it against a real
 cluster of two nodes, before training and after one is lost.
 """
 import pytest
 
-from pipelines.cluster import ClusterError, check_placement
-from pipelines.params import ParamsError, parse_params
-from pipelines.recipe import RESULT_PARAMS
+from pipelines.core.params import ParamsError, parse_params
+from pipelines.train.cluster import ClusterError, check_placement
+from pipelines.train.recipe import RESULT_PARAMS
 
 
 def ray_params(**knobs):

@@ -13,10 +13,12 @@ import scipy.io
 import yaml
 from PIL import Image
 
-from pipelines.mirror import write_mirror
-from pipelines.rawdata import split_ids
-from pipelines.shards import SEG11VALID_FILE as SEG11VALID, ShardError, read_id_list as read_ids
-from pipelines.sharding import PreprocessError, preprocess
+from pipelines.data.build_shards import PreprocessError, preprocess
+from pipelines.data.rawdata import split_ids
+from pipelines.data.shards import SEG11VALID_FILE as SEG11VALID
+from pipelines.data.shards import ShardError
+from pipelines.data.shards import read_id_list as read_ids
+from pipelines.data.synthetic import write_mirror
 from pipelines.stages.preprocess import main
 
 N_TRAIN, N_VAL = 16, 8
@@ -354,8 +356,8 @@ def test_the_same_bad_samples_give_the_same_rejected_file(raw, tmp_path):
 
 
 def test_a_killed_runs_temp_folder_is_removed_at_the_next_start_and_never_names_a_run(raw, tmp_path, capsys):
-    from pipelines import recipe
-    from pipelines.params import parse_params
+    from pipelines.core.params import parse_params
+    from pipelines.train import recipe
 
     out = tmp_path / "out"
     run(raw, out)

@@ -8,8 +8,8 @@ import shlex
 import yaml
 from dvc.utils.hydra import compose_and_dump
 
-from pipelines.mirror import write_mirror
-from pipelines.params import PROJECT_ROOT, load_params, parse_params
+from pipelines.core.params import PROJECT_ROOT, load_params, parse_params
+from pipelines.data.synthetic import write_mirror
 
 CONF = PROJECT_ROOT / "conf"
 

@@ -9,11 +9,12 @@ import dataclasses
 
 import pytest
 import torch
+from test_train import make_params, write_shards
 
 from fcn_models.norms import BACKBONE_NORMS, TORCHVISION_GOOGLENET, TORCHVISION_RGB
-from pipelines import dataset, loop, recipe, tracking
-from pipelines.params import PROJECT_ROOT
-from test_train import make_params, write_shards
+from pipelines.core.params import PROJECT_ROOT, input_norm
+from pipelines.data import dataset
+from pipelines.train import loop, recipe
 
 STAGES = {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 10},
           "fcn16s": {"init": "fcn32s", "lr": 1e-3, "iterations": 10}}
@@ -60,7 +61,7 @@ def params_with(root, dotted=None, value=None):
         base = merge(base, {"train": {"batch_mode": "crops"}})
     mapping = merge(base, nested(dotted, value)) if dotted else base
     params = make_params(root, mapping["train"].pop("stages"))
-    from pipelines.params import parse_params
+    from pipelines.core.params import parse_params
 
     raw = dataclasses.asdict(params)
     return parse_params(merge(raw, mapping), "test", root=root)
@@ -127,13 +128,13 @@ def test_the_run_follows_the_shards_and_the_starting_weights_not_stray_files(roo
 
 def test_the_mlflow_run_records_exactly_the_result_params(root):
     params = params_with(root)
-    logged = tracking.stage_params(params, "fcn32s")
+    logged = recipe.stage_params(params, "fcn32s")
     expected = {k.replace("train.stages.fcn32s.", "stage."): str(v)
                 for k, v in recipe.result_params(params, "fcn32s").items()}
     assert logged == expected
     assert logged["stage.lr"] == "0.001" and logged["train.val_every"] == "2"
     # Runs of different stages share their keys.
-    assert set(tracking.stage_params(params, "fcn16s")) == set(logged)
+    assert set(recipe.stage_params(params, "fcn16s")) == set(logged)
 
 
 def test_googlenet_trains_on_its_own_normalisation(root):
@@ -141,7 +142,7 @@ def test_googlenet_trains_on_its_own_normalisation(root):
     batches get and the one the network and its checkpoint carry are GoogLeNet's own."""
     params = params_with(root, "model.backbone", "googlenet")
     assert params.model.input_norm is None
-    assert recipe.input_norm(params) == TORCHVISION_GOOGLENET == BACKBONE_NORMS["googlenet"]
+    assert input_norm(params) == TORCHVISION_GOOGLENET == BACKBONE_NORMS["googlenet"]
     config = loop.loop_config(params, "fcn32s", RANDOM)
     worker = loop.StageWorker(config, torch.device("cpu"))
     assert worker.net.input_norm == TORCHVISION_GOOGLENET
@@ -176,6 +177,6 @@ def test_googlenet_trains_on_its_own_normalisation(root):
 
 def test_the_code_in_the_run_name_is_every_file_dvc_hashes_for_the_stage():
     files = {str(p.relative_to(PROJECT_ROOT)) for p in recipe.code_files()}
-    assert "fcn_models/voc_classes.txt" in files and "pipelines/loop.py" in files
+    assert "fcn_models/voc_classes.txt" in files and "pipelines/train/loop.py" in files
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
 

@@ -21,18 +21,18 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from shard_rows import sample_row, write_split
+from test_train import write_shards
 
 from fcn_models.checkpoint import load_checkpoint, save_checkpoint
 from fcn_models.fcn import build_fcn
 from fcn_models.preprocess import normalize
-from pipelines import registry as register
-from pipelines import tracking
-from pipelines.files import file_sha256
-from pipelines.params import PROJECT_ROOT, parse_params
+from pipelines.core.files import file_sha256
+from pipelines.core.params import PROJECT_ROOT, parse_params
+from pipelines.data.shards import shard_path
+from pipelines.registry import publish as register
 from pipelines.stages import register as register_stage
-from pipelines.shards import shard_path
-from shard_rows import sample_row, write_split
-from test_train import write_shards
+from pipelines.track import tracking
 
 WIDTH = 0.0625
 SCORE_NAMES = ("pixel_acc", "mean_acc", "mean_iu", "fw_iu")
@@ -191,7 +191,7 @@ def test_the_version_is_described_by_its_model_card(registry):
 
 
 def test_the_card_tells_the_demo_mirror_from_the_official_archives():
-    from pipelines.modelcard import data_origin
+    from pipelines.registry.modelcard import data_origin
 
     demo = yaml.safe_load((PROJECT_ROOT / "conf" / "profile" / "demo.yaml").read_text())["data"]
     params = parse_params({"data": {"voc": {"filename": "VOCtrainval_11-May-2012.tar", "md5": demo["voc"]["md5"]},
@@ -274,7 +274,7 @@ def test_export_of_the_champion_and_the_onnx_file_of_its_version(registry, tmp_p
     from mlflow import MlflowClient
 
     from pipelines import cli
-    from pipelines.onnx_export import run_onnx
+    from pipelines.serve.onnx_export import run_onnx
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     image = np.random.default_rng(5).integers(0, 256, (37, 53, 3), dtype=np.uint8)

@@ -11,20 +11,19 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 import yaml
 from PIL import Image
+from ports import free_port
+from test_register import WIDTH, make_checkpoint, write_evaluation
+from test_train import write_shards
 
-from pipelines.params import parse_params
+from pipelines.core.params import parse_params
 from pipelines.stages import predict
 from pipelines.stages import register as register_stage
-from test_register import WIDTH, make_checkpoint, write_evaluation
-from ports import free_port
-from test_train import write_shards
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +43,7 @@ def served(tmp_path_factory):
     env["PATH"] = "/usr/bin:/bin"
     log = open(root / "serve.log", "w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.stages.serve", "--params", str(root / "params.yaml"), "--port", str(port)],
+        [sys.executable, "-m", "pipelines.commands.serve", "--params", str(root / "params.yaml"), "--port", str(port)],
         cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -4,7 +4,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fcn_models import build_fcn
-from fcn_models.summary import count_macs, layer_rows, main, table1_rows, time_forward_ms
+from fcn_models.summary import (
+    count_macs,
+    layer_rows,
+    main,
+    table1_rows,
+    time_forward_ms,
+)
 
 PAPER = {"alexnet": (57e6, 355, 8), "vgg16": (134e6, 404, 16), "googlenet": (6e6, 907, 22)}
 

@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-
-from fcn_models.palette import overlay
-from fcn_models.metrics import SCORE_KEYS
-from pipelines import recipe, tracking, training
-from pipelines.params import parse_params
-from pipelines.shards import decode_sample
 from test_train import N_TRAIN, N_VAL, SIZES, make_params, read_history, write_shards
+
+from fcn_models.metrics import SCORE_KEYS
+from fcn_models.palette import overlay
+from pipelines.core.params import parse_params
+from pipelines.data.shards import decode_sample
+from pipelines.track import tracking
+from pipelines.train import recipe, trainer
 
 SCORE_AND_LOSS = ("loss", *SCORE_KEYS)
 RANDOM_INIT = {"source": "random", "path": None, "note": "random (test)"}
@@ -133,15 +134,15 @@ def test_same_ray_run_reopens_its_mlflow_run_and_another_name_opens_a_new_one(tm
     stages = {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 4}}
     params = make_params(tmp_path, stages)
     storage = str(tmp_path / "ray_results")
-    first = tracking.open_stage_run(params, "fcn32s", tmp_path, "one", storage, RANDOM_INIT)
+    first = tracking.open_stage_run(params, "fcn32s", tmp_path, "one", storage, RANDOM_INIT, recipe.stage_params(params, "fcn32s", RANDOM_INIT))
     assert not first.resumed
     # The embedded default: SQLite in the project, artifacts beside it, both absolute.
     assert first.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}" and (tmp_path / "mlflow.db").is_file()
     tracking.end_stage_run(first, "FAILED")
 
     longer = make_params(tmp_path, {"fcn32s": {**stages["fcn32s"], "iterations": 8}})
-    again = tracking.open_stage_run(longer, "fcn32s", tmp_path, "one", storage, RANDOM_INIT)
-    other = tracking.open_stage_run(params, "fcn32s", tmp_path, "two", storage, RANDOM_INIT)
+    again = tracking.open_stage_run(longer, "fcn32s", tmp_path, "one", storage, RANDOM_INIT, recipe.stage_params(longer, "fcn32s", RANDOM_INIT))
+    other = tracking.open_stage_run(params, "fcn32s", tmp_path, "two", storage, RANDOM_INIT, recipe.stage_params(params, "fcn32s", RANDOM_INIT))
     assert again.run_id == first.run_id and again.resumed
     assert other.run_id != first.run_id and not other.resumed
 
@@ -167,11 +168,11 @@ def test_a_stage_from_an_earlier_stage_is_nested_under_the_run_that_trained_its_
     params = make_params(tmp_path, {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 4},
                                     "fcn16s": {"init": "fcn32s", "lr": 1e-3, "iterations": 4}})
     storage = str(tmp_path / "ray_results")
-    first = tracking.open_stage_run(params, "fcn32s", tmp_path, "a", storage, RANDOM_INIT)
+    first = tracking.open_stage_run(params, "fcn32s", tmp_path, "a", storage, RANDOM_INIT, recipe.stage_params(params, "fcn32s", RANDOM_INIT))
     save_checkpoint(tmp_path / "models" / "fcn32s", build_fcn("fcn32s", width=0.0625),
                     {"stage": "fcn32s", "mlflow_run_id": first.run_id})
     init = recipe.resolve_init(params, "fcn16s")
-    second = tracking.open_stage_run(params, "fcn16s", tmp_path, "b", storage, init)
+    second = tracking.open_stage_run(params, "fcn16s", tmp_path, "b", storage, init, recipe.stage_params(params, "fcn16s", init))
     client = second.client()
     run = client.get_run(second.run_id)
     assert run.data.tags["mlflow.parentRunId"] == first.run_id
@@ -192,7 +193,7 @@ def test_a_stage_from_an_earlier_stage_is_nested_under_the_run_that_trained_its_
     # A checkpoint whose run is not in this store: no parent, no error.
     save_checkpoint(tmp_path / "models" / "fcn32s", build_fcn("fcn32s", width=0.0625),
                     {"stage": "fcn32s", "mlflow_run_id": "0" * 32})
-    third = tracking.open_stage_run(params, "fcn16s", tmp_path, "c", storage, recipe.resolve_init(params, "fcn16s"))
+    third = tracking.open_stage_run(params, "fcn16s", tmp_path, "c", storage, recipe.resolve_init(params, "fcn16s"), recipe.stage_params(params, "fcn16s", recipe.resolve_init(params, "fcn16s")))
     assert "mlflow.parentRunId" not in client.get_run(third.run_id).data.tags
     for stage_run in (first, second, third):
         tracking.end_stage_run(stage_run, "FAILED")
@@ -204,7 +205,7 @@ def test_a_store_that_cannot_be_opened_stops_the_stage_before_training(tmp_path)
     params = with_mlflow(make_params(tmp_path, {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 4}}),
                          tracking_uri=f"sqlite:///{tmp_path}/a-file/mlflow.db")
     with pytest.raises(recipe.StageError, match="cannot open the MLflow tracking store sqlite:///.*a-file"):
-        training.run_stage(params, "fcn32s", tmp_path, run_name="never")
+        trainer.run_stage(params, "fcn32s", tmp_path, run_name="never")
     assert not (tmp_path / "ray_results" / "never").exists()
 
 
@@ -244,11 +245,11 @@ def tracked(tmp_path_factory, ray_cluster):
                                      reports_dir=str(root / "reports-longer")), val_images_logged=2)
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        metrics = training.run_stage(params, "fcn32s", root, run_name="tracked")
+        metrics = trainer.run_stage(params, "fcn32s", root, run_name="tracked")
         client, runs = stage_runs(root, params)
         first = {"runs": runs, "metrics": {k: metric_rows(client, runs[0].info.run_id, k)
                                            for k in (*SCORE_AND_LOSS, tracking.TRAIN_LOSS_KEY)}}
-        training.run_stage(longer, "fcn32s", root, run_name="tracked")
+        trainer.run_stage(longer, "fcn32s", root, run_name="tracked")
         _, after = stage_runs(root, params)
     return {"root": root, "params": params, "metrics": metrics, "commit": commit, "md5": expected_md5,
             "client": client, "first": first, "after": after}
@@ -264,10 +265,10 @@ def test_a_stage_is_one_finished_run_with_its_params_and_provenance(tracked):
     assert params["stage.lr"] == "0.001" and params["stage.iterations"] == "4" and params["stage.init"] == "random"
     assert params["train.loss"] == "mean" and params["train.val_every"] == "2"
     assert params["model.width"] == "0.0625" and params["ray.num_workers"] == "2"
-    # Exactly what decides the result (pipelines.recipe): no knob of how the stage ran.
-    assert set(params) == set(tracking.stage_params(tracked["params"], "fcn32s"))
+    # Exactly what decides the result (pipelines.train.recipe): no knob of how the stage ran.
+    assert set(params) == set(recipe.stage_params(tracked["params"], "fcn32s"))
     # The best weights' sha256, which a registered version of them carries too.
-    from pipelines.files import file_sha256
+    from pipelines.core.files import file_sha256
 
     assert run.data.tags["weights_sha256"] == file_sha256(root / "models" / "fcn32s" / "model.pt")
     assert "ray.cpus_per_worker" not in params and "data.shards_dir" not in params
@@ -341,14 +342,14 @@ def test_same_run_name_continues_the_same_run(tracked):
 
 
 def test_a_stage_that_fails_ends_its_run_failed(tmp_path, ray_cluster, monkeypatch):
-    from pipelines.shards import ShardError
+    from pipelines.data.shards import ShardError
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     write_shards(tmp_path / "shards")
     shutil.rmtree(tmp_path / "shards" / "val")
     params = make_params(tmp_path, {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 4}})
     with pytest.raises(ShardError, match="val"):
-        training.run_stage(params, "fcn32s", tmp_path, run_name="broken")
+        trainer.run_stage(params, "fcn32s", tmp_path, run_name="broken")
     _, runs = stage_runs(tmp_path, params)
     assert [(r.data.tags["fcn.ray_run"], r.info.status) for r in runs] == [("broken", "FAILED")]
     assert runs[0].info.end_time is not None

@@ -14,16 +14,15 @@ import pytest
 import torch
 import torch.nn as nn
 import yaml
+from shard_rows import sample_row, write_split
 
 from fcn_models.checkpoint import load_checkpoint, save_checkpoint
 from fcn_models.fcn import build_fcn
-from fcn_models.metrics import ConfusionMatrix
+from fcn_models.metrics import SCORE_KEYS, ConfusionMatrix
 from fcn_models.preprocess import normalize
-from fcn_models.metrics import SCORE_KEYS
-from pipelines import loop, recipe, training
-from pipelines.params import parse_params
+from pipelines.core.params import input_norm, parse_params
 from pipelines.stages import train as train_stage
-from shard_rows import sample_row, write_split
+from pipelines.train import loop, recipe, trainer
 
 WIDTH = 0.0625
 N_TRAIN, N_VAL = 8, 5
@@ -167,7 +166,7 @@ def test_absent_imagenet_weights_mean_random_init_said_loudly(tmp_path, capsys):
     init = recipe.resolve_init(params, "fcn32s")
     assert init == {"source": "random", "path": None,
                     "note": f"random (imagenet weights not found at {tmp_path / 'vgg16.pth'})"}
-    training.warn_random_init("fcn32s", init["note"])
+    trainer.warn_random_init("fcn32s", init["note"])
     err = capsys.readouterr().err
     assert "WARNING" in err and "RANDOM" in err and str(tmp_path / "vgg16.pth") in err
 
@@ -239,7 +238,7 @@ def fcn32s_run(tmp_path_factory, ray_cluster):
     write_shards(root / "shards")
     stages = {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 4}}
     params = make_params(root, stages)
-    metrics = training.run_stage(params, "fcn32s", root, run_name="e2e", trace_dir=str(root / "trace"))
+    metrics = trainer.run_stage(params, "fcn32s", root, run_name="e2e", trace_dir=str(root / "trace"))
     return root, params, metrics
 
 
@@ -262,7 +261,7 @@ def test_stage_writes_model_metrics_and_history(fcn32s_run):
 
     model, meta = load_checkpoint(root / "models" / "fcn32s")
     assert (meta["variant"], meta["backbone"], meta["width"], meta["num_classes"]) == ("fcn32s", "vgg16", WIDTH, 21)
-    assert meta["input_norm"]["name"] == recipe.input_norm(params).name == "torchvision-rgb"
+    assert meta["input_norm"]["name"] == input_norm(params).name == "torchvision-rgb"
     assert meta["stage"] == "fcn32s" and meta["iterations"] == written["best_iteration"]
     assert meta["val"]["mean_iu"] == pytest.approx(written["mean_iu"])
     # Nothing half-written or temporary left beside the outputs.
@@ -273,7 +272,7 @@ def test_stage_writes_model_metrics_and_history(fcn32s_run):
 
 def test_validation_merged_over_workers_equals_one_pass_over_all_of_val(fcn32s_run):
     """The val confusion matrix of the 2-worker run equals this process scoring every val image."""
-    from pipelines.dataset import decode_sample
+    from pipelines.data.dataset import decode_sample
 
     root, params, _ = fcn32s_run
     model, meta = load_checkpoint(root / "models" / "fcn32s")
@@ -294,7 +293,7 @@ def test_same_run_name_resumes_from_its_last_checkpoint(fcn32s_run):
     # One worker this time: a run's checkpoints do not depend on how many workers wrote them.
     longer = make_params(root, {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 6}}, workers=1,
                          models_dir=str(root / "models-longer"), reports_dir=str(root / "reports-longer"))
-    metrics = training.run_stage(longer, "fcn32s", root, run_name="e2e", trace_dir=str(root / "trace"))
+    metrics = trainer.run_stage(longer, "fcn32s", root, run_name="e2e", trace_dir=str(root / "trace"))
     log = (root / "trace" / "iterations.log").read_text().splitlines()
     starts = [line for line in log if line.startswith("start ")]
     assert starts == ["start 1 0", "start 2 4"]
@@ -310,7 +309,7 @@ def test_fewer_iterations_than_the_run_trained_are_refused_before_training(fcn32
     shorter = make_params(root, {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 3}},
                           models_dir=str(root / "models-shorter"), reports_dir=str(root / "reports-shorter"))
     with pytest.raises(recipe.StageError) as caught:
-        training.run_stage(shorter, "fcn32s", root, run_name="e2e")
+        trainer.run_stage(shorter, "fcn32s", root, run_name="e2e")
     message = str(caught.value)
     assert "run e2e has trained " in message and "more than the 3 that train.stages.fcn32s.iterations" in message
     assert str(root / "ray_results" / "e2e") in message

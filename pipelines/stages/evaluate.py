@@ -6,7 +6,7 @@ For every stage in evaluate.stages with a checkpoint in <train.models_dir>/<stag
 (a stage without one is skipped, with a line saying so), and every reference model of
 evaluate.references imported into <evaluate.references_dir>/<name> (`fcn import`), the
 model runs over every image of the val shards at the image's own size
-(pipelines/scoring.py). Results go to
+(pipelines/track/val_scores.py). Results go to
 
     evaluate.report_file   JSON (DVC metrics): per stage the four scores, IU per class
                            (null where a class is in neither truth nor prediction),
@@ -18,7 +18,7 @@ model runs over every image of the val shards at the image's own size
 
 and each stage's scores are logged to the MLflow run that trained its checkpoint
 (eval/<score>, eval/iu/<class>). The register stage gates the champion on these.
-Images are decoded as the training pipeline decodes them (pipelines.shards); the
+Images are decoded as the training pipeline decodes them (pipelines.data.shards); the
 shards are read with pyarrow, no Ray.
 """
 from __future__ import annotations
@@ -33,16 +33,23 @@ import torch
 from fcn_models.checkpoint import MODEL_FILE, load_checkpoint
 from fcn_models.fcn import optimize_for_inference
 from fcn_models.metrics import SCORE_KEYS
-from pipelines import tracking
-from pipelines.exits import run_main
-from pipelines.files import atomic_write_text, file_sha256
-from pipelines.params import Params, load_params
-from pipelines.recipe import StageError, stage_command
-from pipelines.scoring import (
-    EvaluateError, device_description, expected_network, format_table, pick_device, reference_key, score_model,
+from pipelines.core.errors import StageError
+from pipelines.core.exits import run_main
+from pipelines.core.files import atomic_write_text, file_sha256
+from pipelines.core.params import Params, load_params
+from pipelines.data.shards import count_rows, iter_samples, shard_files
+from pipelines.track import tracking
+from pipelines.track.val_scores import (
+    EvaluateError,
+    device_description,
+    expected_network,
+    format_table,
+    pick_device,
+    reference_key,
+    score_model,
     stage_report,
 )
-from pipelines.shards import ShardError, count_rows, iter_samples, shard_files
+from pipelines.train.recipe import stage_command
 
 
 def find_checkpoints(params: Params) -> dict[str, tuple[Path, str]]:
@@ -132,7 +139,7 @@ def main(argv=None) -> int:
         print(f"[evaluate] {len(report)} stage(s) written to {params.evaluate.report_file} and "
               f"{params.evaluate.table_file}", flush=True)
 
-    return run_main("evaluate", body, (EvaluateError, ShardError))
+    return run_main("evaluate", body)
 
 
 if __name__ == "__main__":

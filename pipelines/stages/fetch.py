@@ -5,9 +5,9 @@
 For each archive (data.voc, data.sbd): reused from data.download_dir when its md5
 matches (the md5 recorded beside it while its size and mtime are unchanged; --verify
 hashes it again), else copied from data.local_dir (or --local-dir), else downloaded from its
-mirrors, resumably, and used only once its md5 matches (pipelines/download.py). Both
+mirrors, resumably, and used only once its md5 matches (pipelines/data/download.py). Both
 are then extracted safely into data.raw_dir, links, devices and paths leaving the
-target refused, a marker recording the whole tree (pipelines/archives.py).
+target refused, a marker recording the whole tree (pipelines/data/archives.py).
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from pipelines.archives import safe_extract
-from pipelines.download import FetchError, fetch_archive
-from pipelines.exits import run_main
-from pipelines.params import DataParams, load_params
+from pipelines.core.exits import run_main
+from pipelines.core.params import DataParams, load_params
+from pipelines.data.archives import safe_extract
+from pipelines.data.download import FetchError, fetch_archive
 
 # The tree each archive must hold, below data.raw_dir.
 EXPECTED_TREE = {"voc": "VOCdevkit/VOC2012", "sbd": "benchmark_RELEASE/dataset"}
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         for key, entry in fetch_all(data, verify=args.verify).items():
             print(f"{key}: {entry['archive']} (md5 ok) -> {entry['tree']}")
 
-    return run_main("fetch", body, (FetchError, OSError), resume="run again to resume the download")
+    return run_main("fetch", body, resume="run again to resume the download")
 
 
 if __name__ == "__main__":

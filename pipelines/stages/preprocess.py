@@ -1,4 +1,4 @@
-"""Preprocess stage: the extracted VOC2012 and SBD trees -> Parquet shards (pipelines.sharding).
+"""Preprocess stage: the extracted VOC2012 and SBD trees -> Parquet shards (pipelines.data.build_shards).
 
     python -m pipelines.stages.preprocess [--params params.yaml]     (or `fcn preprocess`)
 
@@ -8,10 +8,9 @@ seg11valid), data/stats.json and data/rejected.json, as data.* in the params fil
 import argparse
 import sys
 
-from pipelines.exits import run_main
-from pipelines.params import load_params
-from pipelines.sharding import preprocess
-from pipelines.shards import ShardError
+from pipelines.core.exits import run_main
+from pipelines.core.params import load_params
+from pipelines.data.build_shards import preprocess
 
 
 def main(argv=None) -> int:
@@ -28,7 +27,7 @@ def main(argv=None) -> int:
                    shard_max_bytes=data.shard_max_bytes, on_bad_sample=data.on_bad_sample,
                    workers=data.workers, progress_every=max(args.progress_every, 1))
 
-    return run_main("preprocess", body, (ShardError,))
+    return run_main("preprocess", body)
 
 
 if __name__ == "__main__":

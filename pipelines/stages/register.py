@@ -5,7 +5,7 @@
 The checkpoint in <train.models_dir>/<mlflow.register_stage>, with the scores the
 evaluate stage gave it (evaluate.report_file, whole val images at full resolution),
 is logged to the MLflow run that trained it and registered under mlflow.model_name
-(pipelines/registry.py). `--reference NAME` registers a reference model imported with
+(pipelines/registry/publish.py). `--reference NAME` registers a reference model imported with
 `fcn import` (<evaluate.references_dir>/NAME, scored by evaluate) as a baseline version. The alias mlflow.alias moves to the new version only if its
 mean IU beats the current champion's. The decision, both numbers and the version
 numbers go to mlflow.registry_file.
@@ -17,14 +17,11 @@ import json
 import sys
 from pathlib import Path
 
-from mlflow.exceptions import MlflowException
-
-from pipelines.exits import run_main
-from pipelines.files import atomic_write_text
-from pipelines.params import load_params, project_dir
-from pipelines.registry import RegisterError, evaluated_scores, register
-from pipelines.scoring import reference_key
-from pipelines.shards import ShardError
+from pipelines.core.exits import run_main
+from pipelines.core.files import atomic_write_text
+from pipelines.core.params import load_params, project_dir
+from pipelines.registry.publish import evaluated_scores, register
+from pipelines.track.val_scores import reference_key
 
 
 def main(argv=None) -> int:
@@ -55,7 +52,7 @@ def main(argv=None) -> int:
               f"(mean IU {record['new_mean_iu']:.4f}), {before}: {record['decision']}; "
               f"{record['alias']} -> version {record['champion_version']}", flush=True)
 
-    return run_main("register", body, (RegisterError, ShardError, MlflowException))
+    return run_main("register", body)
 
 
 if __name__ == "__main__":

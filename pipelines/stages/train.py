@@ -1,4 +1,4 @@
-"""Train stage: one stage of the FCN schedule on Ray Train (pipelines/training.py).
+"""Train stage: one stage of the FCN schedule on Ray Train (pipelines/train/trainer.py).
 
     python -m pipelines.stages.train --stage fcn32s|fcn16s|fcn8s|fcn8s-atonce|fcn32s-fixed
                                                                           (or `fcn train --stage ...`)
@@ -18,13 +18,10 @@ from pathlib import Path
 
 from ray.train import TrainingFailedError
 
-from pipelines import training
-from pipelines.cluster import ClusterError
-from pipelines.driver import RunHeldError
-from pipelines.exits import run_main
-from pipelines.params import load_params, project_dir
-from pipelines.recipe import StageError
-from pipelines.shards import ShardError
+from pipelines.core.errors import StageError
+from pipelines.core.exits import run_main
+from pipelines.core.params import load_params, project_dir
+from pipelines.train import trainer
 
 
 def main(argv=None) -> int:
@@ -43,9 +40,9 @@ def main(argv=None) -> int:
 
     def body():
         params = load_params(args.params)
-        training.check_outputs_outside_job_copy(params)
+        trainer.check_outputs_outside_job_copy(params)
         try:
-            metrics = training.run_stage(params, args.stage, project_dir(args.params), args.run_name,
+            metrics = trainer.run_stage(params, args.stage, project_dir(args.params), args.run_name,
                                          trace_dir=args.trace_dir and str(Path(args.trace_dir).resolve()))
         except TrainingFailedError as err:
             raise StageError(f"stage {args.stage} failed after ray.max_failures retries: {err}\nRunning it again "
@@ -53,7 +50,7 @@ def main(argv=None) -> int:
         print(f"[{args.stage}] best mean IU {metrics['mean_iu']:.4f} at iteration {metrics['best_iteration']} "
               f"of {metrics['iterations']}", flush=True)
 
-    return run_main("train", body, (StageError, ClusterError, ShardError, RunHeldError),
+    return run_main("train", body,
                     resume=f"run `{resume_command(parser, args)}` again: it resumes from the last checkpoint")
 
 

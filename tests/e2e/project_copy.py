@@ -2,7 +2,7 @@
 import shutil
 from pathlib import Path
 
-from pipelines.params import PROJECT_ROOT
+from pipelines.core.params import PROJECT_ROOT
 
 # What `dvc repro` of the whole pipeline reads from the checkout: the pipeline, its code and
 # profiles, and models/reference (evaluate's dependency, kept in git by its README).

@@ -23,13 +23,23 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-
 from project_copy import copy_project
-from ray_nodes import RAY, add_node, alive_nodes, kill_node, new_token, ray_env, short_temp_dir, start_head, \
-    stop_node, wait_for_head_node
-from pipelines.loop import Trace
-from pipelines.params import load_params
+from ray_nodes import (
+    RAY,
+    add_node,
+    alive_nodes,
+    kill_node,
+    new_token,
+    ray_env,
+    short_temp_dir,
+    start_head,
+    stop_node,
+    wait_for_head_node,
+)
 from test_train import WIDTH, read_history, write_shards
+
+from pipelines.core.params import load_params
+from pipelines.train.loop import Trace
 
 ITERATIONS, VAL_EVERY = 12, 4
 # Steps past the first registered checkpoint before the node is killed, so there is work to redo.

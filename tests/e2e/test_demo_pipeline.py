@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 import yaml
+from project_copy import PIPELINE_FILES, copy_project
 
 from fcn_models.checkpoint import load_checkpoint
-from project_copy import PIPELINE_FILES, copy_project
-from pipelines.mirror import write_mirror
-from pipelines.params import PROJECT_ROOT, load_params
+from pipelines.core.params import PROJECT_ROOT, load_params
+from pipelines.data.synthetic import write_mirror
 
 STAGES = ("fcn32s", "fcn16s", "fcn8s")
 PIPELINE = ("fetch", "preprocess", *(f"train@{s}" for s in STAGES), "evaluate", "register")

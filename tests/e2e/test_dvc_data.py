@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import yaml
-
 from project_copy import copy_project
-from pipelines.mirror import write_mirror
-from pipelines.params import PROJECT_ROOT, load_params
+
+from pipelines.core.params import PROJECT_ROOT, load_params
+from pipelines.data.synthetic import write_mirror
 
 COPIED = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "pipelines", "fcn_models"]
 

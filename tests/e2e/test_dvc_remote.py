@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from project_copy import PIPELINE_FILES, copy_project
-from pipelines.mirror import write_mirror
-from pipelines.params import PROJECT_ROOT
+
+from pipelines.core.params import PROJECT_ROOT
+from pipelines.data.synthetic import write_mirror
 
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "remote test", "GIT_AUTHOR_EMAIL": "remote@example.invalid",
                 "GIT_COMMITTER_NAME": "remote test", "GIT_COMMITTER_EMAIL": "remote@example.invalid"}

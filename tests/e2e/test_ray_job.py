@@ -18,14 +18,14 @@ import pytest
 import requests
 import torch
 import yaml
+from project_copy import copy_project
+from ray_nodes import RAY, new_token, ray_env, short_temp_dir, start_head, stop_node
+from test_register import checkpoint_mask, make_checkpoint
+from test_train import WIDTH, read_history, write_shards
 
 from fcn_models.checkpoint import load_checkpoint
 from fcn_models.metrics import SCORE_KEYS
-from project_copy import copy_project
-from ray_nodes import RAY, new_token, ray_env, short_temp_dir, start_head, stop_node
-from pipelines.params import load_params
-from test_register import checkpoint_mask, make_checkpoint
-from test_train import WIDTH, read_history, write_shards
+from pipelines.core.params import load_params
 
 ITERATIONS, VAL_EVERY = 4, 2
 # What the job needs of the project; .gitignore decides what the upload leaves out.
@@ -162,7 +162,7 @@ def test_batch_inference_runs_as_a_ray_job_on_the_clusters_actors(ray_head, tmp_
     out = tmp_path / "predictions"
     status, log = submit(ray_head, project, "fcn-predict-batch", str(images), "--model",
                          str(project / "models" / "fcn8s"), "--out", str(out), "--actors", "2",
-                         "--params", str(params_file), module="pipelines.stages.predict_batch")
+                         "--params", str(params_file), module="pipelines.commands.predict_batch")
     assert status == "SUCCEEDED", log[-6000:]
     assert "3 of 4 images segmented" in log and f"{images / 'broken.png'}: not an image" in log, log[-6000:]
     summary = {r["image"]: r for r in pq.read_table(out / "summary.parquet").to_pylist()}

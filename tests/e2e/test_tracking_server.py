@@ -28,11 +28,11 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-
 from project_copy import copy_project
 from ray_nodes import free_ports
-from pipelines.params import load_params
 from test_train import WIDTH, write_shards
+
+from pipelines.core.params import load_params
 
 COPIED = ["pipelines", "fcn_models"]
 ITERATIONS = 4

@@ -1,0 +1,1 @@
+"""The `fcn` commands that are not DVC stages, each a thin main(argv)."""

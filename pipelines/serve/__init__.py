@@ -1,0 +1,1 @@
+"""Serving: the registered model, where a model comes from, predicting files and batches, ONNX export, images."""
