@@ -1,4 +1,21 @@
+"""Fixtures shared by every part of the suite, and the e2e marker.
+
+Tests are laid out like the packages (tests/core, tests/data, tests/train, ...); helpers
+that several parts use live in tests/support/ and are imported as `support.<module>`,
+never from another test file. Everything under tests/e2e/ is marked `e2e`, so
+`pytest -m "not e2e"` is the quick loop; `make test` and CI run everything.
+"""
+from pathlib import Path
+
 import pytest
+
+E2E_DIR = Path(__file__).resolve().parent / "e2e"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if E2E_DIR in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="module")

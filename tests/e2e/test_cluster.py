@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from project_copy import copy_project
-from ray_nodes import (
+from support.project_copy import copy_project
+from support.ray_nodes import (
     RAY,
     add_node,
     alive_nodes,
@@ -36,10 +36,10 @@ from ray_nodes import (
     stop_node,
     wait_for_head_node,
 )
-from test_train import WIDTH, read_history, write_shards
 
 from pipelines.core.params import load_params
 from pipelines.train.loop import Trace
+from support.training import WIDTH, read_history, write_shards
 
 ITERATIONS, VAL_EVERY = 12, 4
 # Steps past the first registered checkpoint before the node is killed, so there is work to redo.

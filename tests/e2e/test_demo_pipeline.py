@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from project_copy import PIPELINE_FILES, copy_project
+from support.project_copy import PIPELINE_FILES, copy_project
 
 from fcn_models.checkpoint import load_checkpoint
 from pipelines.core.params import PROJECT_ROOT, load_params

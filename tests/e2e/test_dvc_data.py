@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import yaml
-from project_copy import copy_project
+from support.project_copy import copy_project
 
 from pipelines.core.params import PROJECT_ROOT, load_params
 from pipelines.data.synthetic import write_mirror

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from project_copy import PIPELINE_FILES, copy_project
+from support.project_copy import PIPELINE_FILES, copy_project
 
 from pipelines.core.params import PROJECT_ROOT
 from pipelines.data.synthetic import write_mirror

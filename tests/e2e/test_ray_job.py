@@ -18,14 +18,14 @@ import pytest
 import requests
 import torch
 import yaml
-from project_copy import copy_project
-from ray_nodes import RAY, new_token, ray_env, short_temp_dir, start_head, stop_node
-from test_register import checkpoint_mask, make_checkpoint
-from test_train import WIDTH, read_history, write_shards
+from support.project_copy import copy_project
+from support.ray_nodes import RAY, new_token, ray_env, short_temp_dir, start_head, stop_node
 
 from fcn_models.checkpoint import load_checkpoint
 from fcn_models.metrics import SCORE_KEYS
 from pipelines.core.params import load_params
+from support.checkpoints import checkpoint_mask, make_checkpoint
+from support.training import WIDTH, read_history, write_shards
 
 ITERATIONS, VAL_EVERY = 4, 2
 # What the job needs of the project; .gitignore decides what the upload leaves out.

@@ -28,11 +28,11 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from project_copy import copy_project
-from ray_nodes import free_ports
-from test_train import WIDTH, write_shards
+from support.project_copy import copy_project
+from support.ray_nodes import free_ports
 
 from pipelines.core.params import load_params
+from support.training import WIDTH, write_shards
 
 COPIED = ["pipelines", "fcn_models"]
 ITERATIONS = 4

@@ -15,7 +15,7 @@ from PIL import Image
 from pipelines.core.params import parse_params
 from pipelines.data import synthetic as demo_data
 from pipelines.data.shards import seg11valid_ids
-from pipelines.stages import demo_data as demo_data_stage
+from pipelines.commands import demo_data as demo_data_stage
 
 VOC = "VOCdevkit/VOC2012"
 SBD = "benchmark_RELEASE/dataset"

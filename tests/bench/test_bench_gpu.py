@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from test_architecture import import_graph, imports_of
 
 from pipelines.core.params import PROJECT_ROOT
+from support.imports import import_graph, imports_of
 
 BENCH = PROJECT_ROOT / "bench" / "bench_gpu.py"
 SMALL = ["--size", "40", "--crop", "36", "--crop-batch", "2", "--width", "0.0625", "--steps", "1", "--warmup", "1",

@@ -13,11 +13,11 @@ import threading
 import time
 
 import pytest
-from test_train import make_params, read_history, write_shards
 
 from pipelines.track import tracking
 from pipelines.train import trainer
 from pipelines.train.loop import Trace
+from support.training import make_params, read_history, write_shards
 
 ITERATIONS, VAL_EVERY = 12, 4
 # Iterations past the first checkpoint before the kill, so there is work to redo.

@@ -1,18 +1,18 @@
 """A broken checkpoint, or one of another network, in every stage that reads one: one line naming
 the file and what is wrong with it, exit status 1, nothing scored, trained or registered from it."""
-import contextlib
-import io
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from test_checkpoint import _break
-from test_train import WIDTH, write_shards
 
 from fcn_models.checkpoint import save_checkpoint
 from fcn_models.fcn import build_fcn
-from pipelines.stages import evaluate, predict, predict_batch, register, train
+from pipelines.commands import predict, predict_batch
+from pipelines.stages import evaluate, register, train
+from support.checkpoints import break_file
+from support.stages import one_line, stage
+from support.training import WIDTH, write_shards
 
 BROKEN = ("empty", "truncated", "code-carrying")
 
@@ -28,25 +28,14 @@ def project(tmp_path, monkeypatch):
     return tmp_path
 
 
-def stage(main, *argv) -> tuple[int, str]:
-    """(exit status, stderr) of a stage's main()."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        status = main(list(argv))
-    return status, err.getvalue()
 
 
-def one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert "weights_only" not in err
-    return lines[0]
 
 
 @pytest.mark.parametrize("how", BROKEN)
 def test_evaluate_names_a_broken_checkpoint(project, how):
     save_checkpoint(project / "models" / "fcn8s", build_fcn("fcn8s", width=WIDTH), {"stage": "fcn8s"})
-    _break(project / "models" / "fcn8s", how, project)
+    break_file(project / "models" / "fcn8s", how, project)
     status, err = stage(evaluate.main, "--params", str(project / "params.yaml"), "--device", "cpu")
     assert status == 1
     line = one_line(err)
@@ -58,7 +47,7 @@ def test_evaluate_names_a_broken_checkpoint(project, how):
 @pytest.mark.parametrize("how", BROKEN)
 def test_train_names_a_broken_starting_checkpoint(project, how):
     save_checkpoint(project / "models" / "fcn32s", build_fcn("fcn32s", width=WIDTH), {"stage": "fcn32s"})
-    _break(project / "models" / "fcn32s", how, project)
+    break_file(project / "models" / "fcn32s", how, project)
     status, err = stage(train.main, "--stage", "fcn16s", "--params", str(project / "params.yaml"))
     assert status == 1
     line = one_line(err)
@@ -70,7 +59,7 @@ def test_train_names_a_broken_starting_checkpoint(project, how):
 @pytest.mark.parametrize("how", BROKEN)
 def test_predict_names_a_broken_checkpoint(project, how):
     save_checkpoint(project / "ckpt", build_fcn("fcn8s", width=WIDTH), {})
-    _break(project / "ckpt", how, project)
+    break_file(project / "ckpt", how, project)
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(project / "photo.png")
     status, err = stage(predict.main, str(project / "photo.png"), "--model", str(project / "ckpt"),
                         "--out", str(project / "out"))
@@ -82,7 +71,7 @@ def test_predict_names_a_broken_checkpoint(project, how):
 @pytest.mark.parametrize("how", BROKEN)
 def test_predict_batch_names_a_broken_checkpoint_before_ray_starts(project, how):
     save_checkpoint(project / "ckpt", build_fcn("fcn8s", width=WIDTH), {})
-    _break(project / "ckpt", how, project)
+    break_file(project / "ckpt", how, project)
     (project / "photos").mkdir()
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(project / "photos" / "photo.png")
     status, err = stage(predict_batch.main, str(project / "photos"), "--model", str(project / "ckpt"),

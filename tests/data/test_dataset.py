@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from ray import cloudpickle
-from shard_rows import sample_row, write_split
+from support.shard_rows import sample_row, write_split
 
 from fcn_models.preprocess import CAFFE_BGR, TORCHVISION_RGB, normalize
 from pipelines.core.params import parse_params

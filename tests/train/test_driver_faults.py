@@ -24,12 +24,12 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from test_train import WIDTH, write_shards
 
 from pipelines.core.params import PROJECT_ROOT, load_params
 from pipelines.track import tracking
 from pipelines.train import cluster
 from pipelines.train.rendezvous import is_loopback
+from support.training import WIDTH, write_shards
 
 STAGE = "fcn32s"
 VAL_EVERY = 2

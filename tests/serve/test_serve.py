@@ -17,13 +17,13 @@ import pytest
 import requests
 import yaml
 from PIL import Image
-from ports import free_port
-from test_register import WIDTH, make_checkpoint, write_evaluation
-from test_train import write_shards
+from support.ports import free_port
 
 from pipelines.core.params import parse_params
-from pipelines.stages import predict
+from pipelines.commands import predict
 from pipelines.stages import register as register_stage
+from support.checkpoints import make_checkpoint, write_evaluation
+from support.training import WIDTH, write_shards
 
 
 @pytest.fixture(scope="module")

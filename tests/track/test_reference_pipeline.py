@@ -8,21 +8,18 @@ downloaded here. Scores are checked against an independent pass over the val ima
 import contextlib
 import io
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import caffe_writer as cw  # noqa: E402
-from test_caffe_import import reference_weights  # noqa: E402
-from test_evaluate import decoded_rows, direct_confusion, paper_scores, random_scorer  # noqa: E402
-from test_train import WIDTH, write_shards  # noqa: E402
+from support import caffe_writer as cw  # noqa: E402
 
 from fcn_models.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from pipelines import cli  # noqa: E402
+from support.caffe_files import reference_weights
+from support.evaluation import decoded_rows, direct_confusion, paper_scores, random_scorer
+from support.training import WIDTH, write_shards
 
 REFERENCE_WIDTH = 1 / 16
 

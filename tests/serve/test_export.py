@@ -2,13 +2,13 @@
 import numpy as np
 import pytest
 import torch
-from test_register import make_checkpoint
 
 from fcn_models.checkpoint import load_checkpoint
 from fcn_models.preprocess import normalize
 from pipelines import cli
 from pipelines.core.files import file_sha256
 from pipelines.serve.onnx_export import run_onnx
+from support.checkpoints import make_checkpoint
 
 # Sizes the export did not trace (it traces 64 x 96), odd ones among them.
 SIZES = ((45, 61), (33, 127), (80, 48))

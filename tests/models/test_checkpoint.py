@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from fcn_models import CAFFE_BGR, build_fcn, load_checkpoint, save_checkpoint
+from support.checkpoints import RunsCode, break_file
+from support.workers import tiny_worker
 
 NARROW = 1 / 16
 
@@ -93,29 +95,8 @@ def test_weights_that_do_not_match_meta_are_refused(tmp_path):
         load_checkpoint(target)
 
 
-class _RunsCode:
-    """Unpickling this would create the file named: what a hostile model.pt carries."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
-def _break(directory, how, tmp_path):
-    model_file = directory / "model.pt"
-    if how == "empty":
-        model_file.write_bytes(b"")
-    elif how == "truncated":
-        model_file.write_bytes(model_file.read_bytes()[:1000])
-    elif how == "text":
-        model_file.write_text("not a torch file\n")
-    elif how == "code-carrying":
-        state = torch.load(model_file, weights_only=True)
-        torch.save({**state, "payload": _RunsCode(tmp_path / "pwned")}, model_file)
-    elif how == "no state dict":
-        torch.save([torch.zeros(3)], model_file)
 
 
 @pytest.mark.parametrize("how, words", [
@@ -128,7 +109,7 @@ def _break(directory, how, tmp_path):
 def test_broken_weights_are_one_error_naming_the_file_and_never_advise_unsafe_loading(tmp_path, how, words):
     target = tmp_path / "ckpt"
     save_checkpoint(target, build_fcn(width=NARROW), {})
-    _break(target, how, tmp_path)
+    break_file(target, how, tmp_path)
     with pytest.raises(ValueError) as err:
         load_checkpoint(target)
     message = str(err.value)
@@ -169,7 +150,6 @@ def test_a_checkpoint_whose_stage_trains_another_network_is_refused_without_an_e
     ("code-carrying", "holds Python objects besides tensors, and unpickling those could run code: refused"),
 ])
 def test_a_broken_training_state_is_one_error_naming_it_without_unsafe_advice(tmp_path, how, words):
-    from test_nonfinite import tiny_worker
 
     from fcn_models.metrics import ConfusionMatrix
     from pipelines.train import loop
@@ -184,7 +164,7 @@ def test_a_broken_training_state_is_one_error_naming_it_without_unsafe_advice(tm
         state_file.write_bytes(state_file.read_bytes()[:500])
     else:
         state = torch.load(state_file, weights_only=True)
-        torch.save({**state, "payload": _RunsCode(tmp_path / "pwned")}, state_file)
+        torch.save({**state, "payload": RunsCode(tmp_path / "pwned")}, state_file)
     with pytest.raises(ValueError) as err:
         loop.StageWorker(worker.config, "cpu", checkpoint_dir=directory)
     message = str(err.value)

@@ -11,20 +11,15 @@ import sys
 
 import pytest
 import torch
-from test_train import make_params, write_shards
 
 from pipelines.core.errors import StageError
 from pipelines.core.params import PROJECT_ROOT, ParamsError, load_params
-from pipelines.train import loop, recipe, trainer
+from pipelines.train import loop, trainer
+from support.training import make_params, write_shards
+from support.workers import ITERATIONS, VAL_EVERY, tiny_worker
 
-ITERATIONS, VAL_EVERY = 6, 2
 
 
-def tiny_worker(tmp_path, **train_knobs):
-    stages = {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": ITERATIONS}}
-    params = make_params(tmp_path, stages, optimizer="sgd", momentum=0.9, val_every=VAL_EVERY, **train_knobs)
-    config = loop.loop_config(params, "fcn32s", recipe.resolve_init(params, "fcn32s"))
-    return loop.StageWorker(config, "cpu")
 
 
 def batches(worker, *, blow_up_at=None, nan_image_at=None):

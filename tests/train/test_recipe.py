@@ -9,12 +9,12 @@ import dataclasses
 
 import pytest
 import torch
-from test_train import make_params, write_shards
 
 from fcn_models.norms import BACKBONE_NORMS, TORCHVISION_GOOGLENET, TORCHVISION_RGB
 from pipelines.core.params import PROJECT_ROOT, input_norm
 from pipelines.data import dataset
 from pipelines.train import loop, recipe
+from support.training import make_params, write_shards
 
 STAGES = {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 10},
           "fcn16s": {"init": "fcn32s", "lr": 1e-3, "iterations": 10}}

@@ -11,8 +11,6 @@ import json
 import os
 import pickle
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,14 +18,14 @@ import torch
 import torch.nn as nn
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import caffe_writer as cw  # noqa: E402
+from support import caffe_writer as cw  # noqa: E402
 
 from fcn_models import CAFFE_BGR, InputNorm, build_fcn, load_checkpoint  # noqa: E402
 from fcn_models.caffe import CaffeFormatError, read_caffemodel  # noqa: E402
 from fcn_models.reference import WeightsImportError, import_weights  # noqa: E402
-from fcn_models.surgery import bilinear_weight, load_imagenet_weights  # noqa: E402
-from pipelines.stages import import_weights as stage  # noqa: E402
+from fcn_models.surgery import load_imagenet_weights  # noqa: E402
+from pipelines.commands import import_weights as stage  # noqa: E402
+from support.caffe_files import reference_weights
 
 try:
     import cv2
@@ -42,36 +40,8 @@ needs_opencv = pytest.mark.skipif(
 TOLERANCE = 1e-4
 VGG_WIDTH, ALEXNET_WIDTH = 1 / 16, 1 / 8
 SIZES = [(37, 53), (64, 64), (101, 77), (1, 1)]
-# At-once scales pool4 by 0.01 and pool3 by 0.0001: their score layers get the inverse
-# gain so that the skips weigh as much as in the staged net.
-ATONCE_GAIN = {"score_pool4": 100.0, "score_pool3": 1e4}
 
 
-def reference_weights(net, seed: int, perturb_upsampling: bool = False) -> dict:
-    """Seeded weights for a cw net: He-scaled convolutions (activations stay on the input's
-    scale through the trunk), bilinear upsampling as the reference's surgery sets it
-    (optionally perturbed, to see that the layout is kept), at-once's constant scales."""
-    rng = np.random.default_rng(seed)
-    atonce = any(layer.type == "Scale" for layer in net)
-    weights = {}
-    for layer in net:
-        if not layer.blob_shapes:
-            continue
-        if layer.type == "Deconvolution":
-            shape = layer.blob_shapes[0]
-            w = bilinear_weight(shape[0], shape[-1]).numpy()
-            if perturb_upsampling:
-                w = w + 0.05 * rng.standard_normal(shape).astype(np.float32)
-            weights[layer.name] = [w]
-        elif layer.type == "Scale":
-            weights[layer.name] = [np.full(layer.blob_shapes[0], 0.01 if "pool4" in layer.name else 0.0001, np.float32)]
-        else:
-            w_shape, b_shape = layer.blob_shapes
-            gain = ATONCE_GAIN.get(layer.name, 1.0) if atonce else 1.0
-            std = np.sqrt(2.0 / np.prod(w_shape[1:])) * gain
-            weights[layer.name] = [(rng.standard_normal(w_shape) * std).astype(np.float32),
-                                   (rng.standard_normal(b_shape) * 0.1 * gain).astype(np.float32)]
-    return weights
 
 
 def _image(height, width, seed=0):
@@ -437,7 +407,7 @@ def test_known_file_name_with_other_content_is_refused(written, tmp_path, capsys
     assert md5 in err and "de93e540ec79512f8770033849c8ae89" in err
 
 
-class _RunsCode:
+class RunsCode:
     def __init__(self, marker):
         self.marker = marker
 
@@ -449,7 +419,7 @@ class _RunsCode:
 def test_a_pickle_that_carries_code_is_refused_without_running_it(tmp_path, capsys, how):
     marker = tmp_path / "ran"
     evil = tmp_path / "evil.pth"
-    payload = {"conv1_1.weight": torch.zeros(1), "conv1_1.bias": _RunsCode(marker)}
+    payload = {"conv1_1.weight": torch.zeros(1), "conv1_1.bias": RunsCode(marker)}
     if how == "torch.save":
         torch.save(payload, evil)
     else:

@@ -18,57 +18,27 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 import yaml
 from PIL import Image
-from shard_rows import sample_row, write_split
-from test_train import write_shards
+from support.shard_rows import sample_row, write_split
 
 from fcn_models.checkpoint import load_checkpoint, save_checkpoint
-from fcn_models.fcn import build_fcn
-from fcn_models.preprocess import normalize
 from pipelines.core.files import file_sha256
 from pipelines.core.params import PROJECT_ROOT, parse_params
 from pipelines.data.shards import shard_path
 from pipelines.registry import publish as register
 from pipelines.stages import register as register_stage
 from pipelines.track import tracking
+from support.checkpoints import checkpoint_mask, make_checkpoint, write_evaluation
+from support.training import WIDTH, write_shards
 
-WIDTH = 0.0625
 SCORE_NAMES = ("pixel_acc", "mean_acc", "mean_iu", "fw_iu")
 
 
-def make_checkpoint(directory: Path, seed: int, mean_iu: float, run_id: str | None = None) -> dict:
-    """A tiny FCN-8s with random (non-zero) score layers, saved as the train stage writes it
-    (training-time val scores, its MLflow run); returns the scores an evaluation gives it."""
-    torch.manual_seed(seed)
-    model = build_fcn("fcn8s", width=WIDTH)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.startswith("score"):
-                param.normal_(0, 0.5)
-    scores = {"pixel_acc": 0.8 + mean_iu / 10, "mean_acc": mean_iu + 0.1, "mean_iu": mean_iu, "fw_iu": mean_iu + 0.2}
-    # Training's own val scores differ from evaluate's: the gate must use evaluate's.
-    trained = {k: v / 2 for k, v in scores.items()}
-    save_checkpoint(directory, model, {"stage": "fcn8s", "iterations": 10, "val": trained,
-                                       **({"mlflow_run_id": run_id} if run_id else {})})
-    return scores
 
 
-def write_evaluation(params, stage: str, checkpoint: Path, scores: dict) -> None:
-    """The evaluation report as the evaluate stage writes it, for this checkpoint."""
-    path = Path(params.evaluate.report_file)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({stage: {**scores, "per_class_iu": {}, "images": 3,
-                                        "weights_sha256": file_sha256(checkpoint / "model.pt")}}))
 
 
-def checkpoint_mask(directory: Path, image: np.ndarray) -> np.ndarray:
-    """What the checkpoint itself predicts for an (H, W, 3) uint8 image."""
-    model, _ = load_checkpoint(directory)
-    model.eval()
-    with torch.no_grad():
-        return model(normalize(image, model.input_norm)[None]).argmax(1)[0].numpy()
 
 
 def decode_val_image(shards_dir: Path, image_id: str) -> np.ndarray:

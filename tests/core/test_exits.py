@@ -13,10 +13,11 @@ import sys
 
 import pytest
 import yaml
-from test_bad_checkpoints import one_line, stage
 
 from pipelines import cli
 from pipelines.core.params import PROJECT_ROOT
+from support.stages import one_line, stage
+from support.training import WIDTH, write_shards
 
 STAGES = {name: module for name, (module, _) in cli.COMMANDS.items() if module.startswith("pipelines.stages.")}
 READS_PARAMS = {"fetch": [], "preprocess": [], "train": ["--stage", "fcn32s"], "evaluate": [], "register": [],
@@ -55,7 +56,6 @@ def test_a_params_error_is_status_2_with_one_line_naming_the_key(name, tmp_path)
 
 
 def test_a_file_that_cannot_be_written_is_status_1_with_one_line_naming_it(tmp_path):
-    from test_train import WIDTH, write_shards
 
     from fcn_models.checkpoint import save_checkpoint
     from fcn_models.fcn import build_fcn

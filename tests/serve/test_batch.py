@@ -7,11 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
-from test_register import checkpoint_mask, make_checkpoint
 
 from fcn_models import palette
 from fcn_models.voc import class_names
 from pipelines import cli
+from support.checkpoints import checkpoint_mask, make_checkpoint
 
 SIZES = {"a": (45, 61), "b": (30, 40), "nested/c": (33, 27), "nested/d": (64, 50), "e": (21, 77)}
 

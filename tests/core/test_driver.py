@@ -16,9 +16,10 @@ import pytest
 
 from pipelines.core import driver
 from pipelines.core.params import PROJECT_ROOT, parse_params
-from pipelines.stages import status as status_stage
+from pipelines.commands import status as status_stage
 from pipelines.track import tracking
 from pipelines.train import recipe
+from support.training import make_params, write_shards
 
 
 def gone_process() -> dict:
@@ -124,7 +125,6 @@ def test_runs_of_a_gone_driver_are_marked_failed_with_a_note(tmp_path, monkeypat
 
 def test_a_stage_start_marks_the_runs_of_a_gone_driver_failed(tmp_path, monkeypatch, capsys):
     from mlflow import MlflowClient
-    from test_train import make_params, write_shards
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     write_shards(tmp_path / "shards")

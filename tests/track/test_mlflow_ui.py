@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ports import free_port
-from test_register import WIDTH, make_checkpoint, write_evaluation
-from test_train import write_shards
+from support.ports import free_port
 
 from pipelines.core.params import load_params
 from pipelines.stages import register as register_stage
 from pipelines.track import tracking
 from pipelines.train import recipe
+from support.checkpoints import make_checkpoint, write_evaluation
+from support.training import WIDTH, write_shards
 
 CHROMIUM = "/usr/bin/chromium"
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

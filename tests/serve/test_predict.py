@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from test_register import WIDTH, checkpoint_mask, make_checkpoint, write_evaluation
-from test_train import write_shards
 
 from fcn_models import palette
 from fcn_models.voc import class_names
 from pipelines import cli
 from pipelines.core.params import parse_params
-from pipelines.stages import predict
+from pipelines.commands import predict
 from pipelines.stages import register as register_stage
+from support.checkpoints import checkpoint_mask, make_checkpoint, write_evaluation
+from support.training import WIDTH, write_shards
 
 
 def rgb(path) -> np.ndarray:

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from test_train import N_TRAIN, N_VAL, SIZES, make_params, read_history, write_shards
 
 from fcn_models.metrics import SCORE_KEYS
 from fcn_models.palette import overlay
@@ -24,6 +23,7 @@ from pipelines.core.params import parse_params
 from pipelines.data.shards import decode_sample
 from pipelines.track import tracking
 from pipelines.train import recipe, trainer
+from support.training import N_TRAIN, N_VAL, SIZES, make_params, read_history, write_shards
 
 SCORE_AND_LOSS = ("loss", *SCORE_KEYS)
 RANDOM_INIT = {"source": "random", "path": None, "note": "random (test)"}

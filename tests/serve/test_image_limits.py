@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from test_bad_checkpoints import one_line, stage
-from test_register import WIDTH, checkpoint_mask, make_checkpoint
-from test_train import write_shards
 
 from fcn_models.limits import MAX_PIXELS, fitting_size
 from pipelines.serve.images import ImageError, read_image, resized
 from pipelines.serve.pyfunc_model import FCNSegmenter
-from pipelines.stages import evaluate, predict
+from pipelines.commands import predict
+from pipelines.stages import evaluate
+from support.checkpoints import checkpoint_mask, make_checkpoint, write_evaluation
+from support.stages import one_line, stage
+from support.training import WIDTH, write_shards
 
 
 def png16(path, values: np.ndarray) -> None:
@@ -154,7 +155,6 @@ def test_evaluate_refuses_a_val_image_above_the_limit(tmp_path):
 
 def test_the_registered_model_refuses_an_image_above_the_limit_it_was_registered_with(tmp_path, monkeypatch):
     import mlflow
-    from test_register import write_evaluation
 
     from pipelines.core.params import parse_params
     from pipelines.stages import register
