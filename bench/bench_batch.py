@@ -41,7 +41,7 @@ from benchdoc import publish  # noqa: E402
 from fcn_models.checkpoint import save_checkpoint  # noqa: E402
 from fcn_models.fcn import build_fcn  # noqa: E402
 from fcn_models.summary import cpu_model  # noqa: E402
-from pipelines import cluster  # noqa: E402
+from pipelines.train import cluster  # noqa: E402
 from pipelines.core.params import parse_params  # noqa: E402
 from pipelines.serve import batch
 from pipelines.serve.segment_files import predict  # noqa: E402

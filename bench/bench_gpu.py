@@ -44,7 +44,7 @@ from benchdoc import DOC, write_section  # noqa: E402
 from fcn_models import build_fcn  # noqa: E402
 from fcn_models.summary import machine  # noqa: E402
 from fcn_models.voc import NUM_CLASSES, VOID  # noqa: E402
-from pipelines import loop  # noqa: E402
+from pipelines.train import loop  # noqa: E402
 from pipelines.core.params import parse_params  # noqa: E402
 
 SECTION = "## FCNs on a GPU (bench/bench_gpu.py)"

@@ -6,7 +6,7 @@ of the same bytes in the same run.
 
 The caffemodel (VGG16 FCN-8s, width 1.0, 21 classes, seeded random weights, packed floats, the
 reference's layer names: about 538 MB) is written into a temporary directory with the tests'
-encoder (tests/caffe_writer.py). Every measurement runs in a fresh Python process, so its peak
+encoder (tests/support/caffe_writer.py). Every measurement runs in a fresh Python process, so its peak
 resident set (ru_maxrss) is its own; the operation is timed inside that process, after its
 imports. Runs alternate (read, import, phases, read, import, ...) so that load from other
 processes falls on all of them alike, and the best of `repeat` runs is reported. The file is read

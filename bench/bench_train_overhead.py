@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from fcn_models.preprocess import normalize  # noqa: E402
 from fcn_models.summary import cpu_model  # noqa: E402
-from pipelines import loop  # noqa: E402
+from pipelines.train import loop  # noqa: E402
 from pipelines.core.params import parse_params  # noqa: E402
 from pipelines.data import dataset
 from pipelines.data.shards import shard_files  # noqa: E402

@@ -1,6 +1,6 @@
 """Importing the reference's Caffe models and pytorch-fcn's files, checked against OpenCV's Caffe importer.
 
-The caffemodels are written here (tests/caffe_writer.py, no code shared with the
+The caffemodels are written here (tests/support/caffe_writer.py, no code shared with the
 reader) with seeded random weights, in the reference's layer graphs at narrow
 widths. OpenCV runs them from a deploy prototxt with the reference's own crop
 offsets; our model runs after `fcn import`. The weights are scaled so that every

@@ -2,7 +2,7 @@
 our stages with the published numbers for comparison, and register takes one as a baseline version.
 
 The "released" FCN-8s is a caffemodel written here in the reference's layer graph at
-width 1/16 with seeded weights (tests/caffe_writer.py); the real files cannot be
+width 1/16 with seeded weights (tests/support/caffe_writer.py); the real files cannot be
 downloaded here. Scores are checked against an independent pass over the val images.
 """
 import contextlib

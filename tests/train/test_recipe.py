@@ -1,6 +1,6 @@
 """What decides a stage's result, from one list: the run name, the MLflow params, and GoogLeNet's input.
 
-tests/test_architecture.py ties the same list to dvc.yaml; here each of its knobs
+tests/core/test_architecture.py ties the same list to dvc.yaml; here each of its knobs
 must move the Ray run name, each must be among the MLflow params, and no other knob
 may move the name (a knob that made DVC re-run the stage without changing the run
 would resume the finished run and train nothing).
