@@ -22,7 +22,7 @@ _EXPORTS = {
     "load_imagenet_weights": "surgery", "transfer_weights": "surgery",
 }
 _SUBMODULES = ("backbones", "checkpoint", "fcn", "geometry", "metrics", "norms", "palette", "preprocess",
-               "summary", "surgery", "voc")
+               "subnormals", "summary", "surgery", "voc")
 
 __all__ = [*_EXPORTS, *_SUBMODULES]
 

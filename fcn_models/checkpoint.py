@@ -17,6 +17,7 @@ from typing import Union
 
 import torch
 
+from . import subnormals
 from .fcn import FCN, VARIANTS, build_fcn
 from .norms import InputNorm
 from .weights import read_state_dict
@@ -126,6 +127,7 @@ def load_checkpoint(directory: Union[str, os.PathLike], map_location="cpu",
     state = read_state_dict(directory / MODEL_FILE, map_location=map_location)
     try:
         model.load_state_dict(state)
+        subnormals.flush_module_(model)  # a network holding subnormals runs many times slower on a CPU
     except RuntimeError as err:
         raise ValueError(
             f"{directory / MODEL_FILE} does not match the model described by {META_FILE} "

@@ -107,6 +107,10 @@ def connect(ray_params: RayParams) -> None:
     if warning:
         print(warning, file=sys.stderr, flush=True)
     end_with_this_process()
+    # The local cluster's processes inherit this: torch's OpenMP threads then sleep instead
+    # of spinning while they wait, so training and the decode actors do not take turns
+    # burning each other's cores.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
 
 

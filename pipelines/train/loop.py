@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fcn_models import subnormals
 from fcn_models.checkpoint import load_checkpoint, save_checkpoint
 from fcn_models.fcn import build_fcn, reference_param_groups
 from fcn_models.metrics import SCORE_KEYS, ConfusionMatrix
@@ -290,6 +291,10 @@ class StageWorker:
         if self.last_step_finite:
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            # Weight decay drives unused weights and their moments into subnormals, which
+            # slow every later step (and the saved network) many times over on a CPU.
+            subnormals.flush_module_(self.net)
+            subnormals.flush_optimizer_(self.optimizer)
         return loss.detach()
 
     def validate(self, batches: Iterable) -> ConfusionMatrix:
