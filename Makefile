@@ -31,13 +31,13 @@ demo: $(STAMP)
 	echo && python -c 'import json; r = json.load(open("reports/registry.json")); print("registry:", r["decision"], "version", r["new_version"], "| champion: version", r["champion_version"], "mean IU", round(r["champion_mean_iu"], 4))' && \
 	echo && echo "demo finished in $$(( $$(date +%s) - start )) s" && \
 	echo "MLflow UI (runs, registered model): make mlflow-ui (it prints the addresses to open)" && \
-	echo "Share the run: git add dvc.lock params.yaml && git commit, then dvc push (README: the DVC remote)"
+	echo "Share the run: git add dvc.lock params.yaml && git commit, then dvc push (docs/TRACKING.md: the DVC remote)"
 
 # The MLflow UI over the project's store, on 127.0.0.1 only; prints the address of the runs.
 mlflow-ui: $(STAMP)
 	$(BIN)/fcn ui
 
-# The champion as a REST endpoint on 127.0.0.1:5001 (README: Serving).
+# The champion as a REST endpoint on 127.0.0.1:5001 (docs/SERVING.md).
 serve: $(STAMP)
 	$(BIN)/fcn serve
 

@@ -1,10 +1,10 @@
 """The `fcn` command.
 
-Each subcommand is an entry point in pipelines/stages/ with a `main(argv) -> int`
-that parses its own arguments, so `fcn fetch ...` and `python -m
-pipelines.stages.fetch ...` are the same thing. This is the one module that imports
-the stages, and only the one whose subcommand runs: `fcn summary` must not pay for
-importing Ray or MLflow.
+Each subcommand is an entry point (pipelines/stages/ for the DVC stages,
+pipelines/commands/ for the others) with a `main(argv) -> int` that parses its own
+arguments, so `fcn fetch ...` and `python -m pipelines.stages.fetch ...` are the same
+thing. This is the one module that imports the entry points, and only the one whose
+subcommand runs: `fcn summary` must not pay for importing Ray or MLflow.
 """
 import importlib
 import sys

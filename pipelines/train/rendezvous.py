@@ -11,7 +11,7 @@ temporary directory, no listener at all), and gloo and NCCL open their own socke
 on the loopback interface (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME). Any other group
 gets Ray Train's own set-up unchanged: the store listens on MASTER_PORT on rank 0's
 node, gloo and NCCL on ports of their own on each node, all of which belong behind
-the cluster's firewall (README, "Several machines").
+the cluster's firewall (docs/CLUSTER.md, "Several machines").
 """
 from __future__ import annotations
 

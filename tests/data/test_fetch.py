@@ -545,7 +545,7 @@ def test_a_reused_archive_is_trusted_on_size_and_mtime_and_verify_hashes_it_agai
     os.utime(cached, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     capsys.readouterr()
 
-    # The trade-off README states: the record is trusted, as DVC trusts its cache.
+    # The trade-off docs/PIPELINE.md states: the record is trusted, as DVC trusts its cache.
     assert fetch_stage.main(["--params", str(params), "--local-dir", str(local)]) == 0
     assert f"fetch: reusing {cached} (md5 ok)" in capsys.readouterr().out
     assert cached.read_bytes() == bytes(data)

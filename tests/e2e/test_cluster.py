@@ -1,7 +1,7 @@
 """A training stage on a Ray cluster of two nodes, submitted as a Ray job, and the same
 stage losing its second node half-way.
 
-The cluster is what README's cluster section starts on real machines, here on one
+The cluster is what docs/CLUSTER.md starts on real machines, here on one
 machine: a head (`ray start --head`) and a second node (`ray start --address`), each a
 raylet with its own object store, all on 127.0.0.1 with token authentication
 (tests/e2e/ray_nodes.py). The stage's two workers are placed with

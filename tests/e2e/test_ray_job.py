@@ -1,4 +1,4 @@
-"""A training stage as a Ray job, the way README's "Running on a Ray cluster" runs it.
+"""A training stage as a Ray job, the way docs/CLUSTER.md runs it.
 
 A head node is started with `ray start --head` on 127.0.0.1 (free ports, token
 authentication, its own short --temp-dir), and a small project (code, .gitignore,

@@ -1,6 +1,6 @@
 """The pipeline against a team's MLflow tracking server: PostgreSQL, proxied artifacts, basic auth.
 
-The test starts what README's "A tracking server for a team" runs: a PostgreSQL
+The test starts what docs/TRACKING.md's "A tracking server for a team" runs: a PostgreSQL
 server (Debian's postgresql: initdb and postgres in a temp directory, as an
 unprivileged user, on 127.0.0.1 and a free port), and `mlflow server` on 127.0.0.1
 with its backend store and its users in that database, artifacts proxied by the

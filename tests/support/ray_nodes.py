@@ -1,6 +1,6 @@
 """Ray nodes for end-to-end tests: a cluster of several nodes on one machine, on 127.0.0.1.
 
-The head is `ray start --head --block`, as README's cluster section starts it, with
+The head is `ray start --head --block`, as docs/CLUSTER.md starts it, with
 free ports, token authentication (a token of the test's own) and a short --temp-dir
 (Unix socket paths must stay below 107 characters). A further node is a raylet with
 its own object store joined to it (`add_node`: this module's __main__, since `ray
