@@ -43,7 +43,7 @@ from fcn_models.fcn import build_fcn  # noqa: E402
 from fcn_models.summary import cpu_model  # noqa: E402
 from pipelines.train import cluster  # noqa: E402
 from pipelines.core.params import parse_params  # noqa: E402
-from pipelines.serve import batch
+from pipelines.serve import batch  # noqa: E402
 from pipelines.serve.segment_files import predict  # noqa: E402
 
 SECTION = "## Batch inference (bench/bench_batch.py)"

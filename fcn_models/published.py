@@ -7,9 +7,12 @@ accuracy, mean IU, frequency-weighted IU (fcn_models.metrics.SCORE_KEYS, that or
     REFERENCE    the mean IU the reference's README gives for its released models
     CONVERTED    the four scores of the released models' weights, converted from Caffe, as
                  the Chainer port of the reference (wkentaro/fcn) reports them
+    NAMES        how the paper names each network (a training stage's row keeps its name)
 """
 from __future__ import annotations
 
+NAMES = {"fcn32s-fixed": "FCN-32s-fixed", "fcn32s": "FCN-32s", "fcn16s": "FCN-16s", "fcn8s": "FCN-8s",
+         "fcn8s-atonce": "FCN-8s at-once", "fcn-alexnet": "FCN-AlexNet"}
 PAPER = {
     "fcn32s-fixed": (83.0, 59.7, 45.4, 72.0),
     "fcn32s": (89.1, 73.3, 59.4, 81.4),

@@ -7,6 +7,7 @@ built beside its target and swapped in.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -50,7 +51,18 @@ def replace_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(old)
 
 
+def write_json(path: Path, obj) -> None:
+    """obj as indented, key-sorted JSON, written atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
 def file_sha256(path: Path) -> str:
     """The sha256 of a file, read in blocks."""
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def file_md5(path: Path) -> str:
+    """The md5 of a file, read in blocks (archive checksums; not for security)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()

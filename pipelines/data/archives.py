@@ -21,7 +21,9 @@ import time
 import zlib
 from pathlib import Path
 
-from pipelines.data.download import FetchError, file_md5, say, write_json
+from pipelines.core.console import say
+from pipelines.core.files import write_json
+from pipelines.data.download import FetchError, recorded_md5
 
 
 class UnsafeArchiveError(FetchError):
@@ -71,14 +73,14 @@ def _marker_path(archive: Path, target_dir: Path) -> Path:
 
 def is_extracted(archive: Path, target_dir: Path) -> bool:
     """True when target_dir holds the archive's extracted tree, as recorded by safe_extract."""
-    return _intact(_marker_path(archive, target_dir), file_md5(archive), Path(target_dir)) is not None
+    return _intact(_marker_path(archive, target_dir), recorded_md5(archive), Path(target_dir)) is not None
 
 
 def safe_extract(archive: Path, target_dir: Path) -> list[Path]:
     """Extract archive into target_dir (skipped when already there); return its top-level paths."""
     archive, target_dir = Path(archive), Path(target_dir)
     target_dir.mkdir(parents=True, exist_ok=True)
-    md5 = file_md5(archive)
+    md5 = recorded_md5(archive)
     marker = _marker_path(archive, target_dir)
     top = _intact(marker, md5, target_dir)
     if top is not None:

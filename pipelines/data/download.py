@@ -38,7 +38,9 @@ import urllib3
 from tqdm import tqdm
 
 from fcn_models.errors import FCNError
-from pipelines.core.files import atomic_write_text
+from pipelines.core.console import say
+from pipelines.core.files import write_json
+from pipelines.core.files import file_md5
 from pipelines.core.params import ArchiveParams
 
 CHUNK_BYTES = 1 << 20
@@ -73,25 +75,12 @@ class _TransferBroken(FetchError):
     """The transfer broke off or the server had a transient failure: worth another try."""
 
 
-def say(message: str) -> None:
-    print(message, flush=True)
-
-
 # ---------------------------------------------------------------------------------------
 # md5, with a cached record beside the file
 
 
 def _record_path(path: Path) -> Path:
     return path.with_name(path.name + ".md5.json")
-
-
-def _hash_file(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def _remember_md5(path: Path, md5: str) -> None:
@@ -102,7 +91,7 @@ def _remember_md5(path: Path, md5: str) -> None:
         pass  # a read-only directory only costs a re-hash next time
 
 
-def file_md5(path: Path, trust_record: bool = True) -> str:
+def recorded_md5(path: Path, trust_record: bool = True) -> str:
     """md5 of a file, trusting the record beside it while the file's size and mtime are unchanged
     (trust_record=False: hashed again, the record rewritten)."""
     path = Path(path)
@@ -113,7 +102,7 @@ def file_md5(path: Path, trust_record: bool = True) -> str:
             return str(record["md5"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    md5 = _hash_file(path)
+    md5 = file_md5(path)
     _remember_md5(path, md5)
     return md5
 
@@ -296,7 +285,7 @@ def download(url: str, dest: Path, md5: str, *, timeout_s: float, retries: int) 
                 delay = min(BACKOFF_FIRST_S * 2 ** attempt, BACKOFF_MAX_S)
                 say(f"fetch: {err}; retrying in {delay:g} s ({attempt + 1} of {retries})")
                 time.sleep(delay)
-    actual = _hash_file(part)
+    actual = file_md5(part)
     if actual != md5:
         part.unlink()
         raise ChecksumError(
@@ -320,7 +309,7 @@ def fetch_archive(spec: ArchiveParams, download_dir: Path, *, local_dir=None,
     dest = download_dir / spec.filename
     local_src = _local_path(local_dir) / spec.filename if local_dir is not None else None
     if dest.is_file():
-        actual = file_md5(dest, trust_record=not verify)
+        actual = recorded_md5(dest, trust_record=not verify)
         if actual == spec.md5:
             say(f"fetch: reusing {dest} (md5 {'verified' if verify else 'ok'})")
             return dest

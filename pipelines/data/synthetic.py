@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import hashlib
 import io
 import math
 import multiprocessing
@@ -56,6 +55,7 @@ from PIL import Image, ImageDraw
 from fcn_models.palette import voc_colormap
 from fcn_models.voc import NUM_CLASSES, VOID
 from pipelines.core.errors import UsageError
+from pipelines.core.files import file_md5
 from pipelines.data.shards import seg11valid_ids
 
 VOC_ARCHIVE = "VOCtrainval_11-May-2012.tar"
@@ -609,14 +609,6 @@ def write_archive(path: Path, files: dict[str, bytes], compress: bool) -> str:
         Path(tmp).unlink(missing_ok=True)
         raise
     return file_md5(path)
-
-
-def file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_mirror(out_dir, *, n_train: int = 300, n_val: int = 100, seed: int = 0, max_side: int = 500,

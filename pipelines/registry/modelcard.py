@@ -12,11 +12,11 @@ talks to MLflow.
 from __future__ import annotations
 
 from fcn_models.metrics import SCORE_HEADINGS, SCORE_KEYS
+from fcn_models.published import NAMES
 from fcn_models.voc import class_names
 from pipelines.core.params import DataParams, Params
 from pipelines.serve.model_source import alias_uri
 
-VARIANT_NAMES = {"fcn32s": "FCN-32s", "fcn16s": "FCN-16s", "fcn8s": "FCN-8s", "fcn8s-atonce": "FCN-8s at-once"}
 INPUT_TEXT = ("One RGB image as an (H, W, 3) array of uint8 pixel values 0..255, any height and width "
               "(as JSON for the scoring server: `{\"inputs\": [[[r, g, b], ...], ...]}` of integers). Out: an "
               "(H, W) uint8 mask of class ids (the order of the class list above). The input normalisation "
@@ -75,7 +75,7 @@ def version_card(facts: dict) -> str:
     """
     meta, stage = facts["meta"], facts["stage"]
     names = class_names()[:int(meta["num_classes"])]
-    variant = VARIANT_NAMES.get(meta["variant"], meta["variant"])
+    variant = NAMES.get(meta["variant"], meta["variant"])
     uri = f"models:/{facts['model_name']}/{facts['version']}"
     norm = meta["input_norm"]["name"] if isinstance(meta.get("input_norm"), dict) else meta.get("input_norm")
     lines = [

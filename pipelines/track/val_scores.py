@@ -24,14 +24,11 @@ from fcn_models.fcn import VARIANTS
 from fcn_models.limits import MAX_PIXELS, too_large
 from fcn_models.metrics import SCORE_HEADINGS, SCORE_KEYS, ConfusionMatrix
 from fcn_models.preprocess import normalize
-from fcn_models.published import CONVERTED, PAPER, REFERENCE
+from fcn_models.published import CONVERTED, NAMES, PAPER, REFERENCE
 from fcn_models.reference import reference_network
 from fcn_models.summary import cpu_model, machine
 from fcn_models.voc import names_for
 
-# Row names of the paper's table; any other stage keeps its own name.
-DISPLAY_NAMES = {"fcn32s-fixed": "FCN-32s-fixed", "fcn32s": "FCN-32s", "fcn16s": "FCN-16s", "fcn8s": "FCN-8s",
-                 "fcn8s-atonce": "FCN-8s at-once", "fcn-alexnet": "FCN-AlexNet"}
 # Report keys of the reference's released models, scored beside ours: "reference-fcn8s".
 REFERENCE_PREFIX = "reference-"
 PROGRESS_EVERY = 100
@@ -150,8 +147,8 @@ def display_name(key: str) -> str:
     """A report key as a row name: "FCN-8s", or "FCN-8s (reference's weights)"."""
     if key.startswith(REFERENCE_PREFIX):
         name = key[len(REFERENCE_PREFIX):]
-        return f"{DISPLAY_NAMES.get(name, name)} (reference's weights)"
-    return DISPLAY_NAMES.get(key, key)
+        return f"{NAMES.get(name, name)} (reference's weights)"
+    return NAMES.get(key, key)
 
 
 def published_rows(keys) -> list[str]:

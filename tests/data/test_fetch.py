@@ -155,7 +155,7 @@ def test_full_download_is_verified_and_recorded(server, voc_tar, tmp_path):
     assert dest.read_bytes() == voc_tar
     assert not dest.with_name(dest.name + ".part").exists()
     assert server.requests == [("/voc.tar", None)]
-    assert download.file_md5(dest) == _md5(voc_tar)
+    assert download.recorded_md5(dest) == _md5(voc_tar)
 
 
 def test_interrupted_transfer_resumes_with_range(server, voc_tar, tmp_path):
