@@ -105,3 +105,20 @@ def scores_from_matrix(matrix) -> dict:
 def _nanmean(values: np.ndarray) -> float:
     finite = values[~np.isnan(values)]
     return float(finite.mean()) if finite.size else float("nan")
+
+
+def stride_ceiling(label: torch.Tensor, stride: int, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """The best label map an output of this stride can give back: `label` (H x W class ids,
+    VOID ignored) reduced to one class-share vector per stride x stride cell, brought back to
+    H x W bilinearly as an FCN's upsampling does, and its most likely class per pixel.
+
+    Scored against `label`, it bounds what a network whose scores live on that grid can
+    reach (the labels' own coarse version, not a learned one): the ceiling of FCN-32s,
+    -16s and -8s on a val set."""
+    label = torch.as_tensor(label).long()
+    valid = label != VOID
+    onehot = torch.nn.functional.one_hot(label.clamp(0, num_classes - 1) * valid, num_classes)
+    onehot = (onehot * valid[..., None]).permute(2, 0, 1)[None].float()
+    shares = torch.nn.functional.avg_pool2d(onehot, stride, stride, ceil_mode=True)
+    back = torch.nn.functional.interpolate(shares, size=label.shape, mode="bilinear", align_corners=False)
+    return back[0].argmax(0)

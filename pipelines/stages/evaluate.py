@@ -48,6 +48,7 @@ from pipelines.track.val_scores import (
     reference_key,
     score_model,
     stage_report,
+    stride_ceilings,
 )
 from pipelines.train.recipe import stage_command
 
@@ -112,7 +113,10 @@ def evaluate(params: Params, device: torch.device | None = None) -> dict:
 
     # Both texts before either file: allow_nan=False makes a NaN that slipped through fail here.
     report_text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-    table_text = format_table(report, total, timing_images, device_description(device))
+    ceilings = stride_ceilings(iter_samples(files), params.model.num_classes)
+    print("[evaluate] the best an output stride allows, mean IU: "
+          + ", ".join(f"stride {s} {c['mean_iu']:.4f}" for s, c in ceilings.items()), flush=True)
+    table_text = format_table(report, total, timing_images, device_description(device), ceilings)
     atomic_write_text(Path(params.evaluate.report_file), report_text)
     atomic_write_text(Path(params.evaluate.table_file), table_text)
     for stage, entry in report.items():

@@ -22,7 +22,7 @@ from fcn_models.checkpoint import FIXED_SUFFIX, stage_network
 from fcn_models.errors import FCNError
 from fcn_models.fcn import VARIANTS
 from fcn_models.limits import MAX_PIXELS, too_large
-from fcn_models.metrics import SCORE_HEADINGS, SCORE_KEYS, ConfusionMatrix
+from fcn_models.metrics import SCORE_HEADINGS, SCORE_KEYS, ConfusionMatrix, stride_ceiling
 from fcn_models.preprocess import normalize
 from fcn_models.published import CONVERTED, NAMES, PAPER, REFERENCE
 from fcn_models.reference import reference_network
@@ -113,6 +113,21 @@ def score_model(model: torch.nn.Module, samples, device: torch.device, timing_im
     return matrix, images, times
 
 
+# The output strides of FCN-32s, -16s and -8s, whose ceilings the table shows.
+CEILING_STRIDES = (32, 16, 8)
+
+
+def stride_ceilings(samples, num_classes: int, strides=CEILING_STRIDES) -> dict[int, dict]:
+    """{stride: the four scores} of the val labels reduced to each output stride and brought
+    back (fcn_models.metrics.stride_ceiling): the best an output of that stride can score."""
+    matrices = {s: ConfusionMatrix(num_classes) for s in strides}
+    for _, _, _, label in samples:
+        truth = torch.from_numpy(label)
+        for stride, matrix in matrices.items():
+            matrix.update(stride_ceiling(truth, stride, num_classes), truth)
+    return {s: {k: _finite_or_none(m.scores()[k]) for k in SCORE_KEYS} for s, m in matrices.items()}
+
+
 def _finite_or_none(value: float):
     return None if value is None or math.isnan(value) else value
 
@@ -167,9 +182,11 @@ def published_rows(keys) -> list[str]:
     return [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows]
 
 
-def format_table(report: dict, total_images: int, timing_images: int, where: str) -> str:
+def format_table(report: dict, total_images: int, timing_images: int, where: str,
+                 ceilings: dict[int, dict] | None = None) -> str:
     """The paper's table layout: one row per network, scores in percent to one decimal; then
-    the published numbers of the same networks, for comparison."""
+    what each output stride allows on the same images (ceilings), and the published numbers
+    of the same networks, for comparison."""
     def percent(value):
         return "n/a" if value is None else f"{100 * value:.1f}"
 
@@ -187,6 +204,14 @@ def format_table(report: dict, total_images: int, timing_images: int, where: str
         f"Scores in percent over all {total_images} val images, whole images at their own sizes, batch 1, "
         f"from one confusion matrix per network.\nForward time: {timing}.\n"
     )
+    if ceilings:
+        rows = [f"| labels at stride {stride}, back to full size | "
+                + " | ".join(percent(scores[k]) for k in SCORE_HEADINGS) + " |" for stride, scores in ceilings.items()]
+        text += ("\n## What an output stride allows (the same val images)\n\n"
+                 + header + " |\n|:--|" + "--:|" * len(SCORE_HEADINGS) + "\n" + "\n".join(rows) + "\n\n"
+                 "Each val label map reduced to one class share per stride x stride cell and brought back "
+                 "bilinearly, as the networks' upsampling does: no network whose scores live on that grid "
+                 "(FCN-32s: 32, FCN-16s: 16, FCN-8s: 8) can do better.\n")
     published = published_rows(report)
     if published:
         text += ("\n## Published, for comparison (seg11valid, 736 images, the full-size networks)\n\n"

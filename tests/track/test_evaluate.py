@@ -15,10 +15,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 from PIL import Image
 
 from fcn_models.checkpoint import save_checkpoint
+from fcn_models.metrics import ConfusionMatrix, stride_ceiling
 from fcn_models.summary import cpu_model
 from fcn_models.voc import class_names
 from pipelines import cli
@@ -131,6 +133,23 @@ def test_table_rows_in_the_papers_order_in_percent(evaluated):
     assert [line.split("|")[1].strip() for line in published.splitlines() if line.startswith("| FCN")] == [
         "FCN-32s-fixed: the paper, Table 3", "FCN-32s: the paper, Table 3", "FCN-8s: the paper, Table 3"]
     assert "| 89.1 | 73.3 | 59.4 | 81.4 |" in published
+
+
+def test_the_table_shows_what_each_output_stride_allows_on_the_same_images(evaluated):
+    root, _, val_rows, _ = evaluated
+    ceilings_part = (root / "reports" / "evaluation.md").read_text().split("## What an output stride allows")[1]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")][1:]
+            for line in ceilings_part.split("## Published")[0].splitlines() if line.startswith("| labels")}
+    assert list(rows) == [f"labels at stride {s}, back to full size" for s in (32, 16, 8)]
+    for stride, cells in zip((32, 16, 8), rows.values()):
+        matrix = ConfusionMatrix(21)
+        for _, _, label in val_rows:
+            truth = torch.from_numpy(label)
+            matrix.update(stride_ceiling(truth, stride), truth)
+        expected = matrix.scores()
+        assert cells == [f"{100 * expected[k]:.1f}" for k in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu")]
+    mean_ius = [float(cells[2]) for cells in rows.values()]
+    assert mean_ius[0] <= mean_ius[1] <= mean_ius[2] <= 100.0
 
 
 def test_missing_stage_skipped_with_a_line_and_progress_reported(evaluated):
