@@ -23,7 +23,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from fcn_models.limits import MAX_PIXELS
+from fcn_models.limits import MAX_PIXELS, MAX_WIDTH
 from fcn_models.norms import BACKBONE_NORMS, InputNorm, as_input_norm
 from fcn_models.norms import PRESETS as INPUT_NORMS
 from fcn_models.voc import NUM_CLASSES
@@ -138,7 +138,8 @@ class ModelParams:
     def __post_init__(self):
         _check(self.backbone in BACKBONE_NORMS, "model.backbone", self.backbone,
                f"must be one of {', '.join(BACKBONE_NORMS)}")
-        _check(0 < self.width <= 4, "model.width", self.width, "must be in (0, 4]")
+        _check(0 < self.width <= MAX_WIDTH, "model.width", self.width,
+               f"must be in (0, {MAX_WIDTH:g}] (MAX_WIDTH in fcn_models/limits.py)")
         _check(self.num_classes >= 2, "model.num_classes", self.num_classes, "must be >= 2")
         _check(self.input_norm is None or self.input_norm in INPUT_NORMS, "model.input_norm", self.input_norm,
                f"must be null (the backbone's own) or one of {', '.join(INPUT_NORMS)}")

@@ -14,7 +14,8 @@ from pipelines.core.params import (
     load_params,
     parse_params,
 )
-from support.limited import MiB, one_line, run_fcn
+from support.limited import MiB, run_fcn
+from support.stages import one_line
 
 PROJECT_PARAMS = PROJECT_ROOT / "params.yaml"
 
@@ -157,7 +158,7 @@ def test_expanding_aliases_are_refused_in_one_line_without_expanding_them(tmp_pa
     path.write_text(_alias_bomb())
     assert path.stat().st_size < 400
     result = run_fcn(["fetch", "--params", path], FETCH_LIMIT, cwd=tmp_path)
-    err = one_line(result)
+    err = one_line(result.stderr)
     assert result.returncode == 2, err
     assert str(path) in err and "alias" in err and "line 1" in err
     with pytest.raises(ParamsError, match="alias"):
@@ -172,7 +173,7 @@ def test_a_params_file_past_the_size_bound_is_refused_before_it_is_parsed(tmp_pa
         for _ in range(MAX_PARAMS_BYTES // len(line) + 1):
             fh.write(line)
     result = run_fcn(["fetch", "--params", path], FETCH_LIMIT, cwd=tmp_path)
-    err = one_line(result)
+    err = one_line(result.stderr)
     assert result.returncode == 2, err
     assert str(path) in err and f"{MAX_PARAMS_BYTES:,} bytes" in err and "width" not in err
 
@@ -186,7 +187,7 @@ def test_a_duplicated_key_is_refused_at_any_level_naming_it_and_its_lines(tmp_pa
     path = tmp_path / "params.yaml"
     path.write_text(text)
     result = run_fcn(["fetch", "--params", path], FETCH_LIMIT, cwd=tmp_path)
-    err = one_line(result)
+    err = one_line(result.stderr)
     assert result.returncode == 2, err
     assert f"{path}: line {lines[1]}: duplicate key {key!r} (first on line {lines[0]})" in err, err
 

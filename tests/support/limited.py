@@ -26,9 +26,3 @@ def run_fcn(args: list[str], limit_bytes: int, cwd=None, timeout: float = 300) -
     return subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, args)], cwd=cwd or REPO, env=env,
                           preexec_fn=cap, capture_output=True, text=True, timeout=timeout)
 
-
-def one_line(result: subprocess.CompletedProcess) -> str:
-    """The command's stderr, asserted to be one line and no traceback."""
-    err = result.stderr.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err[-3000:]
-    return err
