@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from math import prod
 import pickle
 import tempfile
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from .backbones import build_trunk
 from .caffe import CaffeFormatError, read_caffemodel
 from .checkpoint import save_checkpoint
 from .fcn import ATONCE_SCALES, VARIANTS, build_fcn
+from .limits import MAX_WIDTH
 from .norms import CAFFE_BGR
 from .surgery import bilinear_weight
 from .weights import refused_global
@@ -319,13 +321,20 @@ def _detect(src: Source, variant: Optional[str], backbone: Optional[str]) -> tup
     first, base = FIRST_CONV[backbone]
     if first not in src.layers:
         raise WeightsImportError(f"{src.path}: missing layer {first!r}: a {backbone} FCN starts with it")
-    channels = src.layers[first][0].shape[0] if src.layers[first][0].shape else 0
+    first_weight = src.layers[first][0]
+    channels = first_weight.shape[0] if first_weight.shape else 0
     width = channels / base
     if "score_fr" not in src.layers:
         raise WeightsImportError(f"{src.path}: missing layer 'score_fr': every FCN variant scores with it")
     num_classes = src.layers["score_fr"][0].shape[0] if src.layers["score_fr"][0].shape else 0
     if not width > 0 or num_classes < 1:
         raise WeightsImportError(f"{src.path}: {first} or score_fr has no output channels")
+    # The width is read off one dimension; a blob with a 0 elsewhere holds no values whatever it claims.
+    if width > MAX_WIDTH or 0 in first_weight.shape:
+        raise WeightsImportError(
+            f"{src.path}: {first_weight.describe()} has shape {first_weight.shape} ({prod(first_weight.shape)} values): "
+            f"a {backbone} FCN's {first} has {base} x width output channels and weights, for a width in "
+            f"(0, {MAX_WIDTH:g}] (up to {int(base * MAX_WIDTH)} channels)")
     if variant is None:
         with torch.device("meta"):
             taps = build_trunk(backbone, width).taps
@@ -349,7 +358,7 @@ def _fcn_from_source(src: Source, variant: Optional[str], backbone: Optional[str
     try:
         with torch.device("meta"):
             model = build_fcn(variant, backbone, num_classes, width, CAFFE_BGR)
-    except ValueError as err:
+    except (ValueError, RuntimeError) as err:  # RuntimeError: a shape past what torch can describe
         raise WeightsImportError(f"{src.path}: {err}") from None
     first = FIRST_CONV[backbone][0]
     what = (f"a width-{width:g} {backbone} {variant} with {num_classes} classes "
