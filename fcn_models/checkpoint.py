@@ -21,6 +21,7 @@ import torch
 from .backbones import build_trunk
 from .fcn import FCN, VARIANTS, build_fcn
 from .norms import InputNorm
+from .outputs import make_dirs
 from .weights import read_state_dict
 
 MODEL_FILE = "model.pt"
@@ -57,7 +58,7 @@ def save_checkpoint(directory: Union[str, os.PathLike], model: FCN, meta: dict |
     info = {**(meta or {}), **info}
     text = json.dumps(info, indent=2, sort_keys=True)  # fails here, before anything is written, if not JSON
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(directory.parent, f"checkpoint {directory}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -44,6 +44,7 @@ from .checkpoint import save_checkpoint
 from .fcn import ATONCE_SCALES, VARIANTS, build_fcn
 from .limits import MAX_WIDTH
 from .norms import CAFFE_BGR
+from .outputs import check_writable_under, make_dirs
 from .surgery import bilinear_weight
 from .weights import refused_global
 from .errors import FCNError
@@ -462,7 +463,7 @@ def _is_classifier(src: Source) -> bool:
 
 
 def _atomic_torch_save(obj, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out.parent, f"--out {out}")
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
     os.close(fd)
     try:
@@ -479,8 +480,12 @@ def import_weights(source: Union[str, os.PathLike], out: Union[str, os.PathLike]
     """Import a reference model (caffemodel or pytorch-fcn .pth) into `out`: a checkpoint
     directory for an FCN, a torchvision state-dict file for the VGG16 classifier."""
     path, out = Path(source), Path(out)
+    if path.is_dir():
+        raise WeightsImportError(f"{path}: is a directory; fcn import reads one file: a .caffemodel "
+                                 "or a PyTorch state dict (.pth)")
     if not path.is_file():
         raise WeightsImportError(f"{path}: no such file")
+    check_writable_under(out.parent, f"--out {out}")
     # Sums first: a known file with the wrong sum stops here, before any work. (Hashing in a
     # thread alongside the conversion measured slower on the 2-core machine, not faster.)
     sums = file_digests(path)

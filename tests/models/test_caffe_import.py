@@ -503,3 +503,21 @@ def test_a_state_dict_with_a_zero_size_tensor_of_a_huge_dimension_is_one_line(wr
     torch.save(state, path)
     err = _fails(capsys, path, tmp_path / "out", rf"conv1_1.*\({HUGE}, 0, 3, 3\)")
     assert f"{MAX_WIDTH:g}" in err
+
+
+def test_an_out_path_under_a_file_names_the_file_and_writes_nothing(written, tmp_path, capsys):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file")
+    for out in (blocker / "fcn8s", blocker / "deeper" / "fcn8s"):
+        code = stage.main([str(written["fcn8s"][2]), "--out", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert code == 1 and len(err.splitlines()) == 1 and "Errno" not in err, err
+        assert f"--out {out}: {blocker} is a file, not a directory, so nothing can be written under it" in err
+    assert blocker.read_text() == "a file"
+
+
+def test_a_directory_as_the_source_says_it_is_one(tmp_path, capsys):
+    folder = tmp_path / "weights.caffemodel"
+    folder.mkdir()
+    err = _fails(capsys, folder, tmp_path / "out", "is a directory")
+    assert f"{folder}: is a directory; fcn import reads one file: a .caffemodel or a PyTorch state dict" in err
