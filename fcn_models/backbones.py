@@ -21,6 +21,7 @@ from collections import OrderedDict
 
 import torch.nn as nn
 
+from .limits import MAX_WIDTH
 from .norms import BACKBONE_NORMS, InputNorm
 
 FIRST_CONV_PADDING = 100
@@ -285,6 +286,7 @@ if set(BUILDERS) != set(BACKBONE_NORMS):
 def build_trunk(backbone: str = "vgg16", width: float = 1.0) -> Trunk:
     if backbone not in BUILDERS:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
-    if not width > 0:
-        raise ValueError(f"width must be > 0, got {width!r}")
+    if not 0 < width <= MAX_WIDTH:
+        raise ValueError(f"width {width!r} is outside (0, {MAX_WIDTH:g}], the widths a trunk is built at "
+                         "(MAX_WIDTH in fcn_models/limits.py)")
     return BUILDERS[backbone](float(width))

@@ -8,6 +8,7 @@ checkpoint or the complete new one, never half of one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,8 +19,10 @@ from typing import Union
 import torch
 
 from . import subnormals
+from .backbones import build_trunk
 from .fcn import FCN, VARIANTS, build_fcn
 from .norms import InputNorm
+from .outputs import make_dirs
 from .weights import read_state_dict
 
 MODEL_FILE = "model.pt"
@@ -56,7 +59,7 @@ def save_checkpoint(directory: Union[str, os.PathLike], model: FCN, meta: dict |
     info = {**(meta or {}), **info}
     text = json.dumps(info, indent=2, sort_keys=True)  # fails here, before anything is written, if not JSON
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(directory.parent, f"checkpoint {directory}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -111,28 +114,78 @@ def read_meta(directory: Union[str, os.PathLike], variant: str | None = None, ba
     return meta
 
 
+def _described(directory: Path, meta: dict, device=None) -> FCN:
+    """The network meta.json describes, built on `device` (the meta device: shapes only)."""
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return build_fcn(meta["variant"], meta["backbone"], int(meta["num_classes"]), float(meta["width"]),
+                             InputNorm.from_dict(meta["input_norm"]))
+    except (TypeError, ValueError, OverflowError, RuntimeError) as err:
+        raise ValueError(f"{directory / META_FILE}: {err}") from None
+
+
+def _held(state: dict, described: FCN) -> str:
+    """What a state dict holds, in the terms of meta.json: the variant its score layers make,
+    its classes, and its first trunk layer's shape (against the same trunk at width 1.0)."""
+    taps = described.trunk.taps
+    if f"score_{taps.get(8)}.weight" in state:
+        variant = "fcn8s (or fcn8s-atonce)"
+    elif f"score_{taps.get(16)}.weight" in state:
+        variant = "fcn16s"
+    else:
+        variant = "fcn32s" if "score_fr.weight" in state else "no FCN score layers"
+    score = state.get("score_fr.weight")
+    classes = f", {score.shape[0]} classes" if score is not None and score.ndim >= 1 else ""
+    with torch.device("meta"):
+        unit = build_trunk(described.backbone_name, 1.0).state_dict()
+    first = next((k for k in state if k.startswith("trunk.") and k.removeprefix("trunk.") in unit
+                  and state[k].ndim == 4), None)
+    if first is None:
+        return f"{variant}{classes}, and no {described.backbone_name} trunk layers"
+    channels, base = state[first].shape[0], unit[first.removeprefix("trunk.")].shape[0]
+    return (f"{variant}{classes}, {first} {tuple(state[first].shape)} "
+            f"(width {channels / base:g} of a {described.backbone_name})")
+
+
+def _check_shapes(directory: Path, meta: dict, state: dict, described: FCN) -> None:
+    """model.pt's names and shapes against the network meta.json describes, before anything of
+    that size is allocated: a wrong meta.json costs nothing."""
+    expected = {k: tuple(v.shape) for k, v in described.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    if not (missing or extra or wrong):
+        return
+    problems = []
+    for keys, say in ((missing, "lacks"), (extra, "has an extra"), (wrong, "has")):
+        if keys:
+            first = (f"{keys[0]} {tuple(state[keys[0]].shape)} where it needs {expected[keys[0]]}"
+                     if keys is wrong else keys[0])
+            problems.append(f"{say} {first}" + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""))
+    raise ValueError(
+        f"{directory / MODEL_FILE} does not match the network {META_FILE} describes ({meta['variant']}, "
+        f"{meta['backbone']}, width {meta['width']}, {meta['num_classes']} classes): it {'; '.join(problems)}. "
+        f"What the weights hold: {_held(state, described)}; fix {META_FILE} or replace {MODEL_FILE}")
+
+
 def load_checkpoint(directory: Union[str, os.PathLike], map_location="cpu",
                     variant: str | None = None, backbone: str | None = None) -> tuple[FCN, dict]:
     """Rebuild the model described by meta.json and load model.pt into it: (model, meta).
 
     variant, backbone: the network and trunk the checkpoint must hold (read_meta). Every way
-    model.pt can be unusable (empty, truncated, not tensors) is a ValueError naming it."""
+    model.pt can be unusable (empty, truncated, not tensors, not the network meta.json
+    describes) is a ValueError naming it; the shapes are checked before the network is built."""
     directory = Path(directory)
     meta = read_meta(directory, variant, backbone)
-    try:
-        model = build_fcn(meta["variant"], meta["backbone"], int(meta["num_classes"]), float(meta["width"]),
-                          InputNorm.from_dict(meta["input_norm"]))
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{directory / META_FILE}: {err}") from None
     state = read_state_dict(directory / MODEL_FILE, map_location=map_location)
+    _check_shapes(directory, meta, state, _described(directory, meta, "meta"))
+    model = _described(directory, meta)
     try:
         model.load_state_dict(state)
         subnormals.flush_module_(model)  # a network holding subnormals runs many times slower on a CPU
     except RuntimeError as err:
-        raise ValueError(
-            f"{directory / MODEL_FILE} does not match the model described by {META_FILE} "
-            f"({meta['variant']}, {meta['backbone']}, width {meta['width']}, {meta['num_classes']} classes): {err}"
-        ) from None
+        raise ValueError(f"{directory / MODEL_FILE} does not load into the network {META_FILE} describes: "
+                         f"{' '.join(str(err).split())}") from None
     return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model, meta
 
 

@@ -1,4 +1,4 @@
-"""How large an image a network is run on: a pixel limit, which bounds the memory of one forward pass.
+"""How large a network is built and how large an image it is run on: bounds on memory.
 
 An FCN takes an image of any size, and its activations grow with the pixels: a
 photo of tens of megapixels needs tens of gigabytes, more than most machines have.
@@ -9,12 +9,16 @@ with a message saying so (fcn predict can instead downscale them: fitting_size).
     META_KEY                         where a checkpoint's meta.json keeps its own limit
     too_large(height, width, limit)  None, or why the image is refused
     fitting_size(height, width, limit)  the largest size of the same shape within the limit
+    MAX_WIDTH                        the widest trunk built (channel scale): 4.0, a VGG16 FCN of
+                                     2.1 billion weights (8.6 GB); params, meta.json and imports obey it
 """
 from __future__ import annotations
 
 import math
 
 MAX_PIXELS = 2048 * 2048
+# Every width in (0, MAX_WIDTH] builds; a wider one is refused before anything is allocated.
+MAX_WIDTH = 4.0
 META_KEY = "max_pixels"
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from math import prod
 import pickle
 import tempfile
 from dataclasses import dataclass, field
@@ -41,7 +42,9 @@ from .backbones import build_trunk
 from .caffe import CaffeFormatError, read_caffemodel
 from .checkpoint import save_checkpoint
 from .fcn import ATONCE_SCALES, VARIANTS, build_fcn
+from .limits import MAX_WIDTH
 from .norms import CAFFE_BGR
+from .outputs import check_writable_under, make_dirs
 from .surgery import bilinear_weight
 from .weights import refused_global
 from .errors import FCNError
@@ -319,13 +322,20 @@ def _detect(src: Source, variant: Optional[str], backbone: Optional[str]) -> tup
     first, base = FIRST_CONV[backbone]
     if first not in src.layers:
         raise WeightsImportError(f"{src.path}: missing layer {first!r}: a {backbone} FCN starts with it")
-    channels = src.layers[first][0].shape[0] if src.layers[first][0].shape else 0
+    first_weight = src.layers[first][0]
+    channels = first_weight.shape[0] if first_weight.shape else 0
     width = channels / base
     if "score_fr" not in src.layers:
         raise WeightsImportError(f"{src.path}: missing layer 'score_fr': every FCN variant scores with it")
     num_classes = src.layers["score_fr"][0].shape[0] if src.layers["score_fr"][0].shape else 0
     if not width > 0 or num_classes < 1:
         raise WeightsImportError(f"{src.path}: {first} or score_fr has no output channels")
+    # The width is read off one dimension; a blob with a 0 elsewhere holds no values whatever it claims.
+    if width > MAX_WIDTH or 0 in first_weight.shape:
+        raise WeightsImportError(
+            f"{src.path}: {first_weight.describe()} has shape {first_weight.shape} ({prod(first_weight.shape)} values): "
+            f"a {backbone} FCN's {first} has {base} x width output channels and weights, for a width in "
+            f"(0, {MAX_WIDTH:g}] (up to {int(base * MAX_WIDTH)} channels)")
     if variant is None:
         with torch.device("meta"):
             taps = build_trunk(backbone, width).taps
@@ -349,7 +359,7 @@ def _fcn_from_source(src: Source, variant: Optional[str], backbone: Optional[str
     try:
         with torch.device("meta"):
             model = build_fcn(variant, backbone, num_classes, width, CAFFE_BGR)
-    except ValueError as err:
+    except (ValueError, RuntimeError) as err:  # RuntimeError: a shape past what torch can describe
         raise WeightsImportError(f"{src.path}: {err}") from None
     first = FIRST_CONV[backbone][0]
     what = (f"a width-{width:g} {backbone} {variant} with {num_classes} classes "
@@ -453,7 +463,7 @@ def _is_classifier(src: Source) -> bool:
 
 
 def _atomic_torch_save(obj, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out.parent, f"--out {out}")
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
     os.close(fd)
     try:
@@ -470,8 +480,12 @@ def import_weights(source: Union[str, os.PathLike], out: Union[str, os.PathLike]
     """Import a reference model (caffemodel or pytorch-fcn .pth) into `out`: a checkpoint
     directory for an FCN, a torchvision state-dict file for the VGG16 classifier."""
     path, out = Path(source), Path(out)
+    if path.is_dir():
+        raise WeightsImportError(f"{path}: is a directory; fcn import reads one file: a .caffemodel "
+                                 "or a PyTorch state dict (.pth)")
     if not path.is_file():
         raise WeightsImportError(f"{path}: no such file")
+    check_writable_under(out.parent, f"--out {out}")
     # Sums first: a known file with the wrong sum stops here, before any work. (Hashing in a
     # thread alongside the conversion measured slower on the 2-core machine, not faster.)
     sums = file_digests(path)

@@ -79,7 +79,8 @@ def _read_state_dict(source: Source, backbone: str) -> tuple[dict, str]:
     return read_state_dict(path), path
 
 
-def _fit(ours: torch.Tensor, theirs: torch.Tensor, key: str, origin: str, may_centre: bool) -> torch.Tensor:
+def _fit(ours: torch.Tensor, theirs: torch.Tensor, key: str, origin: str, may_centre: bool,
+         trunk: str = "", width: Optional[float] = None) -> torch.Tensor:
     """Their tensor in our shape: as is, a fully connected layer reshaped into a convolution,
     or (where the trunk allows it) a smaller odd kernel centred in a larger one, which computes
     the same function (torchvision GoogLeNet's 3x3 "5x5" branch)."""
@@ -92,9 +93,14 @@ def _fit(ours: torch.Tensor, theirs: torch.Tensor, key: str, origin: str, may_ce
             and theirs.shape[2] % 2 == ours.shape[2] % 2 == 1 and theirs.shape[2] < ours.shape[2]):
         pad = (ours.shape[2] - theirs.shape[2]) // 2
         return torch.nn.functional.pad(theirs, (pad, pad, pad, pad))
+    model = f"the width-{width:g} {trunk} trunk" if width is not None else f"the {trunk} trunk"
+    theirs_width = ""
+    if width is not None and theirs.ndim >= 1 and ours.ndim >= 1 and ours.shape[0]:
+        theirs_width = f" (a width-{theirs.shape[0] * width / ours.shape[0]:.3g} {trunk}'s, by its output channels)"
     raise ValueError(
-        f"{origin}: {key} has shape {tuple(theirs.shape)}, the model needs {tuple(ours.shape)} "
-        "(ImageNet weights fit only a width-1.0 trunk of the same backbone)"
+        f"{origin}: {key} has shape {tuple(theirs.shape)}{theirs_width}, but {model} needs {tuple(ours.shape)}: "
+        "ImageNet weights load into a trunk of any width whose shapes match theirs; "
+        "set model.width to the width they were trained at"
     )
 
 
@@ -125,7 +131,7 @@ def load_imagenet_weights(model: nn.Module, source: Source, norm: Optional[NormL
                 if key not in state:
                     raise KeyError(f"{origin}: missing {key} (for {layer}.{suffix}); is it a torchvision {trunk.name}?")
                 may_centre = key.endswith(trunk.torchvision_smaller_kernels) if trunk.torchvision_smaller_kernels else False
-                ours.copy_(_fit(ours, state[key], key, origin, may_centre))
+                ours.copy_(_fit(ours, state[key], key, origin, may_centre, trunk.name, getattr(model, "width", None)))
                 used.add(key)
                 loaded.append(f"trunk.{layer}.{suffix}")
     unexpected = [k for k in state if k not in used and not k.startswith(tuple(p + "." for p in trunk.torchvision_dropped))]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from fcn_models.limits import MAX_PIXELS
+from fcn_models.limits import MAX_PIXELS, MAX_WIDTH
 from fcn_models.norms import BACKBONE_NORMS, InputNorm, as_input_norm
 from fcn_models.norms import PRESETS as INPUT_NORMS
 from fcn_models.voc import NUM_CLASSES
@@ -30,6 +31,11 @@ from pipelines.core.errors import UsageError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PARAMS = PROJECT_ROOT / "params.yaml"
+# The largest params file read (bytes): the project's is a few kB; a larger file is refused
+# before it is parsed, so parsing can never take the machine's memory.
+MAX_PARAMS_BYTES = 1 << 20
+# How deep mappings and lists may nest in a params file (the project's nests four deep).
+MAX_PARAMS_DEPTH = 32
 
 
 class ParamsError(UsageError):
@@ -44,9 +50,29 @@ def _path(default: Optional[str]):
     return field(default=default, metadata=PATH)
 
 
+# A value in a message is shown cut short: the message stays one readable line, and showing
+# it costs little even for a value built to be huge.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 3, 6, 6, 6, 6
+_REPR.maxstring, _REPR.maxlong, _REPR.maxother = 80, 40, 80
+_SHOWN_CHARS = 200
+
+
+def shown(value: Any) -> str:
+    """repr(value), truncated to a bounded length without building the whole repr first."""
+    text = _REPR.repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS - 3] + "..."
+
+
+def _name(key: Any) -> str:
+    """A key as it appears in a dotted path, cut short like a value."""
+    text = str(key)
+    return text if len(text) <= _REPR.maxstring else text[:_REPR.maxstring - 3] + "..."
+
+
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
     if not ok:
-        raise ParamsError(f"{key} = {value!r}: {why}")
+        raise ParamsError(f"{key} = {shown(value)}: {why}")
 
 
 @dataclass(frozen=True)
@@ -57,7 +83,7 @@ class ArchiveParams:
 
     def __post_init__(self):
         if len(self.md5) != 32 or any(c not in "0123456789abcdef" for c in self.md5):
-            raise ParamsError(f"md5 {self.md5!r} of {self.filename} is not 32 lowercase hex digits")
+            raise ParamsError(f"md5 {shown(self.md5)} of {shown(self.filename)} is not 32 lowercase hex digits")
 
 
 @dataclass(frozen=True)
@@ -112,7 +138,8 @@ class ModelParams:
     def __post_init__(self):
         _check(self.backbone in BACKBONE_NORMS, "model.backbone", self.backbone,
                f"must be one of {', '.join(BACKBONE_NORMS)}")
-        _check(0 < self.width <= 4, "model.width", self.width, "must be in (0, 4]")
+        _check(0 < self.width <= MAX_WIDTH, "model.width", self.width,
+               f"must be in (0, {MAX_WIDTH:g}] (MAX_WIDTH in fcn_models/limits.py)")
         _check(self.num_classes >= 2, "model.num_classes", self.num_classes, "must be >= 2")
         _check(self.input_norm is None or self.input_norm in INPUT_NORMS, "model.input_norm", self.input_norm,
                f"must be null (the backbone's own) or one of {', '.join(INPUT_NORMS)}")
@@ -311,39 +338,39 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except ParamsError:
                 continue
-        raise ParamsError(f"{key} = {value!r}: expected {annotation}")
+        raise ParamsError(f"{key} = {shown(value)}: expected {annotation}")
     if origin is Literal:
         if value not in args:
-            raise ParamsError(f"{key} = {value!r}: must be one of {', '.join(map(repr, args))}")
+            raise ParamsError(f"{key} = {shown(value)}: must be one of {', '.join(map(repr, args))}")
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ParamsError(f"{key} = {value!r}: expected a list")
+            raise ParamsError(f"{key} = {shown(value)}: expected a list")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ParamsError(f"{key} = {value!r}: expected a mapping")
-        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+            raise ParamsError(f"{key} = {shown(value)}: expected a mapping")
+        return {str(k): _coerce(v, args[1], f"{key}.{_name(k)}") for k, v in value.items()}
     if dataclasses.is_dataclass(annotation):
         return _build(annotation, value, key)
     if annotation is bool:
         if not isinstance(value, bool):
-            raise ParamsError(f"{key} = {value!r}: expected true or false")
+            raise ParamsError(f"{key} = {shown(value)}: expected true or false")
         return value
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamsError(f"{key} = {value!r}: expected an integer")
+            raise ParamsError(f"{key} = {shown(value)}: expected an integer")
         return value
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ParamsError(f"{key} = {value!r}: expected a number")
+            raise ParamsError(f"{key} = {shown(value)}: expected a number")
         # YAML's .inf and .nan are floats; no knob means anything by them.
         if not math.isfinite(value):
-            raise ParamsError(f"{key} = {value!r}: expected a finite number")
+            raise ParamsError(f"{key} = {shown(value)}: expected a finite number")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
-            raise ParamsError(f"{key} = {value!r}: expected a string")
+            raise ParamsError(f"{key} = {shown(value)}: expected a string")
         return value
     raise TypeError(f"unsupported annotation {annotation!r} for {key}")
 
@@ -353,12 +380,13 @@ def _build(cls: type, mapping: Any, prefix: str) -> Any:
     if mapping is None:
         mapping = {}
     if not isinstance(mapping, dict):
-        raise ParamsError(f"{where}: expected a mapping, got {mapping!r}")
+        raise ParamsError(f"{where}: expected a mapping, got {shown(mapping)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(mapping) - set(fields))
+    unknown = sorted(set(mapping) - set(fields), key=str)
     if unknown:
-        names = ", ".join(f"{prefix}.{k}" if prefix else str(k) for k in unknown)
+        names = ", ".join(f"{prefix}.{_name(k)}" if prefix else _name(k) for k in unknown[:5])
+        names += f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
         raise ParamsError(f"unknown key {names} (known in {where}: {', '.join(fields)})")
     values = {}
     for name, value in mapping.items():
@@ -411,17 +439,74 @@ def parse_params(mapping: Any, source: str = "params", root: str | Path | None =
     return _resolve_paths(params, Path(root).resolve()) if root is not None else params
 
 
+class _Refused(Exception):
+    """YAML the params reader does not accept, at a line."""
+
+    def __init__(self, mark, why: str):
+        super().__init__(why)
+        self.line = mark.line + 1
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """yaml's safe loader without aliases, duplicate keys or deep nesting.
+
+    An alias stands for its anchor's whole value, and aliases of aliases multiply: a few
+    hundred bytes can stand for billions of values. YAML lets a repeated key silently
+    replace the first; in a params file that hides a setting, so it is refused."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _Refused(event.start_mark, f"alias *{_name(event.anchor)}: a params file may not "
+                           "use YAML aliases (or merge keys); write the value out in full")
+        if self._depth >= MAX_PARAMS_DEPTH:
+            raise _Refused(self.peek_event().start_mark,
+                           f"nested more than {MAX_PARAMS_DEPTH} levels deep; no params section nests that far")
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_object(key_node)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise _Refused(key_node.start_mark, f"duplicate key {shown(key)} (first on line {seen[key]}); "
+                               "YAML would keep only the last: remove one")
+            if isinstance(key, typing.Hashable):
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     """Read and validate a params file; paths in it are taken from its directory.
     Raises ParamsError naming the file and key."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found (run from the project root, or pass --params)")
-    with path.open() as fh:
-        try:
-            mapping = yaml.safe_load(fh)
-        except yaml.YAMLError as err:
-            raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        text = fh.read(MAX_PARAMS_BYTES + 1)  # no more than the bound, even if the file grows meanwhile
+    if size > MAX_PARAMS_BYTES or len(text) > MAX_PARAMS_BYTES:
+        raise ParamsError(f"{path}: {max(size, len(text)):,} bytes, more than a params file may hold "
+                          f"({MAX_PARAMS_BYTES:,} bytes, MAX_PARAMS_BYTES in pipelines/core/params.py): "
+                          "is it the right file?")
+    try:
+        mapping = yaml.load(text, Loader=_ParamsLoader)
+    except _Refused as err:
+        raise ParamsError(f"{path}: line {err.line}: {err}") from None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ParamsError(f"{path}: not valid YAML: {where}{err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
     return parse_params(mapping, str(path), root=path.resolve().parent)
 
 

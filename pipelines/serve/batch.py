@@ -27,6 +27,7 @@ import numpy as np
 
 from fcn_models.checkpoint import META_FILE, MODEL_FILE
 from fcn_models.errors import FCNError
+from fcn_models.outputs import make_dirs
 from fcn_models.voc import class_names
 
 # Files a directory or glob contributes (lower-case suffixes).
@@ -215,8 +216,7 @@ def run_batch(inputs: dict, checkpoint: Path, out_dir: Path, use_gpu: bool = Fal
     import ray
     from ray.data import ActorPoolStrategy
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_dirs(out_dir, f"--out {out_dir}")
     if inputs["kind"] == "files":
         ds = ray.data.from_items([{"name": n, "path": p} for n, p in inputs["items"]])
         batch_rows = BATCH_ROWS

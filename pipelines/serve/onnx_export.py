@@ -29,6 +29,7 @@ import torch
 
 from fcn_models.checkpoint import MODEL_FILE, load_checkpoint
 from fcn_models.errors import FCNError
+from fcn_models.outputs import make_dirs
 from fcn_models.preprocess import normalize
 from pipelines.core.files import file_sha256
 
@@ -80,7 +81,7 @@ def export_onnx(checkpoint_dir, out_file) -> Path:
         raise ExportError(f"{checkpoint_dir}: cannot load the checkpoint: {err}") from None
     wrapped = ImageToScores(model.eval()).eval()
     example = torch.zeros((*TRACE_SIZE, 3), dtype=torch.uint8)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_file.parent, f"--onnx {out_file}")
     fd, tmp = tempfile.mkstemp(dir=out_file.parent, prefix=f".{out_file.name}.", suffix=".onnx")
     os.close(fd)
     try:

@@ -21,6 +21,7 @@ import numpy as np
 
 from fcn_models import palette
 from fcn_models.errors import FCNError
+from fcn_models.outputs import make_dirs
 from fcn_models.limits import MAX_PIXELS, fitting_size
 from pipelines.core.params import load_params
 from pipelines.serve.images import (
@@ -111,7 +112,7 @@ def predict(images: list, model: str, out_dir=".", params_path: str = "params.ya
     except ImageError as err:
         raise PredictError(str(err)) from None
     segment = load_predictor(model, params_path)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir, f"--out {out_dir}")
     results = []
     for image_path, (mask_path, overlay_path) in zip(images, paths):
         image = read_image(image_path, read_limit)

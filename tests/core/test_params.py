@@ -9,10 +9,13 @@ from pipelines.core.params import (
     ArchiveParams,
     DataParams,
     Params,
+    MAX_PARAMS_BYTES,
     ParamsError,
     load_params,
     parse_params,
 )
+from support.limited import MiB, run_fcn
+from support.stages import one_line
 
 PROJECT_PARAMS = PROJECT_ROOT / "params.yaml"
 
@@ -132,3 +135,69 @@ def test_input_norm_is_the_backbones_own_unless_named():
         parse_params({"model": {"input_norm": "bgr"}})
     with pytest.raises(ParamsError, match="model.backbone"):
         parse_params({"model": {"backbone": "resnet50"}})
+
+
+# ---------------------------------------------------------------- hostile files
+
+# `fcn fetch` reads nothing before the params file, and no file below starts a download.
+FETCH_LIMIT = 512 * MiB
+
+
+def _alias_bomb() -> str:
+    """A few hundred bytes whose aliases, nested nine deep, expand to 9**9 strings."""
+    items, previous = [], None
+    for name in "abcdefghi":
+        body = ", ".join(["x"] * 9 if previous is None else [f"*{previous}"] * 9)
+        items.append(f"&{name} [{body}]")
+        previous = name
+    return "model: {backbone: [" + ", ".join(items) + "]}\n"
+
+
+def test_expanding_aliases_are_refused_in_one_line_without_expanding_them(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(_alias_bomb())
+    assert path.stat().st_size < 400
+    result = run_fcn(["fetch", "--params", path], FETCH_LIMIT, cwd=tmp_path)
+    err = one_line(result.stderr)
+    assert result.returncode == 2, err
+    assert str(path) in err and "alias" in err and "line 1" in err
+    with pytest.raises(ParamsError, match="alias"):
+        load_params(path)
+
+
+def test_a_params_file_past_the_size_bound_is_refused_before_it_is_parsed(tmp_path):
+    path = tmp_path / "params.yaml"
+    with path.open("w") as fh:
+        fh.write("model: {width: 9}\n")  # reading on past the bound would report this instead
+        line = "# " + "x" * 1021 + "\n"
+        for _ in range(MAX_PARAMS_BYTES // len(line) + 1):
+            fh.write(line)
+    result = run_fcn(["fetch", "--params", path], FETCH_LIMIT, cwd=tmp_path)
+    err = one_line(result.stderr)
+    assert result.returncode == 2, err
+    assert str(path) in err and f"{MAX_PARAMS_BYTES:,} bytes" in err and "width" not in err
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("model:\n  width: 1.0\nmodel:\n  width: 9\n", "model", (1, 3)),
+    ("data:\n  workers: 1\n  retries: 2\n  workers: 3\nmodel: {width: 9}\n", "workers", (2, 4)),
+    ("train:\n  stages:\n    a: {init: imagenet, lr: 1, iterations: 1, lr: 2}\nmodel: {width: 9}\n", "lr", (3, 3)),
+])
+def test_a_duplicated_key_is_refused_at_any_level_naming_it_and_its_lines(tmp_path, text, key, lines):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    result = run_fcn(["fetch", "--params", path], FETCH_LIMIT, cwd=tmp_path)
+    err = one_line(result.stderr)
+    assert result.returncode == 2, err
+    assert f"{path}: line {lines[1]}: duplicate key {key!r} (first on line {lines[0]})" in err, err
+
+
+def test_a_long_value_is_shown_truncated_in_its_message():
+    huge = [list(range(1000))] * 1000
+    with pytest.raises(ParamsError) as err:
+        parse_params({"model": {"backbone": huge}})
+    message = str(err.value)
+    assert message.startswith("params: model.backbone = [[0, 1, ") and len(message) < 400, message[:500]
+    with pytest.raises(ParamsError) as err:
+        parse_params({"evaluate": {"stages": [], "references": ["x" * 100_000] * 2}})
+    assert len(str(err.value)) < 400

@@ -22,6 +22,7 @@ from support import caffe_writer as cw  # noqa: E402
 
 from fcn_models import CAFFE_BGR, InputNorm, build_fcn, load_checkpoint  # noqa: E402
 from fcn_models.caffe import CaffeFormatError, read_caffemodel  # noqa: E402
+from fcn_models.limits import MAX_WIDTH  # noqa: E402
 from fcn_models.reference import WeightsImportError, import_weights  # noqa: E402
 from fcn_models.surgery import load_imagenet_weights  # noqa: E402
 from pipelines.commands import import_weights as stage  # noqa: E402
@@ -477,3 +478,46 @@ def test_command_bad_arguments_exit_2(tmp_path, capsys):
     capsys.readouterr()
     assert stage.main([str(tmp_path / "absent.caffemodel"), "--out", str(tmp_path / "o")]) == 1
     assert "absent.caffemodel: no such file" in capsys.readouterr().err
+
+
+# A zero-size blob may claim any other dimension: 2**62 channels hold no values, but a
+# network built to that width could never be allocated.
+HUGE = 1 << 62
+
+
+def test_a_zero_size_blob_with_a_huge_dimension_is_one_line(written, tmp_path, capsys):
+    huge = cw.empty_blob_layer("conv1_1", "Convolution", [(HUGE, 0, 3, 3), (0,)])
+    layers = [huge if spec[0] == "conv1_1" else spec
+              for spec in _fcn8s_layers(written)]
+    path = cw.write_caffemodel(tmp_path / "huge.caffemodel", layers)
+    err = _fails(capsys, path, tmp_path / "out", rf"conv1_1.*\({HUGE}, 0, 3, 3\)")
+    assert f"{MAX_WIDTH:g}" in err
+
+
+def test_a_state_dict_with_a_zero_size_tensor_of_a_huge_dimension_is_one_line(written, tmp_path, capsys):
+    _, weights, _ = written["fcn32s"]
+    state = _pytorch_fcn_state(weights)
+    state["conv1_1.weight"] = torch.empty((HUGE, 0, 3, 3))
+    state["conv1_1.bias"] = torch.empty((0,))
+    path = tmp_path / "huge.pth"
+    torch.save(state, path)
+    err = _fails(capsys, path, tmp_path / "out", rf"conv1_1.*\({HUGE}, 0, 3, 3\)")
+    assert f"{MAX_WIDTH:g}" in err
+
+
+def test_an_out_path_under_a_file_names_the_file_and_writes_nothing(written, tmp_path, capsys):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file")
+    for out in (blocker / "fcn8s", blocker / "deeper" / "fcn8s"):
+        code = stage.main([str(written["fcn8s"][2]), "--out", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert code == 1 and len(err.splitlines()) == 1 and "Errno" not in err, err
+        assert f"--out {out}: {blocker} is a file, not a directory, so nothing can be written under it" in err
+    assert blocker.read_text() == "a file"
+
+
+def test_a_directory_as_the_source_says_it_is_one(tmp_path, capsys):
+    folder = tmp_path / "weights.caffemodel"
+    folder.mkdir()
+    err = _fails(capsys, folder, tmp_path / "out", "is a directory")
+    assert f"{folder}: is a directory; fcn import reads one file: a .caffemodel or a PyTorch state dict" in err

@@ -95,9 +95,18 @@ def test_weights_that_do_not_match_meta_are_refused(tmp_path):
         load_checkpoint(target)
 
 
-
-
-
+@pytest.mark.parametrize("variant, held", [("fcn8s", "fcn32s, 21 classes"), ("fcn16s", "fcn32s, 21 classes")])
+def test_a_meta_json_naming_another_variant_is_one_line_saying_what_the_weights_hold(tmp_path, variant, held):
+    target = tmp_path / "ckpt"
+    save_checkpoint(target, build_fcn("fcn32s", width=NARROW), {})
+    meta = json.loads((target / "meta.json").read_text())
+    (target / "meta.json").write_text(json.dumps({**meta, "variant": variant}))
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(target)
+    message = str(err.value)
+    assert "\n" not in message and len(message) < 500, message
+    assert message.startswith(f"{target / 'model.pt'} does not match the network meta.json describes ({variant}, ")
+    assert f"What the weights hold: {held}, trunk.conv1_1.weight (4, 3, 3, 3) (width 0.0625 of a vgg16)" in message
 
 @pytest.mark.parametrize("how, words", [
     ("empty", "is empty (0 bytes)"),

@@ -93,8 +93,29 @@ def test_missing_file_wrong_shape_and_missing_key_errors(tmp_path):
         load_imagenet_weights(model, state)
 
     narrow = build_fcn("fcn32s", "alexnet", width=0.5)
-    with pytest.raises(ValueError, match="width-1.0"):
+    with pytest.raises(ValueError) as err:
         load_imagenet_weights(narrow, torchvision.models.alexnet(weights=None).state_dict())
+    message = str(err.value)
+    assert ("features.0.weight has shape (64, 3, 11, 11) (a width-1 alexnet's, by its output channels), "
+            "but the width-0.5 alexnet trunk needs (32, 3, 11, 11)") in message, message
+    assert "any width whose shapes match" in message and "only" not in message
+
+
+def test_a_narrow_torchvision_layout_classifier_loads_into_a_trunk_of_its_width():
+    # A width-0.5 AlexNet classifier in torchvision's layout: our trunk's convolutions under
+    # torchvision's names, fc6/fc7 as the Linear layers they were.
+    torch.manual_seed(0)
+    source = build_fcn("fcn32s", "alexnet", width=0.5).trunk
+    state = {}
+    for layer, prefix in source.torchvision_names.items():
+        for suffix, tensor in source.get_submodule(layer).state_dict().items():
+            state[f"{prefix}.{suffix}"] = tensor.flatten(1) if layer.startswith("fc") and suffix == "weight" else tensor
+    narrow = build_fcn("fcn32s", "alexnet", width=0.5)
+    loaded = load_imagenet_weights(narrow, state)
+    assert "trunk.fc6.weight" in loaded
+    assert torch.equal(narrow.trunk.fc6.weight, source.fc6.weight)
+    with pytest.raises(ValueError, match=r"width-0\.5 alexnet's.*width-0\.25 alexnet trunk"):
+        load_imagenet_weights(build_fcn("fcn32s", "alexnet", width=0.25), state)
 
 
 def _trained(model, seed):

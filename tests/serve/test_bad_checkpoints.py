@@ -1,6 +1,8 @@
 """A broken checkpoint, or one of another network, in every stage that reads one: one line naming
 the file and what is wrong with it, exit status 1, nothing scored, trained or registered from it."""
 
+import json
+
 import numpy as np
 import pytest
 import yaml
@@ -8,9 +10,11 @@ from PIL import Image
 
 from fcn_models.checkpoint import save_checkpoint
 from fcn_models.fcn import build_fcn
+from fcn_models.limits import MAX_WIDTH
 from pipelines.commands import predict, predict_batch
 from pipelines.stages import evaluate, register, train
 from support.checkpoints import break_file
+from support.limited import MiB, run_fcn
 from support.stages import one_line, stage
 from support.training import WIDTH, write_shards
 
@@ -66,6 +70,38 @@ def test_predict_names_a_broken_checkpoint(project, how):
     assert status == 1
     assert one_line(err).startswith(f"predict: model {project / 'ckpt'}: {project / 'ckpt' / 'model.pt'} ")
     assert not (project / "out").exists() and not (project / "pwned").exists()
+
+
+def _relabelled(directory, **meta_changes):
+    """A tiny FCN-32s checkpoint whose meta.json then says something else."""
+    save_checkpoint(directory, build_fcn("fcn32s", width=WIDTH), {})
+    meta = json.loads((directory / "meta.json").read_text())
+    (directory / "meta.json").write_text(json.dumps({**meta, **meta_changes}))
+    return directory
+
+
+# Enough for torch and a tiny network; the width-4.0 VGG16 meta.json describes needs 8 GB.
+EXPORT_LIMIT = 4096 * MiB
+
+
+def test_a_meta_json_wider_than_its_weights_is_refused_before_the_network_is_allocated(tmp_path):
+    checkpoint = _relabelled(tmp_path / "ckpt", width=4.0)
+    result = run_fcn(["export", checkpoint, "--onnx", tmp_path / "out.onnx"], EXPORT_LIMIT, cwd=tmp_path)
+    err = one_line(result.stderr)
+    assert result.returncode == 1
+    assert f"{checkpoint / 'model.pt'} does not match the network meta.json describes (fcn32s, vgg16, width 4.0" in err
+    assert "trunk.conv1_1.weight (4, 3, 3, 3) where it needs (256, 3, 3, 3)" in err and f"width {WIDTH:g}" in err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("width", [9.0, 1e30, -1])
+def test_a_width_past_the_bound_is_refused_naming_the_bound(project, width):
+    checkpoint = _relabelled(project / "ckpt", width=width)
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(project / "photo.png")
+    status, err = stage(predict.main, str(project / "photo.png"), "--model", str(checkpoint),
+                        "--out", str(project / "out"))
+    assert status == 1
+    assert f"{checkpoint / 'meta.json'}: width {float(width)!r} is outside (0, {MAX_WIDTH:g}]" in one_line(err)
 
 
 @pytest.mark.parametrize("how", BROKEN)

@@ -61,3 +61,13 @@ def test_a_missing_source_names_it_and_writes_nothing(tmp_path, capsys):
     assert cli.main(["export", str(tmp_path / "nothing"), "--onnx", str(out)]) == 1
     assert f"model {tmp_path / 'nothing'}: no such checkpoint directory" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_an_onnx_path_under_a_file_names_the_file(exported, tmp_path, capsys):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file")
+    out = blocker / "sub" / "fcn8s.onnx"
+    assert cli.main(["export", str(exported / "fcn8s"), "--onnx", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Errno" not in err, err
+    assert f"--onnx {out}: {blocker} is a file, not a directory, so nothing can be written under it" in err

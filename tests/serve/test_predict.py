@@ -176,6 +176,17 @@ def test_bad_model_directory_names_it(images, checkpoint, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_an_out_directory_under_a_file_names_the_file(images, checkpoint, tmp_path, capsys):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file")
+    out = blocker / "masks"
+    assert predict.main([str(images[0]), "--model", str(checkpoint), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Errno" not in err, err
+    assert f"--out {out}: {blocker} is a file, not a directory, so nothing can be written under it" in err
+    assert blocker.read_text() == "a file"
+
+
 def test_two_images_with_one_name_would_collide(images, checkpoint, tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()

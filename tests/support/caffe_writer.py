@@ -110,6 +110,16 @@ def blob_message(values: np.ndarray, *, legacy: bool = False, packed: bool = Tru
     return m
 
 
+def empty_blob_layer(name: str, type_: str, shapes: Sequence[tuple]) -> Message:
+    """A LayerParameter whose blobs claim these shapes and hold no values: consistent for a
+    shape with a 0 in it, however large its other dimensions (numpy cannot make such an array)."""
+    m = Message().string(1, name).string(2, type_)
+    for shape in shapes:
+        blob = Message().packed_array(5, np.zeros(0, "<f4"))
+        m.message(7, blob.message(7, Message().bytes_field(1, b"".join(_varint(d) for d in shape))))
+    return m
+
+
 def layer_message(name: str, type_: str, blobs: Sequence[np.ndarray], *, v1: bool = False,
                   bottoms=(), tops=(), **blob_options) -> Message:
     m = Message()
@@ -140,10 +150,13 @@ def layer_message(name: str, type_: str, blobs: Sequence[np.ndarray], *, v1: boo
 
 
 def write_caffemodel(path, layers, *, name: str = "net", v1: bool = False, **blob_options) -> Path:
-    """layers: (name, type, [arrays]) or (name, type, [arrays], bottoms, tops) in net order.
-    NetParameter: name 1, V1 `layers` 2, current `layer` 100."""
+    """layers: (name, type, [arrays]) or (name, type, [arrays], bottoms, tops) in net order, or
+    a ready LayerParameter Message. NetParameter: name 1, V1 `layers` 2, current `layer` 100."""
     net = Message().string(1, name)
     for spec in layers:
+        if isinstance(spec, Message):
+            net.message(2 if v1 else 100, spec)
+            continue
         layer_name, type_, blobs = spec[:3]
         bottoms, tops = (spec[3], spec[4]) if len(spec) == 5 else ((), ())
         net.message(2 if v1 else 100, layer_message(layer_name, type_, blobs, v1=v1, bottoms=bottoms, tops=tops,
