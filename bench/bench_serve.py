@@ -40,7 +40,7 @@ from fcn_models.fcn import build_fcn  # noqa: E402
 from fcn_models.summary import machine  # noqa: E402
 from pipelines.registry.publish import FCN_MODELS_DIR, SERVING_CODE, model_signature  # noqa: E402
 from pipelines.serve.pyfunc_model import CHECKPOINT_ARTIFACT, FCNSegmenter  # noqa: E402
-from pipelines.track.mlflow_cli import server_command, server_env  # noqa: E402
+from pipelines.serve.scoring_app import server_command, server_env  # noqa: E402
 
 SECTION = "## Serving latency (bench/bench_serve.py)"
 BENCH_NAME = "bench_serve"
@@ -85,8 +85,8 @@ def measure(width: float, image: np.ndarray, requests_n: int) -> dict:
             forward.append(time.perf_counter() - start)
         port = free_port()
         log = open(scratch / "serve.log", "w")
-        server = subprocess.Popen(server_command(str(scratch / "model"), "127.0.0.1", port, 1),
-                                  env=server_env(""), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(server_command("127.0.0.1", port, 1),
+                                  env=server_env("", str(scratch / "model")), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 300

@@ -6,6 +6,10 @@ Predict, evaluate and the registered model refuse larger images than the limit,
 with a message saying so (fcn predict can instead downscale them: fitting_size).
 
     MAX_PIXELS                       the default limit: 2048 x 2048 pixels
+    DOWNSCALE_FACTOR                 fcn predict --downscale reads images of at most this many
+    downscale_limit(limit)           times the limit (the mask and overlay are written at full size)
+    json_body_limit(limit)           the largest request body `fcn serve` reads: the JSON of an
+                                     RGB image of `limit` pixels, with room for whitespace
     META_KEY                         where a checkpoint's meta.json keeps its own limit
     too_large(height, width, limit)  None, or why the image is refused
     fitting_size(height, width, limit)  the largest size of the same shape within the limit
@@ -20,6 +24,25 @@ MAX_PIXELS = 2048 * 2048
 # Every width in (0, MAX_WIDTH] builds; a wider one is refused before anything is allocated.
 MAX_WIDTH = 4.0
 META_KEY = "max_pixels"
+# --downscale still holds the whole image, its full-size mask and overlay in memory: a
+# bound of its own, a multiple of the limit (8 x 2048 x 2048 by default, 33.6 megapixels).
+DOWNSCALE_FACTOR = 8
+
+
+# Bytes of JSON per pixel: json.dumps writes "[255, 255, 255], " (17); room for other spacing.
+JSON_BYTES_PER_PIXEL = 24
+# The rest of a request: {"inputs": ...}, row brackets, params.
+JSON_OVERHEAD = 1 << 20
+
+
+def json_body_limit(limit: int) -> int:
+    """The most bytes of a request body the scoring server reads for a model of this pixel limit."""
+    return limit * JSON_BYTES_PER_PIXEL + JSON_OVERHEAD
+
+
+def downscale_limit(limit: int) -> int:
+    """The most pixels an image fcn predict --downscale reads may have, given the pixel limit."""
+    return DOWNSCALE_FACTOR * limit
 
 
 def _amount(pixels: int) -> str:

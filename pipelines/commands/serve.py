@@ -2,22 +2,24 @@
 
     fcn serve [--model models:/fcn-voc@champion] [--port 5001] [--params params.yaml]
 
-Runs `mlflow models serve -m MODEL --env-manager local` in this environment (its bin
-directory first on PATH: the server starts `uvicorn` from there) against the tracking
-store the params file names. POST one image to http://127.0.0.1:PORT/invocations as
+Runs MLflow's scoring server (the app `mlflow models serve` runs) in uvicorn in this
+environment, against the tracking store the params file names, behind a request body
+limit from the model's pixel limit: a larger body gets a 413 before it is read
+(pipelines.serve.scoring_app). POST one image to http://127.0.0.1:PORT/invocations as
 JSON, {"inputs": [[[r, g, b], ...], ...]} (an (H, W, 3) array of integers 0..255);
 the answer is {"predictions": [[class id, ...], ...]}, the (H, W) mask. Anything else
 (floats, RGBA, grayscale, several images) gets a 400 saying what to send
-(pipelines.serve.pyfunc_model.check_image). Ctrl-C stops it.
+(pipelines.serve.pyfunc_model.check_image). Ctrl-C or SIGTERM stops it and every
+process it started.
 """
 import argparse
-import subprocess
 import sys
 
 from pipelines.core.exits import run_main
 from pipelines.core.params import load_params
+from pipelines.core.processes import run_group
 from pipelines.serve.model_source import check_model, default_model_uri, open_store
-from pipelines.track.mlflow_cli import server_command, server_env
+from pipelines.serve.scoring_app import server_command, server_env
 
 DEFAULT_PORT = 5001  # beside the MLflow UI's 5000
 
@@ -41,8 +43,7 @@ def main(argv=None) -> int:
         check_model(model, store)
         print(f"[serve] {model} on http://{args.host}:{args.port}/invocations: POST "
               '{"inputs": <(H, W, 3) uint8 RGB image as nested lists>}; Ctrl-C stops it', flush=True)
-        return subprocess.run(server_command(model, args.host, args.port, args.workers),
-                              env=server_env(store)).returncode
+        return run_group(server_command(args.host, args.port, args.workers), env=server_env(store, model))
 
     return run_main("serve", body, resume="run `fcn serve` again to restart it")
 

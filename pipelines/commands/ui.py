@@ -5,14 +5,15 @@
 Prints the addresses to open: MLflow 3's UI starts in its GenAI view (traces), so the
 experiment's runs are at #/experiments/<id>/runs?workflowType=machine_learning, and
 the registered model at #/models/<name>. Then runs `mlflow ui` with one worker
-process, which is plenty for one person and fits a small machine. Ctrl-C stops it.
+process, which is plenty for one person and fits a small machine. Ctrl-C or SIGTERM
+stops it and every process it started.
 """
 import argparse
-import subprocess
 import sys
 
 from pipelines.core.exits import run_main
 from pipelines.core.params import load_params
+from pipelines.core.processes import run_group
 from pipelines.serve.model_source import open_store
 from pipelines.track import tracking
 from pipelines.track.mlflow_cli import mlflow_cli
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
               flush=True)
         command = [mlflow_cli(), "ui", "--backend-store-uri", store,
                    "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)]
-        return subprocess.run(command).returncode
+        return run_group(command)
 
     return run_main("ui", body, resume="run `fcn ui` again to restart it")
 

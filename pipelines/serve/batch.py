@@ -11,15 +11,15 @@ pixel values are class ids) and <name>_overlay.png, written by the actor that
 segmented it, and a summary row. The driver gathers the rows into
 <out>/summary.parquet: one row per image with its size, files, the share of pixels
 of every class (share_<class>, percent) and, for an image that failed (unreadable,
-not an image, refused by serving.check_image), its error instead; the others are
-written all the same. The actors read the weights from Ray's object store, so the
+not an image, refused by serving.check_image, a Parquet `image` that is not bytes, a
+name no file can have, a failed write), its error instead; the others are written all
+the same. A Parquet row is data: its `image` is never opened as a path. The actors read the weights from Ray's object store, so the
 job runs the same on a local Ray, through `ray job submit` and on a cluster (where
 the inputs and the output directory must be on storage every node reaches).
 """
 from __future__ import annotations
 
 import glob
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -36,6 +36,10 @@ SUMMARY_FILE = "summary.parquet"
 # Images one actor call handles: few, so that a failed image costs little and actors stay busy.
 BATCH_ROWS = 4
 SHARE_PREFIX = "share_"
+# The longest file name most file systems take, in bytes.
+NAME_MAX = 255
+# The longer of the two files an image writes: <name>_overlay.png.
+LONGEST_SUFFIX = "_overlay.png"
 
 
 class BatchError(FCNError, RuntimeError):
@@ -92,13 +96,23 @@ def _parquet_inputs(source: str, files: list[Path]) -> dict:
                 ids = [f"{file.stem}-{len(names) + i:06d}" for i in range(parquet.metadata.row_group(group).num_rows)]
             items.append((str(file.resolve()), group, ids))
             names += ids
-    bad = next((n for n in names if not n or "/" in n or n.startswith(".")), None)
-    if bad is not None:
-        raise BatchError(f"{source}: id {bad!r} cannot name an output file (no '/', no leading '.')")
     if len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})[:3]
         raise BatchError(f"{source}: ids {', '.join(twice)} occur more than once; each names its output files")
     return {"kind": "parquet", "items": items}
+
+
+def name_problem(name: str, kind: str) -> str | None:
+    """None when `name` can name the output files of an image, else why not. A Parquet id is one
+    file name (no '/', no leading '.'); a file's name is its path under the input directory."""
+    if "\0" in name:
+        return "holds a NUL byte"
+    if kind == "parquet" and (not name or "/" in name or name.startswith(".")):
+        return "cannot name an output file (no '/', no leading '.', not empty)"
+    longest = max(len(part.encode("utf-8", "surrogateescape")) for part in name.split("/")) + len(LONGEST_SUFFIX)
+    if longest > NAME_MAX:
+        return f"makes a file name of {longest} bytes, more than the {NAME_MAX} a file name can have"
+    return None
 
 
 class Segmenter:
@@ -114,10 +128,11 @@ class Segmenter:
         if not use_gpu:
             torch.set_num_threads(max(1, threads))
         files = ray.get(weights[0])
-        self.scratch = tempfile.mkdtemp(prefix="fcn-batch-")
-        for name, data in files.items():
-            Path(self.scratch, name).write_bytes(data)
-        self.model = FCNSegmenter().load(self.scratch, device="cuda" if use_gpu else "cpu", max_pixels=max_pixels)
+        # The copy is needed only while loading: gone when this returns or fails.
+        with tempfile.TemporaryDirectory(prefix="fcn-batch-") as scratch:
+            for name, data in files.items():
+                Path(scratch, name).write_bytes(data)
+            self.model = FCNSegmenter().load(scratch, device="cuda" if use_gpu else "cpu", max_pixels=max_pixels)
         self.out_dir, self.alpha = Path(out_dir), alpha
         self.num_classes = self.model.model.num_classes
 
@@ -134,7 +149,7 @@ class Segmenter:
         tasks to compete with the actors for CPUs), a few rows at a time."""
         if "path" in batch:
             for name, path in zip(batch["name"], batch["path"]):
-                yield self.one(str(name), str(path), str(path))
+                yield self.one(str(name), Path(str(path)), str(path), "files")
             return
         import pyarrow.parquet as pq
 
@@ -145,9 +160,11 @@ class Segmenter:
                 for data in chunk.column("image").to_pylist():
                     name = str(next(names))
                     # Errors name the Parquet row by its id.
-                    yield self.one(name, data, f"{file} id {name}")
+                    yield self.one(name, data, f"{file} id {name!r}", "parquet")
 
-    def one(self, name: str, data, label: str) -> dict:
+    def one(self, name: str, data, label: str, kind: str) -> dict:
+        """The summary row of one image: its files and class shares, or the reason it failed
+        (unreadable, refused, a name no file can have, a write that failed)."""
         from PIL import Image
 
         from fcn_models import palette
@@ -158,22 +175,32 @@ class Segmenter:
             save_png,
         )
 
-        shares = [np.nan] * self.num_classes
+        def failed(why: str) -> dict:
+            return {"name": name, "height": -1, "width": -1, "mask": "", "overlay": "", "error": why,
+                    "shares": [np.nan] * self.num_classes}
+
+        why = name_problem(name, kind)
+        if why:
+            return failed(f"{label}: the name {why}")
+        # A Parquet row is data: encoded bytes, never a path to open.
+        if not isinstance(data, (bytes, Path)):
+            return failed(f"{label}: the image column holds {type(data).__name__}, not an encoded image's bytes "
+                          "(put the file's bytes in 'image', not its path)")
         try:
             image = decode_image(data, label, self.model.max_pixels, "scale it down first")
             mask = self.model.segment(image)
         except (ImageError, ValueError, OSError, RuntimeError) as err:
-            return {"name": name, "height": -1, "width": -1, "mask": "", "overlay": "", "error": str(err),
-                    "shares": shares}
+            return failed(str(err))
         mask_path, overlay_path = self.out_dir / f"{name}_mask.png", self.out_dir / f"{name}_overlay.png"
-        save_png(mask_image(mask), mask_path)
-        save_png(Image.fromarray(palette.overlay(image, mask, self.alpha)), overlay_path)
+        try:
+            save_png(mask_image(mask), mask_path)
+            save_png(Image.fromarray(palette.overlay(image, mask, self.alpha)), overlay_path)
+        except (OSError, ValueError) as err:
+            mask_path.unlink(missing_ok=True)
+            return failed(f"{label}: cannot write {mask_path.name} or {overlay_path.name}: {err}")
         counts = np.bincount(mask.ravel(), minlength=self.num_classes)
         return {"name": name, "height": int(mask.shape[0]), "width": int(mask.shape[1]), "mask": str(mask_path),
                 "overlay": str(overlay_path), "error": "", "shares": list(100.0 * counts / mask.size)}
-
-    def __del__(self):
-        shutil.rmtree(getattr(self, "scratch", ""), ignore_errors=True)
 
 
 def check_checkpoint(checkpoint: Path) -> None:

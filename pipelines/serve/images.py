@@ -46,23 +46,25 @@ def _to_rgb(image, name: str) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def read_image(path: Path, max_pixels: int | None = None) -> np.ndarray:
+def read_image(path: Path, max_pixels: int | None = None, too_large_advice: str | None = None,
+               limit_name: str = "inference.max_pixels") -> np.ndarray:
     """An image file as (H, W, 3) uint8 RGB, upright as its EXIF orientation says.
 
-    max_pixels: refuse (ImageError) an image with more pixels; None: only PIL's bound."""
+    max_pixels: refuse (ImageError) an image with more pixels, naming limit_name; None: only PIL's bound."""
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: no such file")
     if not path.is_file():
         raise ImageError(f"{path}: not a file (give image files)")
-    return decode_image(path, str(path), max_pixels)
+    return decode_image(path, str(path), max_pixels, too_large_advice or SCALE_DOWN, limit_name)
 
 
 # What to do with an image above the limit, for `fcn predict`, which can downscale.
 SCALE_DOWN = "scale it down first, or pass --downscale to predict it at a smaller size"
 
 
-def decode_image(data, name: str, max_pixels: int | None = None, too_large_advice: str = SCALE_DOWN) -> np.ndarray:
+def decode_image(data, name: str, max_pixels: int | None = None, too_large_advice: str = SCALE_DOWN,
+                 limit_name: str = "inference.max_pixels") -> np.ndarray:
     """An encoded image (a path, or the file's bytes) as (H, W, 3) uint8 RGB, upright; `name` in errors."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -71,7 +73,7 @@ def decode_image(data, name: str, max_pixels: int | None = None, too_large_advic
         with Image.open(source) as image:
             width, height = image.size
             if max_pixels is not None and too_large(height, width, max_pixels):
-                raise ImageError(f"{name}: {too_large(height, width, max_pixels)} (inference.max_pixels): "
+                raise ImageError(f"{name}: {too_large(height, width, max_pixels)} ({limit_name}): "
                                  f"{too_large_advice}")
             if Image.MAX_IMAGE_PIXELS and height * width > Image.MAX_IMAGE_PIXELS:
                 raise ImageError(f"{name}: {width}x{height} pixels is more than any image this reads "

@@ -8,7 +8,8 @@ Every image is read and checked before the model loads, so a bad file stops the 
 before anything is written. An image of more than inference.max_pixels pixels (the
 params file's, or fcn_models.limits.MAX_PIXELS without one) is refused, or with
 `downscale` predicted at the largest size of its shape within the limit and its mask
-scaled back up (nearest neighbour). `fcn predict` (pipelines/commands/predict.py) is
+scaled back up (nearest neighbour); --downscale reads images of at most
+fcn_models.limits.downscale_limit(max_pixels) pixels. `fcn predict` (pipelines/commands/predict.py) is
 the command around it.
 """
 from __future__ import annotations
@@ -21,8 +22,8 @@ import numpy as np
 
 from fcn_models import palette
 from fcn_models.errors import FCNError
+from fcn_models.limits import DOWNSCALE_FACTOR, MAX_PIXELS, downscale_limit, fitting_size
 from fcn_models.outputs import make_dirs
-from fcn_models.limits import MAX_PIXELS, fitting_size
 from pipelines.core.params import load_params
 from pipelines.serve.images import (
     ImageError,
@@ -105,17 +106,20 @@ def predict(images: list, model: str, out_dir=".", params_path: str = "params.ya
     out_dir = Path(out_dir)
     paths = output_paths(images, out_dir)
     limit = pixel_limit(params_path)
-    read_limit = None if downscale else limit
+    # --downscale holds the whole image and its full-size outputs: refused past a bound of its own.
+    read = {"max_pixels": downscale_limit(limit), "too_large_advice": "scale it down first",
+            "limit_name": f"the most --downscale reads, {DOWNSCALE_FACTOR} x inference.max_pixels"} \
+        if downscale else {"max_pixels": limit}
     try:
         for image in images:
-            read_image(image, read_limit)
+            read_image(image, **read)
     except ImageError as err:
         raise PredictError(str(err)) from None
     segment = load_predictor(model, params_path)
     make_dirs(out_dir, f"--out {out_dir}")
     results = []
     for image_path, (mask_path, overlay_path) in zip(images, paths):
-        image = read_image(image_path, read_limit)
+        image = read_image(image_path, **read)
         size = image.shape[:2]
         predicted_at = fitting_size(*size, limit)
         try:
