@@ -57,7 +57,7 @@ SECTION = "## Data pipeline (bench/bench_data.py)"
 BENCH_NAME = "bench_data"  # its markers in docs/BENCHMARKS.md
 GOAL_PER_CORE = 25.0
 GOAL_WHOLE, GOAL_AFTER_FIRST = 1.0, 1.3  # ray vs the DataLoader
-PREFETCH_FACTOR = 4  # batches queued per worker (DataLoader's default: 2)
+PREFETCH_FACTOR = 4  # batches queued per worker (default 2): slack for images whose random scale makes them slow
 
 
 def bench_params(shards_dir: Path, workers: int, batch_size: int):
