@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 import torch
 
@@ -49,21 +49,30 @@ def model_meta(model: FCN) -> dict:
     }
 
 
-def save_checkpoint(directory: Union[str, os.PathLike], model: FCN, meta: dict | None = None) -> Path:
-    """Write model.pt and meta.json into `directory` (replacing an existing checkpoint there)."""
+def save_checkpoint(directory: Union[str, os.PathLike], model: FCN, meta: dict | None = None,
+                    late_meta: Callable[[], dict] | None = None) -> Path:
+    """Write model.pt and meta.json into `directory` (replacing an existing checkpoint there).
+    `late_meta`, if given, is called once model.pt is written and its items join `meta` (for
+    values computed while the weights are written); if it raises, nothing is written."""
     directory = Path(directory)
-    info = model_meta(model)
-    for key, value in (meta or {}).items():
-        if key in info and value != info[key]:
-            raise ValueError(f"meta[{key!r}] = {value!r} contradicts the model's own {info[key]!r}")
-    info = {**(meta or {}), **info}
-    text = json.dumps(info, indent=2, sort_keys=True)  # fails here, before anything is written, if not JSON
+    own = model_meta(model)
+
+    def as_json(meta: dict) -> str:
+        for key, value in meta.items():
+            if key in own and value != own[key]:
+                raise ValueError(f"meta[{key!r}] = {value!r} contradicts the model's own {own[key]!r}")
+        return json.dumps({**meta, **own}, indent=2, sort_keys=True)  # fails here if not JSON
+
+    meta = dict(meta or {})
+    text = as_json(meta)  # before anything is written
 
     make_dirs(directory.parent, f"checkpoint {directory}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         torch.save(state, tmp / MODEL_FILE)
+        if late_meta is not None:
+            text = as_json({**meta, **late_meta()})
         (tmp / META_FILE).write_text(text + "\n")
         if directory.exists():
             # A directory cannot be renamed over a non-empty one: move the old one aside first.

@@ -31,6 +31,7 @@ import os
 from math import prod
 import pickle
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -64,7 +65,7 @@ KNOWN_VARIANTS = {"fcn8s-atonce_from_caffe.pth": "fcn8s-atonce"}
 # The first convolution of each trunk and its channel count at width 1.0.
 FIRST_CONV = {"vgg16": ("conv1_1", 64), "caffe-alexnet": ("conv1", 96), "alexnet": ("conv1", 64)}
 IMPORTABLE_BACKBONES = tuple(FIRST_CONV)
-HASH_CHUNK = 8 << 20
+HASH_CHUNK = 1 << 20  # per hash thread; hashlib drops the GIL for updates this large
 
 
 def reference_network(name: str) -> dict:
@@ -141,19 +142,52 @@ class ImportResult:
 
 # ---------------------------------------------------------------- sums
 
-def file_digests(path: Union[str, os.PathLike]) -> dict:
-    """{"sha1": ..., "md5": ...} of a file, from one read of it in large chunks."""
-    hashes = {name: hashlib.new(name) for name in ("sha1", "md5")}
-    buf = bytearray(HASH_CHUNK)
-    view = memoryview(buf)
-    try:
-        with open(path, "rb", buffering=0) as fh:
-            while n := fh.readinto(buf):
-                for h in hashes.values():
+class _Digests:
+    """sha1 and md5 of a file, each computed in its own thread with its own read of the file:
+    hashlib releases the GIL on large updates, so the two sums (and the caller's work) run on
+    separate cores. result() joins the threads."""
+
+    def __init__(self, path: Union[str, os.PathLike]):
+        self.path = path
+        self._stop = threading.Event()
+        self._sums: dict = {}
+        self._errors: list = []
+        self._threads = [threading.Thread(target=self._hash, args=(name,), name=f"{name} of {Path(path).name}",
+                                          daemon=True) for name in ("md5", "sha1")]  # md5 is the slower
+        for thread in self._threads:
+            thread.start()
+
+    def _hash(self, name: str) -> None:
+        h = hashlib.new(name)
+        buf = bytearray(HASH_CHUNK)
+        view = memoryview(buf)
+        try:
+            with open(self.path, "rb", buffering=0) as fh:
+                while (n := fh.readinto(buf)) and not self._stop.is_set():
                     h.update(view[:n])  # large updates run without the GIL
-    except OSError as err:
-        raise WeightsImportError(f"{path}: cannot read it to check its sums: {err}") from None
-    return {name: h.hexdigest() for name, h in hashes.items()}
+        except OSError as err:
+            self._errors.append(err)
+            return
+        self._sums[name] = h.hexdigest()
+
+    def result(self) -> dict:
+        """{"sha1": ..., "md5": ...}, once both threads are done."""
+        for thread in self._threads:
+            thread.join()
+        if self._errors:
+            raise WeightsImportError(f"{self.path}: cannot read it to check its sums: {self._errors[0]}")
+        return {name: self._sums[name] for name in ("sha1", "md5")}
+
+    def cancel(self) -> None:
+        """Stop both threads (at their next chunk) and wait for them."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+
+def file_digests(path: Union[str, os.PathLike]) -> dict:
+    """{"sha1": ..., "md5": ...} of a file, each sum in its own thread reading the file in large chunks."""
+    return _Digests(path).result()
 
 
 def check_known(path: Path, sums: dict) -> tuple[bool, str]:
@@ -462,13 +496,14 @@ def _is_classifier(src: Source) -> bool:
     return ("fc8" in src.layers and "score_fr" not in src.layers) or any(k.startswith("features.") for k in src.layers)
 
 
-def _atomic_torch_save(obj, out: Path) -> None:
+def _atomic_torch_save(obj, out: Path, before_rename: Callable[[], object] = lambda: None) -> None:
     make_dirs(out.parent, f"--out {out}")
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
     os.close(fd)
     try:
         torch.save(obj, tmp)
         os.chmod(tmp, 0o644)
+        before_rename()  # may raise: then nothing is left behind
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -486,13 +521,34 @@ def import_weights(source: Union[str, os.PathLike], out: Union[str, os.PathLike]
     if not path.is_file():
         raise WeightsImportError(f"{path}: no such file")
     check_writable_under(out.parent, f"--out {out}")
-    # Sums first: a known file with the wrong sum stops here, before any work. (Hashing in a
-    # thread alongside the conversion measured slower on the 2-core machine, not faster.)
-    sums = file_digests(path)
-    known, check = check_known(path, sums)
-    info = {"file": path.name, "bytes": path.stat().st_size, "sha1": sums["sha1"], "md5": sums["md5"],
-            "known": known, "check": check}
-    src = open_source(path)
+    # The sums are computed in two threads while the file is parsed and converted and the
+    # output written to its temporary path; they are checked before anything is renamed into
+    # place, and before any other error is reported, so a known file with the wrong sum still
+    # fails with the sum's message and leaves nothing written.
+    info = {"file": path.name, "bytes": path.stat().st_size}
+    digests = _Digests(path)
+
+    def sums_checked() -> dict:
+        if "check" not in info:
+            sums = digests.result()
+            known, check = check_known(path, sums)
+            info.update({"sha1": sums["sha1"], "md5": sums["md5"], "known": known, "check": check})
+        return {"imported_from": info}
+
+    def wrong_sum_first() -> None:
+        try:
+            if "check" not in info and path.name in KNOWN_FILES:
+                sums_checked()
+        except WeightsImportError as wrong_sum:
+            raise wrong_sum from None
+        finally:
+            digests.cancel()
+
+    try:
+        src = open_source(path)
+    except Exception:
+        wrong_sum_first()
+        raise
     try:
         info["format"] = src.format
         classifier = _is_classifier(src)
@@ -505,17 +561,21 @@ def import_weights(source: Union[str, os.PathLike], out: Union[str, os.PathLike]
             raise WeightsImportError(f"{out}: is a file; an FCN is written as a checkpoint directory")
         if classifier:
             state, sources = _classifier_from_source(src)
-            _atomic_torch_save(state, out)
+            _atomic_torch_save(state, out, before_rename=sums_checked)
             values = sum(t.numel() for t in state.values())
             return ImportResult("classifier", out, info, len(state), values)
         model, recorded, notes = _fcn_from_source(src, variant, backbone)
-        save_checkpoint(out, model, {"imported_from": info, **{k: v for k, v in recorded.items() if v}})
+        save_checkpoint(out, model, {k: v for k, v in recorded.items() if v}, late_meta=sums_checked)
         tensors = model.state_dict()
         return ImportResult("fcn", out, info, len(tensors), sum(t.numel() for t in tensors.values()),
                             model={"variant": model.variant, "backbone": model.backbone_name,
                                    "width": model.width, "num_classes": model.num_classes}, notes=notes)
+    except Exception:
+        wrong_sum_first()
+        raise
     finally:
         src.close()
+        digests.cancel()
 
 
 __all__ = ["import_weights", "WeightsImportError", "ImportResult", "KNOWN_FILES", "file_digests", "check_known",

@@ -408,6 +408,15 @@ def test_known_file_name_with_other_content_is_refused(written, tmp_path, capsys
     assert md5 in err and "de93e540ec79512f8770033849c8ae89" in err
 
 
+def test_known_file_name_that_does_not_parse_fails_on_its_sum(written, tmp_path, capsys):
+    # The sums are computed while the file is parsed; the wrong sum is still the error reported.
+    fake = tmp_path / "fcn8s-heavy-pascal.caffemodel"
+    fake.write_bytes(written["fcn8s"][2].read_bytes()[:-10])
+    err = _fails(capsys, fake, tmp_path / "out", "sha1")
+    assert hashlib.sha1(fake.read_bytes()).hexdigest() in err and "c449ea74dd7d83751d1357d6a8c323fcf4038962" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [fake.name]
+
+
 class RunsCode:
     def __init__(self, marker):
         self.marker = marker
