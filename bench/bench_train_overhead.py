@@ -47,8 +47,7 @@ from pipelines.core.params import parse_params  # noqa: E402
 from pipelines.data import dataset
 from pipelines.data.shards import shard_files  # noqa: E402
 from pipelines.train import cluster
-from pipelines.core.params import input_norm
-from pipelines.train.recipe import input_norm  # noqa: E402
+from pipelines.core.params import input_norm  # noqa: E402
 
 
 def bench_params(shards_dir: Path, width: float):

@@ -9,7 +9,7 @@
 
 RESULT_PARAMS and CODE_DEPS are the single source for three things that must agree:
 the Ray Train run name (a changed knob is a new run, trained afresh), the params the
-stage's MLflow run records (pipelines.track.tracking), and the params and deps dvc.yaml
+stage's MLflow run records (pipelines.track.stage_runs), and the params and deps dvc.yaml
 lists for train@<stage> (DVC cannot import them; tests/core/test_architecture.py fails
 when dvc.yaml drifts from them). A knob that is in none of them (log_every,
 checkpoints_to_keep, CPUs per worker, where Ray stores runs) changes how a stage

@@ -19,7 +19,7 @@ checkpoint by mean IU becomes
     reports/<stage>/metrics.json  best val scores, iterations, where the weights started
     reports/<stage>/history.csv   iteration, loss and the four scores at each validation
 
-and the history goes to the stage's MLflow run (pipelines.track.tracking) as it is, in memory.
+and the history goes to the stage's MLflow run (pipelines.track.stage_runs) as it is, in memory.
 Ctrl-C aborts the run through Ray Train, ends the MLflow run KILLED and raises
 KeyboardInterrupt; a non-finite loss stops every worker (pipelines.train.loop) and fails
 the stage without outputs.
@@ -40,7 +40,7 @@ from pipelines.core.errors import StageError
 from pipelines.core.files import atomic_write_text, replace_dir
 from pipelines.core.params import Params
 from pipelines.data import dataset
-from pipelines.track import tracking
+from pipelines.track import metrics_log, stage_runs, store
 from pipelines.train import cluster, loop, recipe
 
 
@@ -113,7 +113,7 @@ def train_loop(config: dict) -> None:
     try:
         loop.run(worker, batches, lambda: dataset.iter_val_batches(val_shard, params),
                  lambda row, write: report_checkpoint(row, rank, write),
-                 tracking.MetricsLog(config.get("tracking"), rank, config["stage"]))
+                 metrics_log.MetricsLog(config.get("tracking"), rank, config["stage"]))
     except loop.NonFiniteLoss as stop:
         # Every worker stops here, at the same iteration. Raised on, it would be a worker
         # failure, which Ray Train retries from the last checkpoint into the same loss.
@@ -146,7 +146,7 @@ def check_outputs_outside_job_copy(params: Params) -> None:
     """Refuse to write outputs into a Ray job's copy of the working directory, where they would be lost."""
     outputs = {"train.models_dir": params.train.models_dir, "train.reports_dir": params.train.reports_dir,
                "ray.storage_path": params.ray.storage_path}
-    uri = tracking.tracking_uri(params)
+    uri = store.tracking_uri(params)
     if uri.startswith("sqlite:///"):
         outputs["mlflow.db_file"] = uri[len("sqlite:///"):]
         outputs["mlflow.artifacts_dir"] = params.mlflow.artifacts_dir
@@ -201,11 +201,11 @@ def _run_held(params: Params, stage: str, root: Path, init: dict, name: str, sto
     # message instead of in every worker attempt.
     loop.initial_model(config)
     # The stage's MLflow run opens before anything trains: a store that cannot be
-    # opened stops the stage here (pipelines/track/tracking.py says why).
+    # opened stops the stage here (pipelines/track/stage_runs.py says why).
     try:
-        stage_run = tracking.open_stage_run(params, stage, root, name, storage, init,
+        stage_run = stage_runs.open_stage_run(params, stage, root, name, storage, init,
                                                 recipe.stage_params(params, stage, init))
-    except tracking.TrackingError as err:
+    except store.TrackingError as err:
         raise StageError(str(err)) from None
     config["tracking"] = stage_run.for_workers()
     try:
@@ -216,14 +216,14 @@ def _run_held(params: Params, stage: str, root: Path, init: dict, name: str, sto
         outputs = write_outputs(best, history, models_dir, reports_dir, init["note"])
         metrics = json.loads(outputs["metrics.json"])
         try:
-            tracking.finish_stage_run(stage_run, params, stage, models_dir, history, outputs)
+            stage_runs.finish_stage_run(stage_run, params, stage, models_dir, history, outputs)
         except Exception as err:
             raise StageError(
                 f"stage {stage} trained and wrote its outputs, but logging them to MLflow run {stage_run.run_id} "
                 f"failed: {type(err).__name__}: {err}; once the store works, run the stage again with the same "
                 "run name: it has nothing left to train and logs what is missing") from err
     except BaseException as err:
-        tracking.end_stage_run(stage_run, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        stage_runs.end_stage_run(stage_run, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     return metrics
 
