@@ -2,11 +2,12 @@
 
 The shards' hash is the md5 DVC gives data.shards_dir: read from dvc.lock while the
 lock's file count and size still match the shard files, else computed with DVC's own
-library (dvc_data), as `dvc add` would. Only the contract's files count (each split's
-pipelines.data.shards.FILE_PATTERN), what preprocess leaves: a temp folder a killed
-preprocess left beside them is not data any run reads, and must not change the hash.
-Each split is also a dataset input of a run (name, DVC md5 of the split's directory,
-rows per source).
+library (dvc_data), as `dvc add` would. The bytes are read once for that, the splits'
+digests and the run name's fingerprint (pipelines.data.shards.file_digests). Only the
+contract's files count (each split's pipelines.data.shards.FILE_PATTERN), what
+preprocess leaves: a temp folder a killed preprocess left beside them is not data any
+run reads, and must not change the hash. Each split is also a dataset input of a run
+(name, DVC md5 of the split's directory, rows per source).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.data.shards import COLUMNS, SPLITS, ShardError, iter_rows, shard_files
+from pipelines.data.shards import COLUMNS, SPLITS, ShardError, file_digests, iter_rows, shard_files
 from pipelines.track.store import TrackingError
 
 GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own key: its UI shows it with the run
@@ -91,19 +92,18 @@ def _locked_hash(shards_dir: Path, root: Path) -> str | None:
 
 def compute_shards_hash(shards_dir: Path, split: str | None = None) -> str:
     """The md5 DVC gives the shards directory (split None) or one split's directory (ends
-    with ".dir"), computed with DVC's own library over the contract's shard files only:
-    the same value while the directory holds nothing else, as preprocess leaves it."""
-    from dvc_data.hashfile.build import build
-    from dvc_data.hashfile.db import HashFileDB
+    with ".dir"), over the contract's shard files only: the same value while the directory
+    holds nothing else, as preprocess leaves it. DVC's own tree (dvc_data) is built from
+    each file's md5, taken from the one read of the shards the stage's start shares
+    (pipelines.data.shards.file_digests)."""
+    from dvc_data.hashfile.hash_info import HashInfo
+    from dvc_data.hashfile.meta import Meta
     from dvc_data.hashfile.tree import Tree
-    from dvc_objects.fs import LocalFileSystem, MemoryFileSystem
 
     base = (Path(shards_dir) if split is None else Path(shards_dir) / split).resolve()
-    # build() stages objects in a database; a throwaway in-memory one keeps nothing.
-    staging, fs, tree = HashFileDB(MemoryFileSystem(), "memory://fcn-shards-hash"), LocalFileSystem(), Tree()
-    for path in _contract_files(shards_dir, split):
-        _, meta, obj = build(staging, str(path.resolve()), fs, "md5", dry_run=True)
-        tree.add(path.resolve().relative_to(base).parts, meta, obj.hash_info)
+    tree = Tree()
+    for file in file_digests(_contract_files(shards_dir, split)):
+        tree.add(file.path.resolve().relative_to(base).parts, Meta(size=file.size), HashInfo("md5", file.md5))
     tree.digest()
     return tree.hash_info.value
 

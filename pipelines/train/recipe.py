@@ -29,7 +29,7 @@ from fcn_models.checkpoint import FIXED_SUFFIX, stage_network
 from fcn_models.fcn import VARIANTS
 from pipelines.core.errors import StageError
 from pipelines.core.params import PROJECT_ROOT, Params
-from pipelines.data.shards import SPLITS, shard_files
+from pipelines.data.shards import SPLITS, FileDigest, file_digests, shard_files
 
 # Dotted params keys whose values decide a training stage's result; "{stage}" is the
 # stage's own entry of train.stages. A section name stands for all of its keys.
@@ -138,6 +138,16 @@ def stage_params(params: Params, stage: str, init: dict | None = None) -> dict[s
     return out
 
 
+def _named_digest(files: list[FileDigest], names_from: Path) -> str:
+    """_digest of files already hashed."""
+    digest = hashlib.sha1()
+    for file in sorted(files, key=lambda f: f.path):
+        path = file.path
+        digest.update(str(path.relative_to(names_from) if path.is_relative_to(names_from) else path.name).encode())
+        digest.update(file.sha1)
+    return digest.hexdigest()
+
+
 def _digest(paths: list[Path], names_from: Path) -> str:
     digest = hashlib.sha1()
     for path in sorted(paths):
@@ -145,6 +155,12 @@ def _digest(paths: list[Path], names_from: Path) -> str:
         with open(path, "rb") as fh:
             digest.update(hashlib.file_digest(fh, "sha1").digest())
     return digest.hexdigest()
+
+
+def shards_fingerprint(shards_dir: Path, split: str) -> str:
+    """The run name's digest of one split's shards: _digest's, from the one read of each shard
+    (pipelines.data.shards.file_digests) that the stage's DVC md5 and dataset inputs share."""
+    return _named_digest(file_digests(shard_files(shards_dir, split)), Path(shards_dir) / split)
 
 
 def code_files(root: Path = PROJECT_ROOT) -> list[Path]:
@@ -180,7 +196,7 @@ def run_name(params: Params, stage: str, init: dict, root: Path) -> str:
     shards = []
     for split in SPLITS:
         try:
-            shards.append((split, _digest(shard_files(shards_dir, split), shards_dir / split)))
+            shards.append((split, shards_fingerprint(shards_dir, split)))
         except ValueError:
             shards.append((split, None))  # no shards yet: the stage fails on them with its own message
     if init["path"] is None:

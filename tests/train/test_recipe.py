@@ -6,13 +6,18 @@ may move the name (a knob that made DVC re-run the stage without changing the ru
 would resume the finished run and train nothing).
 """
 import dataclasses
+import os
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from fcn_models.norms import BACKBONE_NORMS, TORCHVISION_GOOGLENET, TORCHVISION_RGB
 from pipelines.core.params import PROJECT_ROOT, input_norm
-from pipelines.data import dataset
+from pipelines.data import dataset, shards
+from pipelines.data.shards import SPLITS, shard_files
+from pipelines.track import provenance
 from pipelines.train import loop, recipe
 from support.training import make_params, write_shards
 
@@ -173,6 +178,36 @@ def test_googlenet_trains_on_its_own_normalisation(root):
     from fcn_models.checkpoint import read_meta
 
     assert read_meta(root / "googlenet-checkpoint")["input_norm"]["name"] == TORCHVISION_GOOGLENET.name
+
+
+def test_the_shards_fingerprint_is_the_digest_of_the_shard_files(root):
+    """The run name's shards entry from the shared read equals its definition over the files."""
+    shards_dir = root / "shards"
+    for split in SPLITS:
+        files = shard_files(shards_dir, split)
+        assert recipe.shards_fingerprint(shards_dir, split) == recipe._digest(files, shards_dir / split)
+
+
+def test_a_stage_start_reads_each_shard_once_for_its_three_hashes(tmp_path, monkeypatch):
+    """Run name, DVC md5 of the shards and of each split: one read of every shard file."""
+    shards_dir = tmp_path / "shards"
+    write_shards(shards_dir)
+    files = [p for p in shards_dir.rglob("*.parquet")]
+    for path in files:
+        os.utime(path, (time.time() - 3600,) * 2)  # not just written: its digest may be kept
+    reads = []
+
+    def counting_open(path, *args, **kwargs):
+        reads.append(Path(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(shards, "open", counting_open, raising=False)
+    params = make_params(tmp_path, STAGES)
+    recipe.run_name(params, "fcn32s", RANDOM, tmp_path)
+    provenance.shards_hash(shards_dir, tmp_path)
+    datasets = provenance.shard_datasets(shards_dir)
+    assert sorted(reads) == sorted(files)
+    assert [d["digest"] for d in datasets] == [provenance.compute_shards_hash(shards_dir, s) for s in SPLITS]
 
 
 def test_the_code_in_the_run_name_is_every_file_dvc_hashes_for_the_stage():
