@@ -12,6 +12,7 @@ driver logs the missing ones when the stage ends.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -49,6 +50,13 @@ def log_missing_rows(client, run_id: str, rows: list[dict]) -> int:
     return len(missing)
 
 
+@dataclasses.dataclass(frozen=True)
+class RunTarget:
+    """What rank 0 needs to log to a stage's run (stage_runs.StageRun.for_workers); picklable."""
+    tracking_uri: str
+    run_id: str
+
+
 class MetricsLog:
     """What rank 0 logs to the stage's run while training; does nothing on other ranks,
     or without a run (tracking None).
@@ -57,13 +65,13 @@ class MetricsLog:
     training goes on, and the driver logs the validation rows still missing at the end.
     """
 
-    def __init__(self, tracking: dict | None, rank: int, stage: str):
+    def __init__(self, tracking: RunTarget | None, rank: int, stage: str):
         self.client, self.run_id, self.stage = None, None, stage
         self.validated: set[int] = set()
         self.train_loss_after = 0
         if not tracking or rank != 0:
             return
-        uri = tracking["tracking_uri"]
+        uri = tracking.tracking_uri
         if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
             # The driver created it: absent means this worker runs on another node.
             self._give_up(f"the tracking store {uri} is not on this node (use a tracking server "
@@ -71,10 +79,10 @@ class MetricsLog:
             return
         self._call(lambda: self._connect(tracking))
 
-    def _connect(self, tracking: dict) -> None:
+    def _connect(self, tracking: RunTarget) -> None:
         from mlflow import MlflowClient
 
-        self.client, self.run_id = MlflowClient(tracking_uri=tracking["tracking_uri"]), tracking["run_id"]
+        self.client, self.run_id = MlflowClient(tracking_uri=tracking.tracking_uri), tracking.run_id
 
     def _give_up(self, why: str) -> None:
         self.client = None

@@ -51,13 +51,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Protocol
 
 from pipelines.core import driver
 from pipelines.core.files import file_sha256
 from pipelines.core.params import Params
 from pipelines.data.shards import ShardError
 from pipelines.track import figures
-from pipelines.track.metrics_log import log_missing_rows
+from pipelines.track.metrics_log import RunTarget, log_missing_rows
 from pipelines.track.provenance import (
     GIT_COMMIT_TAG,
     GIT_DIRTY_TAG,
@@ -86,12 +87,19 @@ DRIVER_TAG = "fcn.driver."
 DRIVER_KEYS = ("host", "pid", "started")
 
 
-def upstream_run(init: dict) -> str | None:
+class WeightsStart(Protocol):
+    """Where a stage's weights start, as pipelines.train.recipe.StageInit says it."""
+    source: str
+    path: str | None
+    note: str
+
+
+def upstream_run(init: WeightsStart) -> str | None:
     """The MLflow run that trained a stage's starting weights (from its checkpoint's meta.json), or None."""
-    if init.get("source") in ("imagenet", "random") or not init.get("path"):
+    if init.source in ("imagenet", "random") or not init.path:
         return None
     try:
-        return json.loads((Path(init["path"]) / "meta.json").read_text()).get("mlflow_run_id")
+        return json.loads((Path(init.path) / "meta.json").read_text()).get("mlflow_run_id")
     except (OSError, ValueError):
         return None
 
@@ -104,8 +112,8 @@ class StageRun:
     run_id: str
     resumed: bool
 
-    def for_workers(self) -> dict:
-        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id}
+    def for_workers(self) -> RunTarget:
+        return RunTarget(self.tracking_uri, self.run_id)
 
     def client(self):
         from mlflow import MlflowClient
@@ -130,7 +138,7 @@ def _find_run(client, experiment_id: str, stage: str, ray_run: str, storage: str
     return runs[0] if runs else None
 
 
-def open_stage_run(params: Params, stage: str, root: Path, ray_run: str, storage: str, init: dict,
+def open_stage_run(params: Params, stage: str, root: Path, ray_run: str, storage: str, init: WeightsStart,
                    run_params: dict[str, str]) -> StageRun:
     """The stage's MLflow run, resumed (same Ray run in the same storage) or new, marked
     RUNNING, with the stage's params, tags and dataset inputs logged, nested under the run
@@ -159,7 +167,7 @@ def open_stage_run(params: Params, stage: str, root: Path, ray_run: str, storage
 
     commit, dirty = git_state(root)
     shards_md5, hash_from = shards_hash(Path(params.data.shards_dir), root)
-    tags = {STAGE_TAG: stage, RAY_RUN_TAG: ray_run, RAY_STORAGE_TAG: storage, INIT_TAG: init["note"],
+    tags = {STAGE_TAG: stage, RAY_RUN_TAG: ray_run, RAY_STORAGE_TAG: storage, INIT_TAG: init.note,
             GIT_COMMIT_TAG: commit, SHARDS_HASH_TAG: shards_md5, SHARDS_HASH_SOURCE_TAG: hash_from,
             **{DRIVER_TAG + k: v for k, v in driver.identity().items()}}
     if dirty is not None:

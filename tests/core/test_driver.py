@@ -135,7 +135,7 @@ def test_a_stage_start_marks_the_runs_of_a_gone_driver_failed(tmp_path, monkeypa
         stage_runs.STAGE_TAG: "fcn16s", stage_runs.RAY_RUN_TAG: "fcn16s-x",
         **{stage_runs.DRIVER_TAG + k: str(v) for k, v in dead.items()}}).info.run_id
 
-    init = {"source": "random", "path": None, "note": "random (test)"}
+    init = recipe.StageInit(source="random", path=None, note="random (test)")
     started = stage_runs.open_stage_run(params, "fcn32s", tmp_path, "fcn32s-y", str(tmp_path / "ray_results"), init,
                                       recipe.stage_params(params, "fcn32s", init))
     out = capsys.readouterr().out

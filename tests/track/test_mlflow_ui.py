@@ -40,7 +40,7 @@ def store(tmp_path_factory):
     params = load_params(root / "params.yaml")
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        init = {"source": "random", "path": None, "note": "random (no ImageNet weights)"}
+        init = recipe.StageInit(source="random", path=None, note="random (no ImageNet weights)")
         run = stage_runs.open_stage_run(params, "fcn8s", root, "fcn8s-ui0test", str(root / "ray_results"), init, recipe.stage_params(params, "fcn8s", init))
         checkpoint = root / "models" / "fcn8s"
         scores = make_checkpoint(checkpoint, seed=6, mean_iu=0.6, run_id=run.run_id)

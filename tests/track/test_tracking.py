@@ -26,7 +26,7 @@ from pipelines.train import recipe, trainer
 from support.training import N_TRAIN, N_VAL, SIZES, make_params, read_history, write_shards
 
 SCORE_AND_LOSS = ("loss", *SCORE_KEYS)
-RANDOM_INIT = {"source": "random", "path": None, "note": "random (test)"}
+RANDOM_INIT = recipe.StageInit(source="random", path=None, note="random (test)")
 GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
 

@@ -23,7 +23,7 @@ from support.training import make_params, write_shards
 
 STAGES = {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 10},
           "fcn16s": {"init": "fcn32s", "lr": 1e-3, "iterations": 10}}
-RANDOM = {"source": "random", "path": None, "note": "random"}
+RANDOM = recipe.StageInit(source="random", path=None, note="random")
 
 # A different valid value for each leaf of RESULT_PARAMS.
 CHANGED = {
@@ -126,9 +126,9 @@ def test_the_run_follows_the_shards_and_the_starting_weights_not_stray_files(roo
     assert recipe.run_name(params, "fcn32s", RANDOM, root) == base
     weights = tmp_path / "vgg16.pth"
     weights.write_bytes(b"one")
-    first = recipe.run_name(params, "fcn32s", {"source": "imagenet", "path": str(weights), "note": ""}, root)
+    first = recipe.run_name(params, "fcn32s", recipe.StageInit(source="imagenet", path=str(weights), note=""), root)
     weights.write_bytes(b"two")
-    assert recipe.run_name(params, "fcn32s", {"source": "imagenet", "path": str(weights), "note": ""}, root) != first
+    assert recipe.run_name(params, "fcn32s", recipe.StageInit(source="imagenet", path=str(weights), note=""), root) != first
 
 
 def test_the_mlflow_run_records_exactly_the_result_params(root):
@@ -148,7 +148,7 @@ def test_googlenet_trains_on_its_own_normalisation(root):
     params = params_with(root, "model.backbone", "googlenet")
     assert params.model.input_norm is None
     assert input_norm(params) == TORCHVISION_GOOGLENET == BACKBONE_NORMS["googlenet"]
-    config = loop.loop_config(params, "fcn32s", RANDOM)
+    config = loop.stage_config(params, "fcn32s", RANDOM)
     worker = loop.StageWorker(config, torch.device("cpu"))
     assert worker.net.input_norm == TORCHVISION_GOOGLENET
     # The batches: decoded and normalised as the training pipeline does, without Ray.
@@ -208,6 +208,20 @@ def test_a_stage_start_reads_each_shard_once_for_its_three_hashes(tmp_path, monk
     datasets = provenance.shard_datasets(shards_dir)
     assert sorted(reads) == sorted(files)
     assert [d["digest"] for d in datasets] == [provenance.compute_shards_hash(shards_dir, s) for s in SPLITS]
+
+
+def test_the_stage_config_is_frozen_and_travels_to_the_workers_as_it_is(root):
+    import pickle
+
+    from pipelines.track.metrics_log import RunTarget
+    from pipelines.train import trainer
+
+    config = loop.stage_config(params_with(root), "fcn32s", RANDOM)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lr = 1.0
+    # The run's handles travel beside it, never in it.
+    handles = trainer.WorkerHandles(RunTarget("sqlite:////tmp/mlflow.db", "0" * 32), None, str(root / "trace"))
+    assert pickle.loads(pickle.dumps(trainer.worker_config(config, handles))) == {"stage": config, "handles": handles}
 
 
 def test_the_code_in_the_run_name_is_every_file_dvc_hashes_for_the_stage():
