@@ -44,7 +44,7 @@ from benchdoc import DOC, write_section  # noqa: E402
 from fcn_models import build_fcn  # noqa: E402
 from fcn_models.summary import machine  # noqa: E402
 from fcn_models.voc import NUM_CLASSES, VOID  # noqa: E402
-from pipelines.train import loop  # noqa: E402
+from pipelines.train import loop, recipe  # noqa: E402
 from pipelines.core.params import parse_params  # noqa: E402
 
 SECTION = "## FCNs on a GPU (bench/bench_gpu.py)"
@@ -64,7 +64,7 @@ DEFAULT_SETTINGS = ("fp32", "fp16", "bf16", "bf16-cl", "bf16-cl-compile")
 # The goals on an H100/H200: FCN-8s forward at 500x500, training throughput with crops, and
 # the training step's share of the matrix rate.
 GOAL_FORWARD_MS, GOAL_TRAIN_IMAGES_S, GOAL_TRAIN_FRACTION = 5.0, 150.0, 0.30
-RANDOM_INIT = {"source": "random", "path": None, "note": "random (benchmark)"}
+RANDOM_INIT = recipe.StageInit(source="random", path=None, note="random (benchmark)")
 
 
 def sync(device: torch.device) -> None:
@@ -140,7 +140,7 @@ def stage_worker(variant: str, params, device: torch.device, dtype, channels_las
     """The stage's StageWorker on `device` with autocast to `dtype`; its forward model laid out and
     compiled as asked. Training goes through worker.train_step unchanged."""
     # Random starting weights: the speed of a step does not depend on them.
-    config = loop.loop_config(params, variant, RANDOM_INIT)
+    config = loop.stage_config(params, variant, RANDOM_INIT)
     worker = loop.StageWorker(config, device, amp_dtype=dtype)
     if channels_last:
         worker.net.to(memory_format=torch.channels_last)

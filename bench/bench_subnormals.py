@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     threads = max(1, int(params.ray.cpus_per_worker))
     torch.set_num_threads(threads)
     init = recipe.resolve_init(params, args.stage)
-    config = loop.loop_config(params, args.stage, init)
+    config = loop.stage_config(params, args.stage, init)
     batches = decoded(params)
     worker = loop.StageWorker(config, torch.device("cpu"))
     worker.model.train()
@@ -91,8 +91,8 @@ def main(argv=None) -> int:
     flush = "without zeroing subnormals (--no-flush)" if args.no_flush else "subnormals zeroed after each step"
     lines = [
         f"Machine: {cpu_model()}, {len(os.sched_getaffinity(0))} cores; torch {torch.__version__}, {threads} "
-        f"torch threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}. {args.stage} from {init['note']}, "
-        f"{config['optimizer']} lr {config['lr']}, width {config['width']}, {len(batches)} whole training "
+        f"torch threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}. {args.stage} from {init.note}, "
+        f"{config.optimizer} lr {config.lr}, width {config.width}, {len(batches)} whole training "
         f"images (batch 1), {flush}. Load average (1 / 5 min) before {load_before[0]:.2f} / {load_before[1]:.2f}, "
         f"after {load_after[0]:.2f} / {load_after[1]:.2f}.",
         "",

@@ -25,6 +25,7 @@ first step, Ray's cluster start included for the first Ray setting.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -42,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from fcn_models.preprocess import normalize  # noqa: E402
 from fcn_models.summary import cpu_model  # noqa: E402
-from pipelines.train import loop  # noqa: E402
+from pipelines.train import loop, recipe  # noqa: E402
 from pipelines.core.params import parse_params  # noqa: E402
 from pipelines.data import dataset  # noqa: E402
 from pipelines.data.shards import shard_files  # noqa: E402
@@ -88,9 +89,9 @@ def decoded_batches(shards: Path, params) -> list[tuple[torch.Tensor, torch.Tens
             for im, lb in zip(out["image"], out["label"])]
 
 
-def stage_config(params) -> dict:
-    init = {"source": "random", "path": None, "note": "random (benchmark)"}
-    return loop.loop_config(params, "fcn8s", init) | {"lr": 0.01}
+def stage_config(params) -> loop.StageConfig:
+    init = recipe.StageInit(source="random", path=None, note="random (benchmark)")
+    return dataclasses.replace(loop.stage_config(params, "fcn8s", init), lr=0.01)
 
 
 def timed_steps(worker: loop.StageWorker, batches, steps: int, warmup: int, started: float) -> dict:
@@ -113,31 +114,32 @@ def cycle(batches):
         yield from batches
 
 
-def run_plain(config: dict, batches, steps: int, warmup: int) -> dict:
+def run_plain(config: loop.StageConfig, batches, steps: int, warmup: int) -> dict:
     torch.set_num_threads(1)
     started = time.perf_counter()
     worker = loop.StageWorker(config, torch.device("cpu"))
     return timed_steps(worker, cycle(batches), steps, warmup, started)
 
 
-def worker_loop(config: dict) -> None:
+def worker_loop(bench_config: dict) -> None:
     """Runs in the Ray Train worker: the same steps, batches from memory or from the Ray Data shard."""
     import ray.train
     import ray.train.torch
 
+    config: loop.StageConfig = bench_config["stage"]
     worker = loop.StageWorker(config, ray.train.torch.get_device(), wrap=ray.train.torch.prepare_model)
-    if config["batches"] is not None:
-        batches = cycle(config["batches"])
+    if bench_config["batches"] is not None:
+        batches = cycle(bench_config["batches"])
     else:
-        batches = iter(dataset.iter_train_batches(ray.train.get_dataset_shard("train"), config["params"]))
-    result = timed_steps(worker, batches, config["steps"], config["warmup"], time.perf_counter())
+        batches = iter(dataset.iter_train_batches(ray.train.get_dataset_shard("train"), config.params))
+    result = timed_steps(worker, batches, bench_config["steps"], bench_config["warmup"], time.perf_counter())
     # Ray Train keeps reported metrics only with a checkpoint: the worker (on this
     # machine) writes its timings where the driver reads them.
-    Path(config["result_file"]).write_text(json.dumps(result))
+    Path(bench_config["result_file"]).write_text(json.dumps(result))
     ray.train.report({"steps": result["steps"]})
 
 
-def run_ray(config: dict, params, shards: Path, batches, steps: int, warmup: int, storage: Path) -> dict:
+def run_ray(config: loop.StageConfig, params, shards: Path, batches, steps: int, warmup: int, storage: Path) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -145,9 +147,10 @@ def run_ray(config: dict, params, shards: Path, batches, steps: int, warmup: int
     cluster.connect(params.ray)
     result_file = storage / f"result-{int(started * 1000)}.json"
     storage.mkdir(parents=True, exist_ok=True)
-    loop_config = dict(config, steps=steps, warmup=warmup, batches=batches, result_file=str(result_file))
+    bench_config = {"stage": config, "steps": steps, "warmup": warmup, "batches": batches,
+                    "result_file": str(result_file)}
     trainer = TorchTrainer(
-        worker_loop, train_loop_config=loop_config, torch_config=TorchConfig(backend="gloo"),
+        worker_loop, train_loop_config=bench_config, torch_config=TorchConfig(backend="gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1.0}),
         run_config=ray.train.RunConfig(name=f"overhead-{int(started * 1000)}", storage_path=str(storage)),
         **({} if batches is not None else {"datasets": dataset.build_datasets(

@@ -4,7 +4,7 @@
 
 A training stage whose driver was killed (kill -9, a machine that went down) cannot
 close its MLflow run, which would stay RUNNING. Every training stage start sweeps
-such runs (pipelines.track.tracking.sweep_lost_runs); this command does the same on its
+such runs (pipelines.track.stage_runs.sweep_lost_runs); this command does the same on its
 own, then lists every stage run, newest first: status, stage, when it started, its
 MLflow run id, its Ray run and the driver that trained it.
 """
@@ -18,17 +18,17 @@ from pathlib import Path
 from pipelines.core import driver
 from pipelines.core.exits import run_main
 from pipelines.core.params import load_params
-from pipelines.track import tracking
+from pipelines.track import stage_runs, store
 
 
 def rows(runs) -> list[tuple[str, ...]]:
     out = []
     for run in runs:
         tags = run.data.tags
-        record = tracking.run_driver(run)
+        record = stage_runs.run_driver(run)
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.info.start_time / 1000))
-        out.append((run.info.status, tags.get(tracking.STAGE_TAG, "?"), started, run.info.run_id,
-                    tags.get(tracking.RAY_RUN_TAG, "-"),
+        out.append((run.info.status, tags.get(stage_runs.STAGE_TAG, "?"), started, run.info.run_id,
+                    tags.get(stage_runs.RAY_RUN_TAG, "-"),
                     driver.describe(record) if record.get("pid") else "-"))
     return out
 
@@ -41,14 +41,14 @@ def main(argv=None) -> int:
 
     def body():
         params = load_params(args.params)
-        uri = tracking.tracking_uri(params)
+        uri = store.tracking_uri(params)
         if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
             print(f"no MLflow store at {uri[len('sqlite:///'):]} yet: no stage has run")
             return
-        for lost in tracking.sweep_lost_runs(params):
+        for lost in stage_runs.sweep_lost_runs(params):
             print(f"marked FAILED: MLflow run {lost['run_id']} ({lost['stage']}): its driver is gone "
                   f"({lost['driver']})")
-        table = rows(tracking.stage_runs(params))
+        table = rows(stage_runs.stage_runs(params))
         if not table:
             print(f"no stage run in experiment {params.mlflow.experiment!r} at {uri}")
             return

@@ -15,8 +15,8 @@ from pipelines.core.exits import run_main
 from pipelines.core.params import load_params
 from pipelines.core.processes import run_group
 from pipelines.serve.model_source import open_store
-from pipelines.track import tracking
 from pipelines.track.mlflow_cli import mlflow_cli
+from pipelines.track.store import runs_view
 
 
 def main(argv=None) -> int:
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
         base = f"http://{args.host}:{args.port}"
         experiment = mlflow.get_experiment_by_name(params.mlflow.experiment)
         if experiment is not None:
-            print(f"[ui] runs of {params.mlflow.experiment!r}: {tracking.runs_view(base, experiment.experiment_id)}")
+            print(f"[ui] runs of {params.mlflow.experiment!r}: {runs_view(base, experiment.experiment_id)}")
         print(f"[ui] registered model {params.mlflow.model_name!r}: {base}/#/models/{params.mlflow.model_name}",
               flush=True)
         command = [mlflow_cli(), "ui", "--backend-store-uri", store,

@@ -13,6 +13,8 @@ shards goes through here: the preprocess stage writes them with ShardWriter;
 training (inside Ray Data), evaluation, tracking and registration list them with
 `shard_files` and decode a row with `decode_sample`, so a sample is the same pixels
 wherever it is used.
+`file_digests` hashes a shard's bytes in one read for all that a training stage's
+start takes of them (its run name's sha1, DVC's md5 of the shards and of each split).
 
 No Ray, no torch: pyarrow and OpenCV are imported where they are used, so the
 preprocess stage's pool workers (which import this module for the id lists) pay
@@ -20,7 +22,10 @@ for neither.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import re
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -97,6 +102,45 @@ def shard_files(shards_dir: Path, split: str) -> list[Path]:
     if not files:
         raise ShardError(f"{split_dir}: no {FILE_PATTERN} shards; {REMAKE}, or check data.shards_dir")
     return files
+
+
+@dataclasses.dataclass(frozen=True)
+class FileDigest:
+    """One shard file's bytes, hashed in one read: md5 (what DVC records for the file) and
+    sha1 (what a training run's name is fingerprinted with)."""
+    path: Path
+    size: int
+    md5: str
+    sha1: bytes
+
+
+# (resolved path, inode, size, mtime_ns) -> FileDigest: a training stage's start needs the
+# shards' hashes in three places, and the shards are the largest thing it reads.
+_DIGESTS: dict[tuple, FileDigest] = {}
+# A file changed this recently may change again without its mtime moving (the clock's
+# tick is coarse), so its digest is not kept (git's "racy" files).
+RACY_NS = 2_000_000_000
+
+
+def file_digests(files: Sequence[Path]) -> list[FileDigest]:
+    """md5 and sha1 of each file, in the order given; each file is read once per process
+    while its inode, size and mtime stay the same."""
+    out = []
+    for path in map(Path, files):
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        digest = _DIGESTS.get(key)
+        if digest is None:
+            md5, sha1 = hashlib.md5(), hashlib.sha1()
+            with open(path, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    md5.update(chunk)
+                    sha1.update(chunk)
+            digest = FileDigest(path, stat.st_size, md5.hexdigest(), sha1.digest())
+            if time.time_ns() - stat.st_mtime_ns > RACY_NS:
+                _DIGESTS[key] = digest
+        out.append(digest if digest.path == path else dataclasses.replace(digest, path=path))
+    return out
 
 
 def open_shard(path: Path, columns: Sequence[str] = SAMPLE_COLUMNS):

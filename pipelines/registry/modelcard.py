@@ -70,7 +70,7 @@ def version_card(facts: dict) -> str:
 
     facts: model_name, version, stage, meta (the checkpoint's meta.json), weights_sha256,
     run {"name", "id"}, lineage [{"stage", "name", "id"}] (the run's parents, nearest first),
-    datasets (tracking.shard_datasets), shards_md5, origin (data_origin), evaluation (the
+    datasets (provenance.shard_datasets), shards_md5, origin (data_origin), evaluation (the
     evaluate report: {stage: entry}), onnx (the ONNX file's path in the model, or None).
     """
     meta, stage = facts["meta"], facts["stage"]

@@ -9,7 +9,7 @@ artifacts) into the MLflow run that trained it, named in its meta.json: MLflow 3
 makes that a LoggedModel whose source run is the training run, and the registered
 version's run is the training run. It is logged by run id, not by reopening the run:
 the training run keeps its status and end time whatever happens to register. The
-version and the LoggedModel carry the weights' sha256 (tracking.WEIGHTS_TAG), which
+version and the LoggedModel carry the weights' sha256 (stage_runs.WEIGHTS_TAG), which
 the training run recorded when it ended, and evaluate's scores (linked to the
 LoggedModel, at the checkpoint's iteration). A checkpoint without a training run in
 this store gets a run of its own, register-<stage>, holding its scores the same way
@@ -56,13 +56,13 @@ from pipelines.serve.pyfunc_model import (
     ONNX_ARTIFACT,
     FCNSegmenter,
 )
-from pipelines.track import tracking
+from pipelines.track import metrics_log, provenance, stage_runs, store
 from pipelines.track.val_scores import expected_network
 
 SERVING_CODE = Path(pyfunc_model.__file__).resolve()
 FCN_MODELS_DIR = Path(fcn_models.__file__).resolve().parent
 MEAN_IU_TAG = MEAN_IU  # a version's tag of its evaluated mean IU
-WEIGHTS_TAG = tracking.WEIGHTS_TAG
+WEIGHTS_TAG = stage_runs.WEIGHTS_TAG
 ONNX_FILE = "model.onnx"
 CARD_FILE = "model_card.md"
 # The input example is a val image's centre, at most this many pixels a side:
@@ -181,16 +181,16 @@ def _lineage(client, run) -> list[dict]:
     from mlflow.exceptions import MlflowException
 
     chain, seen = [], {run.info.run_id}
-    parent = run.data.tags.get(tracking.PARENT_RUN_TAG)
+    parent = run.data.tags.get(stage_runs.PARENT_RUN_TAG)
     while parent and parent not in seen:
         seen.add(parent)
         try:
             run = client.get_run(parent)
         except MlflowException:
             break
-        chain.append({"stage": run.data.tags.get(tracking.STAGE_TAG, "?"), "name": run.info.run_name,
+        chain.append({"stage": run.data.tags.get(stage_runs.STAGE_TAG, "?"), "name": run.info.run_name,
                       "id": run.info.run_id})
-        parent = run.data.tags.get(tracking.PARENT_RUN_TAG)
+        parent = run.data.tags.get(stage_runs.PARENT_RUN_TAG)
     return chain
 
 
@@ -239,13 +239,13 @@ def _register(params: Params, stage: str, checkpoint: Path, scores: dict, root: 
     evaluation = json.loads(Path(params.evaluate.report_file).read_text())
     step = int(meta.get("iterations") or 0)
 
-    experiment_id = tracking.set_up(params)
+    experiment_id = store.set_up(params)
     client = MlflowClient()
-    client.set_experiment_tag(experiment_id, tracking.NOTE_TAG, modelcard.experiment_description(params))
+    client.set_experiment_tag(experiment_id, stage_runs.NOTE_TAG, modelcard.experiment_description(params))
     champion = current_champion(client, config.model_name, config.alias)
     weights_sha256 = file_sha256(checkpoint / MODEL_FILE)
     trained_in = _training_run(client, meta)
-    datasets = tracking.shard_datasets(Path(params.data.shards_dir))
+    datasets = provenance.shard_datasets(Path(params.data.shards_dir))
     with tempfile.TemporaryDirectory(prefix="fcn-register-") as scratch:
         scratch = Path(scratch)
         # Only the weights and their description travel with the model, and the same network as ONNX.
@@ -260,7 +260,7 @@ def _register(params: Params, stage: str, checkpoint: Path, scores: dict, root: 
             raise RegisterError(str(err)) from None
         if trained_in is not None:
             run_id, own_run = trained_in.info.run_id, False
-            shards_md5 = trained_in.data.tags.get(tracking.SHARDS_HASH_TAG)
+            shards_md5 = trained_in.data.tags.get(provenance.SHARDS_HASH_TAG)
         else:
             # The context tags (user, source, git commit) mlflow.start_run would give it.
             run_id = client.create_run(experiment_id, run_name=f"register-{stage}",
@@ -273,11 +273,11 @@ def _register(params: Params, stage: str, checkpoint: Path, scores: dict, root: 
             if own_run:
                 # No training run to carry the scores: this run holds them, as evaluate logs them,
                 # its network as the training runs' params, and its shards as inputs.
-                client.log_batch(run_id, metrics=tracking.evaluation_metrics(evaluation[stage], step),
+                client.log_batch(run_id, metrics=metrics_log.evaluation_metrics(evaluation[stage], step),
                                  params=[Param(k, v) for k, v in network_params(meta).items()],
-                                 tags=[RunTag(tracking.STAGE_TAG, stage),
-                                       RunTag(tracking.INIT_TAG, str(meta.get("init", "unknown")))])
-                tracking.log_shard_inputs(client, run_id, datasets)
+                                 tags=[RunTag(stage_runs.STAGE_TAG, stage),
+                                       RunTag(stage_runs.INIT_TAG, str(meta.get("init", "unknown")))])
+                provenance.log_shard_inputs(client, run_id, datasets)
             client.set_tag(run_id, WEIGHTS_TAG, weights_sha256)
             # Model.log is what mlflow.pyfunc.log_model calls, the one that takes the run's id. It puts
             # the LoggedModel in the current experiment, "Default" unless one is set.
@@ -290,7 +290,7 @@ def _register(params: Params, stage: str, checkpoint: Path, scores: dict, root: 
                 params=network_params(meta), tags={WEIGHTS_TAG: weights_sha256, "stage": stage},
             )
             # Evaluate's scores of these weights, linked to the logged model too.
-            client.log_batch(run_id, metrics=tracking.evaluation_metrics(evaluation[stage], step, info.model_id))
+            client.log_batch(run_id, metrics=metrics_log.evaluation_metrics(evaluation[stage], step, info.model_id))
         except BaseException as err:
             if own_run:
                 client.set_terminated(run_id, status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
@@ -299,7 +299,7 @@ def _register(params: Params, stage: str, checkpoint: Path, scores: dict, root: 
             client.set_terminated(run_id, status="FINISHED")
         run = client.get_run(run_id)
     if shards_md5 is None:
-        shards_md5, _ = tracking.shards_hash(Path(params.data.shards_dir), root)
+        shards_md5, _ = provenance.shards_hash(Path(params.data.shards_dir), root)
     # The tags come with the version, so the alias gate never sees a version without its score.
     version = mlflow.register_model(info.model_uri, config.model_name, tags={
         MEAN_IU_TAG: repr(scores["mean_iu"]), "stage": stage, WEIGHTS_TAG: weights_sha256,

@@ -22,7 +22,7 @@ from pathlib import Path
 from fcn_models.errors import FCNError
 from pipelines.core.params import Params
 from pipelines.serve.pyfunc_model import CHECKPOINT_ARTIFACT
-from pipelines.track import tracking
+from pipelines.track.store import tracking_uri, use_store
 
 # "models:/...", "runs:/...", "s3://...": a URI for MLflow; anything else is a checkpoint directory.
 MODEL_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
@@ -53,14 +53,14 @@ def missing_model_message(uri: str, err: Exception, store: str) -> str:
 
 def open_store(params: Params, uri: str) -> str:
     """Point this process's mlflow at the params' tracking store; return the store's URI."""
-    store = tracking.tracking_uri(params)
+    store = tracking_uri(params)
     if store.startswith("sqlite:///"):
         # Connecting would create an empty store; say instead that there is none.
         db = Path(store[len("sqlite:///"):])
         if not db.is_file():
             raise ModelSourceError(f"model {uri}: no MLflow store at {db} (run `fcn register` first, or point "
                                    "--params at the project that registered the model)")
-    tracking.use_store(store)
+    use_store(store)
     return store
 
 

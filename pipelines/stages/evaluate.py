@@ -38,7 +38,7 @@ from pipelines.core.exits import run_main
 from pipelines.core.files import atomic_write_text, file_sha256
 from pipelines.core.params import Params, load_params
 from pipelines.data.shards import count_rows, iter_samples, shard_files
-from pipelines.track import tracking
+from pipelines.track import metrics_log
 from pipelines.track.val_scores import (
     EvaluateError,
     device_description,
@@ -122,7 +122,7 @@ def evaluate(params: Params, device: torch.device | None = None) -> dict:
     for stage, entry in report.items():
         if entry["mlflow_run_id"]:
             try:
-                tracking.log_evaluation(params, entry["mlflow_run_id"], entry, entry["iterations"] or 0)
+                metrics_log.log_evaluation(params, entry["mlflow_run_id"], entry, entry["iterations"] or 0)
             except Exception as err:  # the report is written; an MLflow outage must not lose it
                 print(f"[evaluate] WARNING: could not log {stage}'s scores to MLflow run {entry['mlflow_run_id']}: "
                       f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)

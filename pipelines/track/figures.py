@@ -4,7 +4,7 @@
         out_dir/plots/confusion_matrix.png, out_dir/plots/per_class_iu.png,
         out_dir/val_images/<id>.png (image | prediction | truth, in the VOC colours)
 
-Matplotlib's Agg canvas, no pyplot and no display. pipelines.track.tracking logs what
+Matplotlib's Agg canvas, no pyplot and no display. pipelines.track.stage_runs logs what
 this writes as the stage's MLflow artifacts.
 """
 from __future__ import annotations

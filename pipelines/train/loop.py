@@ -12,7 +12,8 @@
 None of this needs Ray: the Ray Train worker function (pipelines.train.trainer.train_loop)
 hands in its device, the model wrapper (DDP), the data and the report call; a
 benchmark or a GPU check builds a StageWorker and calls train_step directly. `config`
-is plain data made on the driver by `loop_config`.
+is a frozen StageConfig made on the driver by `stage_config`; what only a run has (its
+MLflow run id, a trace directory) comes as arguments.
 
 Validation: every worker scores its share of val into a confusion matrix; the
 matrices are summed over the process group (all_reduce), so the scores are those of
@@ -26,6 +27,7 @@ last checkpoint written before it, so a broken network is never validated or sav
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -48,7 +50,7 @@ from fcn_models.weights import read_plain
 from pipelines.core.errors import StageError
 from pipelines.core.params import Params
 from pipelines.core.params import input_norm
-from pipelines.train.recipe import stage_variant
+from pipelines.train.recipe import StageInit, stage_variant
 
 # The layer that learns in a "fixed" stage (the paper's FCN-32s-fixed row).
 FIXED_STAGE_LEARNS = "score_fr"
@@ -140,60 +142,84 @@ def merge_confusion(matrix: ConfusionMatrix, device: torch.device) -> ConfusionM
 
 # --------------------------------------------------------------------------- the stage's network
 
-def loop_config(params: Params, stage: str, init: dict) -> dict:
-    """Everything a worker needs, as plain data (every path absolute); made on the driver."""
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """Everything a worker needs to train a stage (every path absolute); made on the driver by
+    `stage_config`, handed to every Ray Train worker as it is (picklable)."""
+    stage: str
+    variant: str
+    init: StageInit
+    backbone: str
+    width: float
+    num_classes: int
+    input_norm: str
+    fixed: bool
+    lr: float
+    iterations: int
+    seed: int
+    loss: str
+    optimizer: str
+    momentum: float
+    weight_decay: float
+    amp: bool
+    val_every: int
+    log_every: int
+    max_nonfinite_steps: int
+    # The data pipeline reads the model, augment and train sections.
+    params: Params
+
+
+def stage_config(params: Params, stage: str, init: StageInit) -> StageConfig:
+    """The stage's StageConfig from the params and where its weights start."""
     train, stage_params = params.train, params.train.stages[stage]
-    return {
-        "stage": stage, "variant": stage_variant(stage), "init": init,
-        "backbone": params.model.backbone, "width": params.model.width, "num_classes": params.model.num_classes,
-        "input_norm": input_norm(params).name,
-        "fixed": stage_params.fixed, "lr": stage_params.lr, "iterations": stage_params.iterations,
-        "seed": train.seed, "loss": train.loss, "optimizer": train.optimizer, "momentum": train.momentum,
-        "weight_decay": train.weight_decay,
-        "amp": train.amp, "val_every": train.val_every, "log_every": train.log_every,
-        "max_nonfinite_steps": train.max_nonfinite_steps,
-        # The data pipeline reads the model, augment and train sections.
-        "params": params,
-        # Set by the driver once the stage's MLflow run is open: tracking.StageRun.for_workers().
-        "tracking": None,
-        # Where attempts and steps are recorded (off unless asked: see Trace).
-        "trace_dir": None,
-    }
+    return StageConfig(
+        stage=stage, variant=stage_variant(stage), init=init,
+        backbone=params.model.backbone, width=params.model.width, num_classes=params.model.num_classes,
+        input_norm=input_norm(params).name,
+        fixed=stage_params.fixed, lr=stage_params.lr, iterations=stage_params.iterations,
+        seed=train.seed, loss=train.loss, optimizer=train.optimizer, momentum=train.momentum,
+        weight_decay=train.weight_decay,
+        amp=train.amp, val_every=train.val_every, log_every=train.log_every,
+        max_nonfinite_steps=train.max_nonfinite_steps,
+        params=params,
+    )
 
 
-def initial_model(config: dict) -> nn.Module:
+def initial_model(config: StageConfig) -> nn.Module:
     """The network a stage starts from, on the CPU, with its starting weights."""
-    norm, init = config["input_norm"], config["init"]
-    model = build_fcn(config["variant"], backbone=config["backbone"], num_classes=config["num_classes"],
-                      width=config["width"], input_norm=norm)
+    norm, init = config.input_norm, config.init
+    model = build_fcn(config.variant, backbone=config.backbone, num_classes=config.num_classes,
+                      width=config.width, input_norm=norm)
     try:
-        if init["source"] == "imagenet":
-            load_imagenet_weights(model, init["path"], norm=norm)
-        elif init["source"] != "random":
-            previous, _ = load_checkpoint(init["path"], variant=stage_variant(init["source"]))
+        if init.source == "imagenet":
+            load_imagenet_weights(model, init.path, norm=norm)
+        elif init.source != "random":
+            previous, _ = load_checkpoint(init.path, variant=stage_variant(init.source))
             if previous.input_norm.name != norm:
                 raise ValueError(f"its weights expect input normalisation {previous.input_norm.name!r}, "
                                  f"params say {norm!r} (model.input_norm, or the backbone's own)")
             transfer_weights(previous, model)
     except (ValueError, KeyError, FileNotFoundError) as err:
-        fix = ("retrain " + init["source"] + " with the current model.* params" if init["source"] != "imagenet"
+        fix = ("retrain " + init.source + " with the current model.* params" if init.source != "imagenet"
                else "give model.imagenet_weights a torchvision state dict for this backbone at width 1.0")
-        raise StageError(f"cannot start {config['stage']} from {init['note']}: {err}; {fix}") from None
+        raise StageError(f"cannot start {config.stage} from {init.note}: {err}; {fix}") from None
     return model
 
 
-def checkpoint_meta(config: dict, iteration: int, scores: dict, matrix: ConfusionMatrix) -> dict:
+def checkpoint_meta(config: StageConfig, iteration: int, scores: dict, matrix: ConfusionMatrix,
+                    run_id: Optional[str] = None) -> dict:
+    """A checkpoint's meta.json; run_id: the stage's MLflow run, which evaluate and register find there."""
     meta = {
-        "stage": config["stage"],
-        "init": config["init"]["note"],
+        "stage": config.stage,
+        "init": config.init.note,
         "iterations": iteration,
         "val": {**{k: scores[k] for k in SCORE_KEYS},
                 # NaN (a class in neither truth nor prediction) is no JSON: null.
                 "per_class_iu": [None if math.isnan(v) else v for v in scores["per_class_iu"]]},
         "confusion_matrix": matrix.matrix.tolist(),
     }
-    if config.get("tracking"):
-        meta["mlflow_run_id"] = config["tracking"]["run_id"]
+    if run_id:
+        meta["mlflow_run_id"] = run_id
     return meta
 
 
@@ -232,21 +258,23 @@ class StageWorker:
     amp_dtype: None, the stage's rule (train.amp: float16 autocast and the grad scaler, on a
     GPU only); a dtype forces autocast to it on any device (the scaler only for float16),
     which is how a benchmark measures bfloat16.
+    run_id: the stage's MLflow run, named in the checkpoints it saves (None: no run).
     """
 
-    def __init__(self, config: dict, device: torch.device, rank: int = 0,
+    def __init__(self, config: StageConfig, device: torch.device, rank: int = 0,
                  wrap: Optional[Callable[[nn.Module], nn.Module]] = None,
-                 checkpoint_dir: Optional[Path] = None, amp_dtype: Optional[torch.dtype] = None):
-        self.config, self.device, self.rank = config, torch.device(device), rank
+                 checkpoint_dir: Optional[Path] = None, amp_dtype: Optional[torch.dtype] = None,
+                 run_id: Optional[str] = None):
+        self.config, self.device, self.rank, self.run_id = config, torch.device(device), rank, run_id
         if amp_dtype is None:
-            self.use_amp = bool(config["amp"]) and self.device.type == "cuda"
+            self.use_amp = bool(config.amp) and self.device.type == "cuda"
             self.amp_dtype = torch.float16
         else:
             self.use_amp, self.amp_dtype = amp_dtype != torch.float32, amp_dtype
         # Same seed on every rank: identical starting weights (DDP also broadcasts rank 0's).
-        torch.manual_seed(config["seed"])
+        torch.manual_seed(config.seed)
         self.net = initial_model(config)
-        freeze_for_stage(self.net, config["fixed"])
+        freeze_for_stage(self.net, config.fixed)
         self.start, self.history, state = 0, [], None
         # Steps skipped for a non-finite loss over the run, and whether the last one was.
         self.nonfinite_steps, self.last_step_finite = 0, True
@@ -255,10 +283,10 @@ class StageWorker:
             self.start, self.history = state["iteration"], state["history"]
             self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         # Dropout streams differ per rank and depend only on where this attempt starts.
-        torch.manual_seed(config["seed"] + 1_000_003 * rank + self.start)
+        torch.manual_seed(config.seed + 1_000_003 * rank + self.start)
         self.model = wrap(self.net) if wrap is not None else self.net.to(self.device)
-        self.optimizer = make_optimizer(self.net, config["lr"], config["momentum"], config["weight_decay"],
-                                        config["optimizer"])
+        self.optimizer = make_optimizer(self.net, config.lr, config.momentum, config.weight_decay,
+                                        config.optimizer)
         # bfloat16 has float32's range: no loss scaling.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp and self.amp_dtype == torch.float16)
         if state is not None:
@@ -267,7 +295,7 @@ class StageWorker:
             self.scaler.load_state_dict(state["scaler"])
 
     def _load(self, directory: Path) -> dict:
-        saved, _ = load_checkpoint(directory, variant=self.config["variant"])
+        saved, _ = load_checkpoint(directory, variant=self.config.variant)
         self.net.load_state_dict(saved.state_dict())
         state = read_plain(directory / TRAIN_STATE_FILE)
         state["history"] = json.loads((directory / HISTORY_FILE).read_text())
@@ -282,7 +310,7 @@ class StageWorker:
         """
         with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
             logits = self.model(images)
-        loss = segmentation_loss(logits, labels, self.config["loss"])
+        loss = segmentation_loss(logits, labels, self.config.loss)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         # One host sync a step (the grad scaler makes one anyway on a GPU).
@@ -300,14 +328,14 @@ class StageWorker:
     def validate(self, batches: Iterable) -> ConfusionMatrix:
         """The confusion matrix of `batches`, summed over every worker of the process group.
         The network itself, not DDP: workers score different numbers of images."""
-        matrix = confusion_matrix(self.net, batches, self.config["num_classes"], self.device)
+        matrix = confusion_matrix(self.net, batches, self.config.num_classes, self.device)
         return merge_confusion(matrix, self.device)
 
     def save(self, directory: Path, iteration: int, scores: dict, matrix: ConfusionMatrix) -> None:
         """model.pt + meta.json (the stage's output format), plus the optimizer and scaler
         state and the validation history, which resuming needs."""
         directory = Path(directory)
-        save_checkpoint(directory, self.net, checkpoint_meta(self.config, iteration, scores, matrix))
+        save_checkpoint(directory, self.net, checkpoint_meta(self.config, iteration, scores, matrix, self.run_id))
         torch.save({"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                     "iteration": iteration, "nonfinite_steps": self.nonfinite_steps}, directory / TRAIN_STATE_FILE)
         (directory / HISTORY_FILE).write_text(json.dumps(self.history))
@@ -394,24 +422,26 @@ class NoMetrics:
 
 
 def run(worker: StageWorker, batches: Iterator, val_batches: Callable[[], Iterable],
-        report: Callable[[dict, Optional[Callable[[Path], None]]], None], metrics=None) -> None:
-    """Train from worker.start to config["iterations"]: a step per batch, a progress line every
+        report: Callable[[dict, Optional[Callable[[Path], None]]], None], metrics=None,
+        trace_dir: Optional[str] = None) -> None:
+    """Train from worker.start to config.iterations: a step per batch, a progress line every
     log_every iterations (rank 0), a validation every val_every iterations and at the end.
 
     After each validation `report(row, write)` hands the row to the caller with a function
     that writes the checkpoint into a directory (Ray Train: every rank reports, rank 0
-    attaches the checkpoint). `metrics` (tracking.MetricsLog on Ray Train) gets the rows
-    and the training loss. A non-finite loss beyond config["max_nonfinite_steps"] raises
+    attaches the checkpoint). `metrics` (pipelines.track.metrics_log.MetricsLog on Ray Train)
+    gets the rows and the training loss; trace_dir: where Trace records (None: off). A
+    non-finite loss beyond config.max_nonfinite_steps raises
     NonFiniteLoss (on every worker at the same iteration).
     """
     config, rank, device = worker.config, worker.rank, worker.device
     metrics = metrics or NoMetrics()
-    trace = Trace(config.get("trace_dir"), rank)
-    start, iterations, val_every = worker.start, config["iterations"], config["val_every"]
+    trace = Trace(trace_dir, rank)
+    start, iterations, val_every = worker.start, config.iterations, config.val_every
     trace.start(start)
     metrics.resume(worker.history)
     if start >= iterations and rank == 0:
-        say(f"[{config['stage']}] run already at iteration {start} (asked for {iterations}): nothing to train")
+        say(f"[{config.stage}] run already at iteration {start} (asked for {iterations}): nothing to train")
     # Kept on the device: a .item() every step would stall a GPU.
     loss_sum, loss_count = torch.zeros((), dtype=torch.float64, device=device), 0
     tick, tick_iteration = time.perf_counter(), start
@@ -427,22 +457,22 @@ def run(worker: StageWorker, batches: Iterator, val_batches: Callable[[], Iterab
         trace.step(iteration)
         if not worker.last_step_finite:
             worker.nonfinite_steps += 1
-            allowed = config.get("max_nonfinite_steps", 0)
+            allowed = config.max_nonfinite_steps
             if worker.nonfinite_steps > allowed:
-                raise NonFiniteLoss(config["stage"], iteration, loss.item(), worker.nonfinite_steps, allowed,
+                raise NonFiniteLoss(config.stage, iteration, loss.item(), worker.nonfinite_steps, allowed,
                                     last_checkpoint)
             if rank == 0:
-                say(f"[{config['stage']}] iteration {iteration}: loss {loss.item()} (not finite on some worker), "
+                say(f"[{config.stage}] iteration {iteration}: loss {loss.item()} (not finite on some worker), "
                     f"step skipped ({worker.nonfinite_steps} of the {allowed} train.max_nonfinite_steps allows)")
         else:
             loss_sum, loss_count = loss_sum + loss, loss_count + 1
 
-        if rank == 0 and worker.last_step_finite and (iteration % config["log_every"] == 0 or iteration == iterations):
+        if rank == 0 and worker.last_step_finite and (iteration % config.log_every == 0 or iteration == iterations):
             now = time.perf_counter()
             rate = (iteration - tick_iteration) / max(now - tick, 1e-9)
             tick, tick_iteration = now, iteration
             loss_value = loss.item()
-            say(f"[{config['stage']}] iteration {iteration}/{iterations}  loss {loss_value:.4g}  {rate:.2f} it/s")
+            say(f"[{config.stage}] iteration {iteration}/{iterations}  loss {loss_value:.4g}  {rate:.2f} it/s")
             metrics.train_loss(iteration, loss_value)
 
         if iteration % val_every == 0 or iteration == iterations:
@@ -456,7 +486,7 @@ def run(worker: StageWorker, batches: Iterator, val_batches: Callable[[], Iterab
             worker.history.append(row)
             loss_sum, loss_count = torch.zeros_like(loss_sum), 0
             if rank == 0:
-                say(f"[{config['stage']}] val at {iteration}: " + "  ".join(f"{k} {row[k]:.4f}" for k in SCORE_KEYS))
+                say(f"[{config.stage}] val at {iteration}: " + "  ".join(f"{k} {row[k]:.4f}" for k in SCORE_KEYS))
             report(row, lambda directory, it=iteration, s=scores, m=matrix: worker.save(directory, it, s, m))
             last_checkpoint = iteration
             trace.checkpoint(iteration)

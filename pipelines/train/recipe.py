@@ -1,7 +1,7 @@
 """A training stage's recipe: its network, where its weights start, and what decides its result.
 
     stage_variant("fcn32s-fixed")        -> "fcn32s"
-    resolve_init(params, stage)          {"source", "path", "note"}: ImageNet weights, random, or a stage
+    resolve_init(params, stage)          StageInit(source, path, note): ImageNet weights, random, or a stage
     RESULT_PARAMS, CODE_DEPS             the one list of what decides a stage's result
     result_params(params, stage)         those params' values, as dotted leaf keys
     stage_params(params, stage, init)    the same as strings, the stage's own as stage.*: its MLflow params
@@ -9,7 +9,7 @@
 
 RESULT_PARAMS and CODE_DEPS are the single source for three things that must agree:
 the Ray Train run name (a changed knob is a new run, trained afresh), the params the
-stage's MLflow run records (pipelines.track.tracking), and the params and deps dvc.yaml
+stage's MLflow run records (pipelines.track.stage_runs), and the params and deps dvc.yaml
 lists for train@<stage> (DVC cannot import them; tests/core/test_architecture.py fails
 when dvc.yaml drifts from them). A knob that is in none of them (log_every,
 checkpoints_to_keep, CPUs per worker, where Ray stores runs) changes how a stage
@@ -29,7 +29,7 @@ from fcn_models.checkpoint import FIXED_SUFFIX, stage_network
 from fcn_models.fcn import VARIANTS
 from pipelines.core.errors import StageError
 from pipelines.core.params import PROJECT_ROOT, Params
-from pipelines.data.shards import SPLITS, shard_files
+from pipelines.data.shards import SPLITS, FileDigest, file_digests, shard_files
 
 # Dotted params keys whose values decide a training stage's result; "{stage}" is the
 # stage's own entry of train.stages. A section name stands for all of its keys.
@@ -73,8 +73,20 @@ def stage_command(stage: str) -> str:
     return f"`fcn train --stage {stage}` (or `dvc repro train@{stage}`)"
 
 
-def resolve_init(params: Params, stage: str) -> dict:
-    """Where a stage's weights start: {"source", "path", "note"}.
+@dataclasses.dataclass(frozen=True)
+class StageInit:
+    """Where a stage's weights start.
+
+    source: "imagenet", "random" or an earlier stage's name; path: the weights file or the
+    stage's checkpoint directory (None for random); note: both in words, for people.
+    """
+    source: str
+    path: str | None
+    note: str
+
+
+def resolve_init(params: Params, stage: str) -> StageInit:
+    """Where a stage's weights start.
 
     source is "imagenet", "random" (ImageNet weights asked for but absent: loudly
     warned about, and recorded in the stage's outputs) or an earlier stage's name.
@@ -89,13 +101,13 @@ def resolve_init(params: Params, stage: str) -> dict:
                 f"stage {stage} starts from {init}'s best checkpoint, but {path} holds none "
                 f"(model.pt and meta.json): run {stage_command(init)} first"
             )
-        return {"source": init, "path": str(path), "note": f"{init} ({path})"}
+        return StageInit(init, str(path), f"{init} ({path})")
     weights = params.model.imagenet_weights
     path = Path(weights) if weights else None
     if path is not None and path.is_file():
-        return {"source": "imagenet", "path": str(path), "note": f"imagenet ({path})"}
+        return StageInit("imagenet", str(path), f"imagenet ({path})")
     where = str(path) if path else "model.imagenet_weights (null)"
-    return {"source": "random", "path": None, "note": f"random (imagenet weights not found at {where})"}
+    return StageInit("random", None, f"random (imagenet weights not found at {where})")
 
 
 def _flatten(prefix: str, value: Any) -> dict[str, Any]:
@@ -125,7 +137,7 @@ def result_params(params: Params, stage: str) -> dict[str, Any]:
     return out
 
 
-def stage_params(params: Params, stage: str, init: dict | None = None) -> dict[str, str]:
+def stage_params(params: Params, stage: str, init: StageInit | None = None) -> dict[str, str]:
     """What decides the stage's result (RESULT_PARAMS), flat, as strings; the stage's
     own entry as stage.* ("stage.lr"), so runs of different stages share their keys. With the
     resolved init (resolve_init), stage.init is where the weights really started:
@@ -134,8 +146,18 @@ def stage_params(params: Params, stage: str, init: dict | None = None) -> dict[s
     out = {("stage." + k[len(own):] if k.startswith(own) else k): str(v)
            for k, v in result_params(params, stage).items()}
     if init is not None:
-        out["stage.init"] = str(init["source"])
+        out["stage.init"] = str(init.source)
     return out
+
+
+def _named_digest(files: list[FileDigest], names_from: Path) -> str:
+    """_digest of files already hashed."""
+    digest = hashlib.sha1()
+    for file in sorted(files, key=lambda f: f.path):
+        path = file.path
+        digest.update(str(path.relative_to(names_from) if path.is_relative_to(names_from) else path.name).encode())
+        digest.update(file.sha1)
+    return digest.hexdigest()
 
 
 def _digest(paths: list[Path], names_from: Path) -> str:
@@ -145,6 +167,12 @@ def _digest(paths: list[Path], names_from: Path) -> str:
         with open(path, "rb") as fh:
             digest.update(hashlib.file_digest(fh, "sha1").digest())
     return digest.hexdigest()
+
+
+def shards_fingerprint(shards_dir: Path, split: str) -> str:
+    """The run name's digest of one split's shards: _digest's, from the one read of each shard
+    (pipelines.data.shards.file_digests) that the stage's DVC md5 and dataset inputs share."""
+    return _named_digest(file_digests(shard_files(shards_dir, split)), Path(shards_dir) / split)
 
 
 def code_files(root: Path = PROJECT_ROOT) -> list[Path]:
@@ -164,7 +192,7 @@ def _relative(value: Any, root: Path) -> Any:
     return value
 
 
-def run_name(params: Params, stage: str, init: dict, root: Path) -> str:
+def run_name(params: Params, stage: str, init: StageInit, root: Path) -> str:
     """<stage>-<fingerprint of everything deciding the result but the iteration count>.
 
     The fingerprint covers the RESULT_PARAMS values, the CODE_DEPS files, the shards
@@ -180,15 +208,15 @@ def run_name(params: Params, stage: str, init: dict, root: Path) -> str:
     shards = []
     for split in SPLITS:
         try:
-            shards.append((split, _digest(shard_files(shards_dir, split), shards_dir / split)))
+            shards.append((split, shards_fingerprint(shards_dir, split)))
         except ValueError:
             shards.append((split, None))  # no shards yet: the stage fails on them with its own message
-    if init["path"] is None:
-        weights = init["source"]
-    elif init["source"] == "imagenet":
-        weights = _digest([Path(init["path"])], Path(init["path"]).parent)
+    if init.path is None:
+        weights = init.source
+    elif init.source == "imagenet":
+        weights = _digest([Path(init.path)], Path(init.path).parent)
     else:
-        weights = _digest([Path(init["path"]) / "meta.json", Path(init["path"]) / "model.pt"], Path(init["path"]))
+        weights = _digest([Path(init.path) / "meta.json", Path(init.path) / "model.pt"], Path(init.path))
     fingerprint = {"params": values, "init": weights, "shards": shards,
                    "code": _digest(code_files(), PROJECT_ROOT)}
     digest = hashlib.sha1(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()

@@ -19,7 +19,7 @@ checkpoint by mean IU becomes
     reports/<stage>/metrics.json  best val scores, iterations, where the weights started
     reports/<stage>/history.csv   iteration, loss and the four scores at each validation
 
-and the history goes to the stage's MLflow run (pipelines.track.tracking) as it is, in memory.
+and the history goes to the stage's MLflow run (pipelines.track.stage_runs) as it is, in memory.
 Ctrl-C aborts the run through Ray Train, ends the MLflow run KILLED and raises
 KeyboardInterrupt; a non-finite loss stops every worker (pipelines.train.loop) and fails
 the stage without outputs.
@@ -27,12 +27,14 @@ the stage without outputs.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from fcn_models.metrics import MEAN_IU, SCORE_KEYS
 from pipelines.core import driver
@@ -40,7 +42,7 @@ from pipelines.core.errors import StageError
 from pipelines.core.files import atomic_write_text, replace_dir
 from pipelines.core.params import Params
 from pipelines.data import dataset
-from pipelines.track import tracking
+from pipelines.track import metrics_log, stage_runs, store
 from pipelines.train import cluster, loop, recipe
 
 
@@ -88,23 +90,40 @@ def report_placement(stage: str, rank: int, start: int) -> list[dict]:
     return everyone
 
 
-def train_loop(config: dict) -> None:
+@dataclasses.dataclass(frozen=True)
+class WorkerHandles:
+    """What the workers get from this run beside the stage's StageConfig: where rank 0 logs
+    (None: no MLflow run), the StopNotice actor, where loop.Trace records (None: off)."""
+    tracking: metrics_log.RunTarget | None
+    stop_notice: Any
+    trace_dir: str | None = None
+
+
+def worker_config(config: loop.StageConfig, handles: WorkerHandles) -> dict:
+    """Ray Train's train_loop_config for train_loop: a dict, as Ray Train takes it."""
+    return {"stage": config, "handles": handles}
+
+
+def train_loop(loop_config: dict) -> None:
     """The Ray Train worker: pipelines.train.loop's schedule with Ray's device, DDP, data and reports."""
     import ray
     import ray.train
     import ray.train.torch
 
+    config: loop.StageConfig = loop_config["stage"]
+    handles: WorkerHandles = loop_config["handles"]
+    run_id = handles.tracking.run_id if handles.tracking else None
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
             worker = loop.StageWorker(config, device, rank, wrap=ray.train.torch.prepare_model,
-                                      checkpoint_dir=Path(directory))
+                                      checkpoint_dir=Path(directory), run_id=run_id)
     else:
-        worker = loop.StageWorker(config, device, rank, wrap=ray.train.torch.prepare_model)
-    report_placement(config["stage"], rank, worker.start)
-    params = config["params"]
+        worker = loop.StageWorker(config, device, rank, wrap=ray.train.torch.prepare_model, run_id=run_id)
+    report_placement(config.stage, rank, worker.start)
+    params = config.params
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     # One pass over the shard holds every epoch this attempt needs (dataset.training_datasets
@@ -113,12 +132,12 @@ def train_loop(config: dict) -> None:
     try:
         loop.run(worker, batches, lambda: dataset.iter_val_batches(val_shard, params),
                  lambda row, write: report_checkpoint(row, rank, write),
-                 tracking.MetricsLog(config.get("tracking"), rank, config["stage"]))
+                 metrics_log.MetricsLog(handles.tracking, rank, config.stage), trace_dir=handles.trace_dir)
     except loop.NonFiniteLoss as stop:
         # Every worker stops here, at the same iteration. Raised on, it would be a worker
         # failure, which Ray Train retries from the last checkpoint into the same loss.
         if rank == 0:
-            ray.get(config["stop_notice"].put.remote(stop.as_dict()))
+            ray.get(handles.stop_notice.put.remote(stop.as_dict()))
 
 
 class StopNotice:
@@ -146,7 +165,7 @@ def check_outputs_outside_job_copy(params: Params) -> None:
     """Refuse to write outputs into a Ray job's copy of the working directory, where they would be lost."""
     outputs = {"train.models_dir": params.train.models_dir, "train.reports_dir": params.train.reports_dir,
                "ray.storage_path": params.ray.storage_path}
-    uri = tracking.tracking_uri(params)
+    uri = store.tracking_uri(params)
     if uri.startswith("sqlite:///"):
         outputs["mlflow.db_file"] = uri[len("sqlite:///"):]
         outputs["mlflow.artifacts_dir"] = params.mlflow.artifacts_dir
@@ -174,8 +193,8 @@ def run_stage(params: Params, stage: str, root: Path, run_name: str | None = Non
     """
     root = Path(root).resolve()
     init = recipe.resolve_init(params, stage)
-    if init["source"] == "random":
-        warn_random_init(stage, init["note"])
+    if init.source == "random":
+        warn_random_init(stage, init.note)
     name = run_name or recipe.run_name(params, stage, init, root)
     storage = storage_path(params)
     # One run, one driver: a second one stops here (driver.RunHeldError), before it
@@ -184,53 +203,52 @@ def run_stage(params: Params, stage: str, root: Path, run_name: str | None = Non
         return _run_held(params, stage, root, init, name, storage, trace_dir)
 
 
-def _run_held(params: Params, stage: str, root: Path, init: dict, name: str, storage: str,
+def _run_held(params: Params, stage: str, root: Path, init: recipe.StageInit, name: str, storage: str,
               trace_dir: str | None) -> dict:
-    config = loop.loop_config(params, stage, init)
-    config["trace_dir"] = trace_dir
+    config = loop.stage_config(params, stage, init)
     # Fewer iterations than the run has trained cannot be had by resuming it: its best
     # checkpoint may come from past the count asked for, and the outputs would say otherwise.
     where = run_dir(storage, name)
     done = dataset.checkpoint_iteration(where)
-    if done > config["iterations"]:
+    if done > config.iterations:
         raise StageError(
-            f"run {name} has trained {done} iterations ({where}), more than the {config['iterations']} "
+            f"run {name} has trained {done} iterations ({where}), more than the {config.iterations} "
             f"that train.stages.{stage}.iterations asks for. Ask for {done} or more to use it, or train "
-            f"{config['iterations']} afresh under another run name (--run-name) or after removing {where}")
+            f"{config.iterations} afresh under another run name (--run-name) or after removing {where}")
     # Build the starting network once here, so a bad init fails now with its own
     # message instead of in every worker attempt.
     loop.initial_model(config)
     # The stage's MLflow run opens before anything trains: a store that cannot be
-    # opened stops the stage here (pipelines/track/tracking.py says why).
+    # opened stops the stage here (pipelines/track/stage_runs.py says why).
     try:
-        stage_run = tracking.open_stage_run(params, stage, root, name, storage, init,
+        stage_run = stage_runs.open_stage_run(params, stage, root, name, storage, init,
                                                 recipe.stage_params(params, stage, init))
-    except tracking.TrackingError as err:
+    except store.TrackingError as err:
         raise StageError(str(err)) from None
-    config["tracking"] = stage_run.for_workers()
     try:
-        result = fit(params, name, storage, config)
+        result = fit(params, name, storage, config, stage_run.for_workers(), trace_dir)
         best, history = best_and_history(result)
         models_dir = Path(params.train.models_dir) / stage
         reports_dir = Path(params.train.reports_dir) / stage
-        outputs = write_outputs(best, history, models_dir, reports_dir, init["note"])
+        outputs = write_outputs(best, history, models_dir, reports_dir, init.note)
         metrics = json.loads(outputs["metrics.json"])
         try:
-            tracking.finish_stage_run(stage_run, params, stage, models_dir, history, outputs)
+            stage_runs.finish_stage_run(stage_run, params, stage, models_dir, history, outputs)
         except Exception as err:
             raise StageError(
                 f"stage {stage} trained and wrote its outputs, but logging them to MLflow run {stage_run.run_id} "
                 f"failed: {type(err).__name__}: {err}; once the store works, run the stage again with the same "
                 "run name: it has nothing left to train and logs what is missing") from err
     except BaseException as err:
-        tracking.end_stage_run(stage_run, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        stage_runs.end_stage_run(stage_run, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     return metrics
 
 
-def fit(params: Params, name: str, storage: str, config: dict):
-    """Run (or resume) the Ray Train run `name` in `storage`; return its result.
-    StageError when the workers stopped on a non-finite loss."""
+def fit(params: Params, name: str, storage: str, config: loop.StageConfig,
+        tracking: metrics_log.RunTarget | None = None, trace_dir: str | None = None):
+    """Run (or resume) the Ray Train run `name` in `storage`, rank 0 logging to `tracking`;
+    return its result. StageError when the workers stopped on a non-finite loss."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -241,17 +259,16 @@ def fit(params: Params, name: str, storage: str, config: dict):
     cluster.connect(params.ray)
     cluster.check_cpu_budget(params.ray)
     cluster.check_placement(params.ray)
-    print(f"[{config['stage']}] run {name} in {storage}; weights start from {config['init']['note']}", flush=True)
+    print(f"[{config.stage}] run {name} in {storage}; weights start from {config.init.note}", flush=True)
     ray_params = params.ray
     # On the driver's node: an actor on a worker node would die with that node and take
     # the driver's answer with it, though the run itself survives the loss.
     notice = ray.remote(num_cpus=0)(StopNotice).options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
     ).remote()
-    config = {**config, "stop_notice": notice}
     trainer = interruptible(TorchTrainer)(
         train_loop,
-        train_loop_config=config,
+        train_loop_config=worker_config(config, WorkerHandles(tracking, notice, trace_dir)),
         # On a local cluster the process group listens on 127.0.0.1 only.
         torch_config=LoopbackTorchConfig(backend="nccl" if ray_params.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -270,7 +287,7 @@ def fit(params: Params, name: str, storage: str, config: dict):
                 checkpoint_score_attribute=MEAN_IU, checkpoint_score_order="max",
             ),
         ),
-        datasets=dataset.training_datasets(params, config["iterations"], run_dir(storage, name)),
+        datasets=dataset.training_datasets(params, config.iterations, run_dir(storage, name)),
         dataset_config=dataset.data_config(params),
     )
     try:
@@ -281,7 +298,7 @@ def fit(params: Params, name: str, storage: str, config: dict):
             cluster.check_placement(ray_params)
         except cluster.ClusterError as short:
             raise cluster.ClusterError(
-                f"stage {config['stage']} stopped, the Ray cluster can no longer hold its workers: {short}. "
+                f"stage {config.stage} stopped, the Ray cluster can no longer hold its workers: {short}. "
                 f"Its checkpoints stay in {run_dir(storage, name)}: once the cluster has room, run the stage "
                 "again and it resumes from the last one") from err
         raise
@@ -289,7 +306,7 @@ def fit(params: Params, name: str, storage: str, config: dict):
     if stopped:
         where = result.checkpoint.path if result.checkpoint is not None else None
         raise StageError(f"{loop.NonFiniteLoss.from_dict(stopped, where)}. Nothing was written to "
-                         f"{Path(params.train.models_dir) / config['stage']}")
+                         f"{Path(params.train.models_dir) / config.stage}")
     return result
 
 

@@ -17,7 +17,7 @@ import pytest
 from pipelines.core import driver
 from pipelines.core.params import PROJECT_ROOT, parse_params
 from pipelines.commands import status as status_stage
-from pipelines.track import tracking
+from pipelines.track import stage_runs, store
 from pipelines.train import recipe
 from support.training import make_params, write_shards
 
@@ -88,12 +88,12 @@ def test_runs_of_a_gone_driver_are_marked_failed_with_a_note(tmp_path, monkeypat
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = parse_params({}, root=tmp_path)
-    experiment_id = tracking.set_up(params)
-    client = MlflowClient(tracking_uri=tracking.tracking_uri(params))
+    experiment_id = store.set_up(params)
+    client = MlflowClient(tracking_uri=store.tracking_uri(params))
 
     def run(stage, record):
-        tags = {tracking.STAGE_TAG: stage, tracking.RAY_RUN_TAG: f"{stage}-x"}
-        tags.update({tracking.DRIVER_TAG + k: str(v) for k, v in (record or {}).items()})
+        tags = {stage_runs.STAGE_TAG: stage, stage_runs.RAY_RUN_TAG: f"{stage}-x"}
+        tags.update({stage_runs.DRIVER_TAG + k: str(v) for k, v in (record or {}).items()})
         return client.create_run(experiment_id, tags=tags).info.run_id
 
     dead = gone_process()
@@ -113,14 +113,14 @@ def test_runs_of_a_gone_driver_are_marked_failed_with_a_note(tmp_path, monkeypat
     statuses = {r: client.get_run(r).info.status for r in (lost, alive, elsewhere, unrecorded, finished)}
     assert statuses == {lost: "FAILED", alive: "RUNNING", elsewhere: "RUNNING", unrecorded: "RUNNING",
                         finished: "FINISHED"}
-    note = client.get_run(lost).data.tags[tracking.NOTE_TAG]
+    note = client.get_run(lost).data.tags[stage_runs.NOTE_TAG]
     assert f"pid {dead['pid']}" in note and "`fcn train --stage fcn32s`" in note
     # The listing: one line per stage run, the lost one FAILED with its driver.
     table = {line.split()[1]: line.split()[0] for line in out.splitlines()[2:]}
     assert table == {"fcn32s": "FAILED", "fcn16s": "RUNNING", "fcn8s": "RUNNING", "fcn8s-atonce": "RUNNING",
                      "fcn32s-fixed": "FINISHED"}
     # A second sweep finds nothing left to mark.
-    assert tracking.sweep_lost_runs(params) == []
+    assert stage_runs.sweep_lost_runs(params) == []
 
 
 def test_a_stage_start_marks_the_runs_of_a_gone_driver_failed(tmp_path, monkeypatch, capsys):
@@ -129,24 +129,24 @@ def test_a_stage_start_marks_the_runs_of_a_gone_driver_failed(tmp_path, monkeypa
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     write_shards(tmp_path / "shards")
     params = make_params(tmp_path, {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 4}})
-    client = MlflowClient(tracking_uri=tracking.tracking_uri(params))
+    client = MlflowClient(tracking_uri=store.tracking_uri(params))
     dead = gone_process()
-    lost = client.create_run(tracking.set_up(params), tags={
-        tracking.STAGE_TAG: "fcn16s", tracking.RAY_RUN_TAG: "fcn16s-x",
-        **{tracking.DRIVER_TAG + k: str(v) for k, v in dead.items()}}).info.run_id
+    lost = client.create_run(store.set_up(params), tags={
+        stage_runs.STAGE_TAG: "fcn16s", stage_runs.RAY_RUN_TAG: "fcn16s-x",
+        **{stage_runs.DRIVER_TAG + k: str(v) for k, v in dead.items()}}).info.run_id
 
-    init = {"source": "random", "path": None, "note": "random (test)"}
-    started = tracking.open_stage_run(params, "fcn32s", tmp_path, "fcn32s-y", str(tmp_path / "ray_results"), init,
+    init = recipe.StageInit(source="random", path=None, note="random (test)")
+    started = stage_runs.open_stage_run(params, "fcn32s", tmp_path, "fcn32s-y", str(tmp_path / "ray_results"), init,
                                       recipe.stage_params(params, "fcn32s", init))
     out = capsys.readouterr().out
     assert f"[fcn32s] MLflow run {lost} (fcn16s) was left RUNNING by a driver that is gone (host {dead['host']}, " \
         f"pid {dead['pid']}" in out
     assert client.get_run(lost).info.status == "FAILED"
-    note = client.get_run(lost).data.tags[tracking.NOTE_TAG]
+    note = client.get_run(lost).data.tags[stage_runs.NOTE_TAG]
     assert f"pid {dead['pid']}" in note and "`fcn train --stage fcn16s`" in note
     # The stage's own run, opened by this (living) driver, is left running.
     assert client.get_run(started.run_id).info.status == "RUNNING"
-    tracking.end_stage_run(started, "FINISHED")
+    stage_runs.end_stage_run(started, "FINISHED")
 
 
 def test_more_logical_cpus_than_cores_is_allowed_and_said():

@@ -28,7 +28,7 @@ from pipelines.core.params import PROJECT_ROOT, parse_params
 from pipelines.data.shards import shard_path
 from pipelines.registry import publish as register
 from pipelines.stages import register as register_stage
-from pipelines.track import tracking
+from pipelines.track import metrics_log, provenance, store
 from support.checkpoints import checkpoint_mask, make_checkpoint, write_evaluation
 from support.training import WIDTH, write_shards
 
@@ -67,8 +67,8 @@ def registry(tmp_path_factory):
     copies, scores, records, training_runs = [], [], [], []
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        client = MlflowClient(tracking_uri=tracking.tracking_uri(params))
-        experiment_id = tracking.set_up(params)
+        client = MlflowClient(tracking_uri=store.tracking_uri(params))
+        experiment_id = store.set_up(params)
         for seed, (mean_iu, _) in enumerate(SEQUENCE, start=1):
             run = client.create_run(experiment_id, run_name=f"fcn8s-trained-{seed}", tags={"fcn.stage": "fcn8s"})
             client.set_terminated(run.info.run_id, "FINISHED")
@@ -80,7 +80,7 @@ def registry(tmp_path_factory):
             assert register_stage.main(["--params", str(params_file)]) == 0
             records.append(json.loads((root / "reports" / "registry.json").read_text()))
         yield {"root": root, "params": params, "copies": copies, "scores": scores, "records": records,
-               "uri": tracking.tracking_uri(params), "training_runs": training_runs}
+               "uri": store.tracking_uri(params), "training_runs": training_runs}
 
 
 def test_alias_moves_only_to_a_better_version(registry):
@@ -140,7 +140,7 @@ def test_the_version_is_described_by_its_model_card(registry):
     assert record["weights_sha256"] in card and run.info.run_name in card and record["run_id"] in card
     # The params name the official archives' md5s (the defaults).
     assert "PASCAL VOC 2012 and SBD, the official archives VOCtrainval_11-May-2012.tar (md5 6cd6e144" in card
-    train_rows = f"| train | 2 | sbd 2 | `{tracking.compute_shards_hash(registry['root'] / 'data' / 'shards', 'train')}` |"
+    train_rows = f"| train | 2 | sbd 2 | `{provenance.compute_shards_hash(registry['root'] / 'data' / 'shards', 'train')}` |"
     assert train_rows in card
     assert f"| **fcn8s** (this version) | {100 * scores['pixel_acc']:.1f} | {100 * scores['mean_acc']:.1f} | " \
            f"{100 * scores['mean_iu']:.1f} | {100 * scores['fw_iu']:.1f} |" in card
@@ -306,7 +306,7 @@ def test_a_checkpoint_without_a_training_run_gets_a_run_holding_its_scores(tmp_p
     write_evaluation(params, "fcn8s", checkpoint, scores)
     record = register.register(params, "fcn8s", checkpoint, register.evaluated_scores(params, "fcn8s", checkpoint),
                                tmp_path)
-    client = MlflowClient(tracking_uri=tracking.tracking_uri(params))
+    client = MlflowClient(tracking_uri=store.tracking_uri(params))
     run = client.get_run(record["run_id"])
     assert run.info.run_name == "register-fcn8s"
     assert {k: run.data.metrics[f"eval/{k}"] for k in SCORE_NAMES} == pytest.approx(scores)
@@ -369,9 +369,9 @@ def test_a_register_that_fails_leaves_the_training_run_as_it_was(tmp_path, capsy
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump({"model": {"width": WIDTH}}))
     params = parse_params({"model": {"width": WIDTH}}, root=tmp_path)
-    uri = tracking.tracking_uri(params)
+    uri = store.tracking_uri(params)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    trained = client.create_run(tracking.set_up(params), run_name="fcn8s-trained", tags={"fcn.stage": "fcn8s"})
+    trained = client.create_run(store.set_up(params), run_name="fcn8s-trained", tags={"fcn.stage": "fcn8s"})
     client.set_terminated(trained.info.run_id, "FINISHED")
     before = client.get_run(trained.info.run_id).info
     checkpoint = tmp_path / "models" / "fcn8s"
@@ -379,7 +379,7 @@ def test_a_register_that_fails_leaves_the_training_run_as_it_was(tmp_path, capsy
     if failure == "ctrl-c":
         def interrupted(*args, **kwargs):
             raise KeyboardInterrupt
-        monkeypatch.setattr(tracking, "evaluation_metrics", interrupted)
+        monkeypatch.setattr(metrics_log, "evaluation_metrics", interrupted)
         expected_status = 130
     else:
         # A file where the logged models' directory goes: writing the model's artifacts fails (as root too).

@@ -158,7 +158,7 @@ def test_the_registered_model_refuses_an_image_above_the_limit_it_was_registered
 
     from pipelines.core.params import parse_params
     from pipelines.stages import register
-    from pipelines.track import tracking
+    from pipelines.track import store
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     write_shards(tmp_path / "data" / "shards", n_train=1, n_val=2)
@@ -169,7 +169,7 @@ def test_the_registered_model_refuses_an_image_above_the_limit_it_was_registered
     write_evaluation(params, "fcn8s", checkpoint, make_checkpoint(checkpoint, seed=2, mean_iu=0.5))
     status, err = stage(register.main, "--params", str(tmp_path / "params.yaml"))
     assert status == 0, err
-    tracking.use_store(tracking.tracking_uri(params))
+    store.use_store(store.tracking_uri(params))
     served = mlflow.pyfunc.load_model("models:/fcn-voc@champion")
     image = np.random.default_rng(1).integers(0, 256, (20, 35, 3), dtype=np.uint8)  # 700 pixels: allowed
     np.testing.assert_array_equal(served.predict(image), checkpoint_mask(checkpoint, image))

@@ -27,7 +27,7 @@ from pipelines import cli
 from pipelines.core.files import file_sha256
 from pipelines.core.params import parse_params
 from pipelines.stages import evaluate
-from pipelines.track import tracking, val_scores
+from pipelines.track import store, val_scores
 from fcn_models.voc import VOID
 from support.evaluation import decoded_rows, direct_confusion, paper_scores, random_scorer
 from support.training import WIDTH, write_shards
@@ -253,8 +253,8 @@ def test_scores_go_to_the_run_that_trained_the_checkpoint(tmp_path, monkeypatch)
     params_file = write_params(tmp_path / "params.yaml", tmp_path, tmp_path / "shards", tmp_path / "models",
                                stages=["fcn32s", "fcn8s"])
     params = parse_params(yaml.safe_load(params_file.read_text()), root=tmp_path)
-    client = MlflowClient(tracking_uri=tracking.tracking_uri(params))
-    run = client.create_run(tracking.set_up(params), run_name="fcn32s-trained")
+    client = MlflowClient(tracking_uri=store.tracking_uri(params))
+    run = client.create_run(store.set_up(params), run_name="fcn32s-trained")
     save_checkpoint(tmp_path / "models" / "fcn32s", random_scorer("fcn32s", 2, 3.0, 2.0),
                     {"stage": "fcn32s", "mlflow_run_id": run.info.run_id, "iterations": 7})
     # A run id from another store: the scores stay in the report, with a line saying so.

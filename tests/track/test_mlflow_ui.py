@@ -21,7 +21,7 @@ from support.ports import free_port
 
 from pipelines.core.params import load_params
 from pipelines.stages import register as register_stage
-from pipelines.track import tracking
+from pipelines.track import metrics_log, stage_runs
 from pipelines.train import recipe
 from support.checkpoints import make_checkpoint, write_evaluation
 from support.training import WIDTH, write_shards
@@ -40,13 +40,13 @@ def store(tmp_path_factory):
     params = load_params(root / "params.yaml")
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        init = {"source": "random", "path": None, "note": "random (no ImageNet weights)"}
-        run = tracking.open_stage_run(params, "fcn8s", root, "fcn8s-ui0test", str(root / "ray_results"), init, recipe.stage_params(params, "fcn8s", init))
+        init = recipe.StageInit(source="random", path=None, note="random (no ImageNet weights)")
+        run = stage_runs.open_stage_run(params, "fcn8s", root, "fcn8s-ui0test", str(root / "ray_results"), init, recipe.stage_params(params, "fcn8s", init))
         checkpoint = root / "models" / "fcn8s"
         scores = make_checkpoint(checkpoint, seed=6, mean_iu=0.6, run_id=run.run_id)
         rows = [{"iteration": i, "loss": 1.0 / i, "pixel_acc": 0.5 + i / 40, "mean_acc": 0.2 + i / 40,
                  "mean_iu": 0.1 + i / 40, "fw_iu": 0.4 + i / 40} for i in (2, 4, 6, 8, 10)]
-        tracking.log_missing_rows(run.client(), run.run_id, rows)
+        metrics_log.log_missing_rows(run.client(), run.run_id, rows)
         run.client().set_terminated(run.run_id, "FINISHED")
         write_evaluation(params, "fcn8s", checkpoint, scores)
         assert register_stage.main(["--params", str(root / "params.yaml")]) == 0

@@ -21,12 +21,12 @@ from fcn_models.metrics import SCORE_KEYS
 from fcn_models.palette import overlay
 from pipelines.core.params import parse_params
 from pipelines.data.shards import decode_sample
-from pipelines.track import tracking
+from pipelines.track import metrics_log, provenance, stage_runs, store
 from pipelines.train import recipe, trainer
 from support.training import N_TRAIN, N_VAL, SIZES, make_params, read_history, write_shards
 
 SCORE_AND_LOSS = ("loss", *SCORE_KEYS)
-RANDOM_INIT = {"source": "random", "path": None, "note": "random (test)"}
+RANDOM_INIT = recipe.StageInit(source="random", path=None, note="random (test)")
 GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
 
@@ -61,10 +61,10 @@ def with_mlflow(params, **knobs):
     return dataclasses.replace(params, mlflow=dataclasses.replace(params.mlflow, **knobs))
 
 
-def stage_runs(root, params):
+def experiment_runs(root, params):
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking.tracking_uri(params))
+    client = MlflowClient(tracking_uri=store.tracking_uri(params))
     experiment = client.get_experiment_by_name(params.mlflow.experiment)
     return client, client.search_runs([experiment.experiment_id])
 
@@ -78,11 +78,11 @@ def metric_rows(client, run_id, key):
 
 def test_git_state_reads_the_commit_and_notes_a_dirty_tree(tmp_path):
     head = committed_repo(tmp_path / "repo")
-    assert tracking.git_state(tmp_path / "repo") == (head, False)
+    assert provenance.git_state(tmp_path / "repo") == (head, False)
     (tmp_path / "repo" / ".gitignore").write_text("*\n")
-    assert tracking.git_state(tmp_path / "repo") == (head, True)
+    assert provenance.git_state(tmp_path / "repo") == (head, True)
     (tmp_path / "plain").mkdir()
-    assert tracking.git_state(tmp_path / "plain") == ("unknown", None)
+    assert provenance.git_state(tmp_path / "plain") == ("unknown", None)
 
 
 def test_shards_hash_is_dvcs_from_the_lock_while_it_still_fits(tmp_path):
@@ -90,7 +90,7 @@ def test_shards_hash_is_dvcs_from_the_lock_while_it_still_fits(tmp_path):
     write_shards(shards)
     expected = dvc_md5(shards, tmp_path)
     assert expected.endswith(".dir")
-    assert tracking.shards_hash(shards, tmp_path) == (expected, "computed")
+    assert provenance.shards_hash(shards, tmp_path) == (expected, "computed")
 
     files = [p for p in shards.rglob("*") if p.is_file()]
     size = sum(p.stat().st_size for p in files)
@@ -102,10 +102,10 @@ def test_shards_hash_is_dvcs_from_the_lock_while_it_still_fits(tmp_path):
             "outs": [{"path": "data/shards", "hash": "md5", "md5": locked, "size": size, "nfiles": nfiles}]}}}))
 
     write_lock(len(files), size)
-    assert tracking.shards_hash(shards, tmp_path) == (locked, "dvc.lock")
+    assert provenance.shards_hash(shards, tmp_path) == (locked, "dvc.lock")
     # Shards changed outside DVC since the lock was written: the lock no longer describes them.
     write_lock(len(files), size + 1)
-    assert tracking.shards_hash(shards, tmp_path) == (expected, "computed")
+    assert provenance.shards_hash(shards, tmp_path) == (expected, "computed")
 
 
 def test_a_temp_folder_left_by_a_killed_preprocess_does_not_change_the_shards_hash(tmp_path):
@@ -118,14 +118,14 @@ def test_a_temp_folder_left_by_a_killed_preprocess_does_not_change_the_shards_ha
     stale = shards / ".train.tmp-12345"
     stale.mkdir()
     shutil.copy(shards / "train" / "part-00000.parquet", stale / "part-00000.parquet")
-    assert tracking.shards_hash(shards, tmp_path) == (clean, "computed")
+    assert provenance.shards_hash(shards, tmp_path) == (clean, "computed")
     # dvc.lock, written before the killed run, still describes the shards.
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"preprocess": {
         "outs": [{"path": "data/shards", "hash": "md5", "md5": clean, "size": size, "nfiles": len(files)}]}}}))
-    assert tracking.shards_hash(shards, tmp_path) == (clean, "dvc.lock")
+    assert provenance.shards_hash(shards, tmp_path) == (clean, "dvc.lock")
     # A split's digest is DVC's md5 of that split's directory.
     (tmp_path / "split").mkdir()
-    assert tracking.compute_shards_hash(shards, "train") == dvc_md5(shards / "train", tmp_path / "split")
+    assert provenance.compute_shards_hash(shards, "train") == dvc_md5(shards / "train", tmp_path / "split")
 
 
 def test_same_ray_run_reopens_its_mlflow_run_and_another_name_opens_a_new_one(tmp_path, monkeypatch, capsys):
@@ -134,19 +134,19 @@ def test_same_ray_run_reopens_its_mlflow_run_and_another_name_opens_a_new_one(tm
     stages = {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 4}}
     params = make_params(tmp_path, stages)
     storage = str(tmp_path / "ray_results")
-    first = tracking.open_stage_run(params, "fcn32s", tmp_path, "one", storage, RANDOM_INIT, recipe.stage_params(params, "fcn32s", RANDOM_INIT))
+    first = stage_runs.open_stage_run(params, "fcn32s", tmp_path, "one", storage, RANDOM_INIT, recipe.stage_params(params, "fcn32s", RANDOM_INIT))
     assert not first.resumed
     # The embedded default: SQLite in the project, artifacts beside it, both absolute.
     assert first.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}" and (tmp_path / "mlflow.db").is_file()
-    tracking.end_stage_run(first, "FAILED")
+    stage_runs.end_stage_run(first, "FAILED")
 
     longer = make_params(tmp_path, {"fcn32s": {**stages["fcn32s"], "iterations": 8}})
-    again = tracking.open_stage_run(longer, "fcn32s", tmp_path, "one", storage, RANDOM_INIT, recipe.stage_params(longer, "fcn32s", RANDOM_INIT))
-    other = tracking.open_stage_run(params, "fcn32s", tmp_path, "two", storage, RANDOM_INIT, recipe.stage_params(params, "fcn32s", RANDOM_INIT))
+    again = stage_runs.open_stage_run(longer, "fcn32s", tmp_path, "one", storage, RANDOM_INIT, recipe.stage_params(longer, "fcn32s", RANDOM_INIT))
+    other = stage_runs.open_stage_run(params, "fcn32s", tmp_path, "two", storage, RANDOM_INIT, recipe.stage_params(params, "fcn32s", RANDOM_INIT))
     assert again.run_id == first.run_id and again.resumed
     assert other.run_id != first.run_id and not other.resumed
 
-    client, runs = stage_runs(tmp_path, params)
+    client, runs = experiment_runs(tmp_path, params)
     by_id = {r.info.run_id: r for r in runs}
     assert len(runs) == 2
     reopened = by_id[first.run_id]
@@ -168,11 +168,11 @@ def test_a_stage_from_an_earlier_stage_is_nested_under_the_run_that_trained_its_
     params = make_params(tmp_path, {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 4},
                                     "fcn16s": {"init": "fcn32s", "lr": 1e-3, "iterations": 4}})
     storage = str(tmp_path / "ray_results")
-    first = tracking.open_stage_run(params, "fcn32s", tmp_path, "a", storage, RANDOM_INIT, recipe.stage_params(params, "fcn32s", RANDOM_INIT))
+    first = stage_runs.open_stage_run(params, "fcn32s", tmp_path, "a", storage, RANDOM_INIT, recipe.stage_params(params, "fcn32s", RANDOM_INIT))
     save_checkpoint(tmp_path / "models" / "fcn32s", build_fcn("fcn32s", width=0.0625),
                     {"stage": "fcn32s", "mlflow_run_id": first.run_id})
     init = recipe.resolve_init(params, "fcn16s")
-    second = tracking.open_stage_run(params, "fcn16s", tmp_path, "b", storage, init, recipe.stage_params(params, "fcn16s", init))
+    second = stage_runs.open_stage_run(params, "fcn16s", tmp_path, "b", storage, init, recipe.stage_params(params, "fcn16s", init))
     client = second.client()
     run = client.get_run(second.run_id)
     assert run.data.tags["mlflow.parentRunId"] == first.run_id
@@ -185,7 +185,7 @@ def test_a_stage_from_an_earlier_stage_is_nested_under_the_run_that_trained_its_
     assert sorted(inputs) == ["train", "val"]
     for split, rows in (("train", N_TRAIN), ("val", N_VAL)):
         dataset = inputs[split].dataset
-        assert dataset.digest == tracking.compute_shards_hash(tmp_path / "shards", split)
+        assert dataset.digest == provenance.compute_shards_hash(tmp_path / "shards", split)
         assert json.loads(dataset.profile)["num_rows"] == rows
         assert json.loads(dataset.source)["uri"] == (tmp_path / "shards" / split).as_uri()
         assert {t.key: t.value for t in inputs[split].tags}["mlflow.data.context"] == \
@@ -193,10 +193,10 @@ def test_a_stage_from_an_earlier_stage_is_nested_under_the_run_that_trained_its_
     # A checkpoint whose run is not in this store: no parent, no error.
     save_checkpoint(tmp_path / "models" / "fcn32s", build_fcn("fcn32s", width=0.0625),
                     {"stage": "fcn32s", "mlflow_run_id": "0" * 32})
-    third = tracking.open_stage_run(params, "fcn16s", tmp_path, "c", storage, recipe.resolve_init(params, "fcn16s"), recipe.stage_params(params, "fcn16s", recipe.resolve_init(params, "fcn16s")))
+    third = stage_runs.open_stage_run(params, "fcn16s", tmp_path, "c", storage, recipe.resolve_init(params, "fcn16s"), recipe.stage_params(params, "fcn16s", recipe.resolve_init(params, "fcn16s")))
     assert "mlflow.parentRunId" not in client.get_run(third.run_id).data.tags
     for stage_run in (first, second, third):
-        tracking.end_stage_run(stage_run, "FAILED")
+        stage_runs.end_stage_run(stage_run, "FAILED")
 
 
 def test_a_store_that_cannot_be_opened_stops_the_stage_before_training(tmp_path):
@@ -246,11 +246,11 @@ def tracked(tmp_path_factory, ray_cluster):
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         metrics = trainer.run_stage(params, "fcn32s", root, run_name="tracked")
-        client, runs = stage_runs(root, params)
+        client, runs = experiment_runs(root, params)
         first = {"runs": runs, "metrics": {k: metric_rows(client, runs[0].info.run_id, k)
-                                           for k in (*SCORE_AND_LOSS, tracking.TRAIN_LOSS_KEY)}}
+                                           for k in (*SCORE_AND_LOSS, metrics_log.TRAIN_LOSS_KEY)}}
         trainer.run_stage(longer, "fcn32s", root, run_name="tracked")
-        _, after = stage_runs(root, params)
+        _, after = experiment_runs(root, params)
     return {"root": root, "params": params, "metrics": metrics, "commit": commit, "md5": expected_md5,
             "client": client, "first": first, "after": after}
 
@@ -291,8 +291,8 @@ def test_metrics_by_iteration_are_the_history(tracked):
     for key in SCORE_AND_LOSS:
         assert logged[key] == [(int(row["iteration"]), pytest.approx(row[key], rel=1e-12)) for row in history], key
     # The training loss every log_every (2) iterations, once each.
-    assert [step for step, _ in logged[tracking.TRAIN_LOSS_KEY]] == [2, 4]
-    assert all(value > 0 for _, value in logged[tracking.TRAIN_LOSS_KEY])
+    assert [step for step, _ in logged[metrics_log.TRAIN_LOSS_KEY]] == [2, 4]
+    assert all(value > 0 for _, value in logged[metrics_log.TRAIN_LOSS_KEY])
 
 
 def test_artifacts_are_the_plots_val_images_and_outputs(tracked):
@@ -336,7 +336,7 @@ def test_same_run_name_continues_the_same_run(tracked):
         logged = metric_rows(client, run.info.run_id, key)
         assert logged[:2] == tracked["first"]["metrics"][key]
         assert logged == [(int(row["iteration"]), pytest.approx(row[key], rel=1e-12)) for row in history], key
-    assert [step for step, _ in metric_rows(client, run.info.run_id, tracking.TRAIN_LOSS_KEY)] == [2, 4, 6]
+    assert [step for step, _ in metric_rows(client, run.info.run_id, metrics_log.TRAIN_LOSS_KEY)] == [2, 4, 6]
     artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
     assert read_history(artifacts / "outputs" / "history.csv") == history
 
@@ -350,7 +350,7 @@ def test_a_stage_that_fails_ends_its_run_failed(tmp_path, ray_cluster, monkeypat
     params = make_params(tmp_path, {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 4}})
     with pytest.raises(ShardError, match="val"):
         trainer.run_stage(params, "fcn32s", tmp_path, run_name="broken")
-    _, runs = stage_runs(tmp_path, params)
+    _, runs = experiment_runs(tmp_path, params)
     assert [(r.data.tags["fcn.ray_run"], r.info.status) for r in runs] == [("broken", "FAILED")]
     assert runs[0].info.end_time is not None
 
@@ -358,31 +358,31 @@ def test_a_stage_that_fails_ends_its_run_failed(tmp_path, ray_cluster, monkeypat
 def test_the_store_is_absolute_for_workers_that_run_elsewhere(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = make_params(tmp_path, {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 4}})
-    assert tracking.tracking_uri(params) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert store.tracking_uri(params) == f"sqlite:///{tmp_path}/mlflow.db"
     # A relative SQLite path in a params file is taken from its directory, as every params path.
     relative = parse_params({"mlflow": {"tracking_uri": "sqlite:///store/runs.db"}}, "test", root=tmp_path)
-    assert tracking.tracking_uri(relative) == f"sqlite:///{tmp_path}/store/runs.db"
-    assert tracking.tracking_uri(with_mlflow(params, tracking_uri="http://127.0.0.1:5000")) == \
+    assert store.tracking_uri(relative) == f"sqlite:///{tmp_path}/store/runs.db"
+    assert store.tracking_uri(with_mlflow(params, tracking_uri="http://127.0.0.1:5000")) == \
         "http://127.0.0.1:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5001")
-    assert tracking.tracking_uri(params) == "http://127.0.0.1:5001"
+    assert store.tracking_uri(params) == "http://127.0.0.1:5001"
     # A relative SQLite URI in the environment: from where it was set, this process's directory.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
     monkeypatch.chdir(tmp_path)
-    assert tracking.tracking_uri(params) == f"sqlite:///{tmp_path}/env.db"
+    assert store.tracking_uri(params) == f"sqlite:///{tmp_path}/env.db"
 
 
 def test_store_is_params_then_environment_then_the_projects_sqlite(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     default = parse_params({}, "test params", root=tmp_path)
-    assert tracking.tracking_uri(default) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
-    assert tracking.artifact_location(default) == (tmp_path.resolve() / "mlartifacts").as_uri()
+    assert store.tracking_uri(default) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert store.artifact_location(default) == (tmp_path.resolve() / "mlartifacts").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
-    assert tracking.tracking_uri(default) == "http://127.0.0.1:5999"
+    assert store.tracking_uri(default) == "http://127.0.0.1:5999"
     named = parse_params({"mlflow": {"tracking_uri": "http://127.0.0.1:5001"}}, "test params")
-    assert tracking.tracking_uri(named) == "http://127.0.0.1:5001"
+    assert store.tracking_uri(named) == "http://127.0.0.1:5001"
     # Opening one project's store leaves the next project its own.
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    tracking.set_up(parse_params({}, "test params", root=tmp_path / "a"))
+    store.set_up(parse_params({}, "test params", root=tmp_path / "a"))
     other = parse_params({}, "test params", root=tmp_path / "b")
-    assert tracking.tracking_uri(other) == f"sqlite:///{tmp_path.resolve() / 'b' / 'mlflow.db'}"
+    assert store.tracking_uri(other) == f"sqlite:///{tmp_path.resolve() / 'b' / 'mlflow.db'}"

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from pipelines.core.params import PROJECT_ROOT, load_params
-from pipelines.track import tracking
+from pipelines.track import stage_runs, store
 from pipelines.train import cluster
 from pipelines.train.rendezvous import is_loopback
 from support.training import WIDTH, write_shards
@@ -105,11 +105,11 @@ def stop_group(process: subprocess.Popen) -> None:
         process.wait(timeout=60)
 
 
-def stage_runs(params_file: Path):
+def experiment_runs(params_file: Path):
     from mlflow import MlflowClient
 
     params = load_params(params_file)
-    client = MlflowClient(tracking_uri=tracking.tracking_uri(params))
+    client = MlflowClient(tracking_uri=store.tracking_uri(params))
     experiment = client.get_experiment_by_name(params.mlflow.experiment)
     return client, client.search_runs([experiment.experiment_id])
 
@@ -156,7 +156,7 @@ def test_a_second_driver_of_the_same_run_stops_at_once_naming_the_first(interrup
     assert interrupted["a_alive_after_b"]
     # At once: a correctness bound (it must not start Ray or MLflow first), not a benchmark.
     assert interrupted["b_seconds"] < 60
-    client, runs = stage_runs(interrupted["params"])
+    client, runs = experiment_runs(interrupted["params"])
     assert len(runs) == 1
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "mean_iu")]
     assert steps and len(steps) == len(set(steps))
@@ -168,7 +168,7 @@ def test_ctrl_c_ends_the_stage_killed_with_status_130_and_how_to_resume(interrup
     # The hint repeats the params file A was given: the default one would not resume this run.
     assert (f"train: interrupted; run `fcn train --stage {STAGE} --params {interrupted['params']}` again: it "
             "resumes from the last checkpoint" in log.splitlines()), log[-3000:]
-    _, runs = stage_runs(interrupted["params"])
+    _, runs = experiment_runs(interrupted["params"])
     assert [r.info.status for r in runs] == ["KILLED"]
     # The run's checkpoints are left for the resume.
     assert (interrupted["run_dir"] / "checkpoint_manager_snapshot.json").exists()
@@ -217,14 +217,14 @@ def test_a_killed_driver_takes_its_cluster_along_and_its_run_is_marked_failed(tm
     assert log.count("logical CPUs on a machine with") == 1, log[-3000:]
     assert f"on a machine with {cores} cores: allowed, but" in log
 
-    client, runs = stage_runs(params_file)
+    client, runs = experiment_runs(params_file)
     assert [r.info.status for r in runs] == ["RUNNING"]
     run_id = runs[0].info.run_id
-    assert runs[0].data.tags[tracking.DRIVER_TAG + "pid"] == str(c.pid)
+    assert runs[0].data.tags[stage_runs.DRIVER_TAG + "pid"] == str(c.pid)
     status = subprocess.run([sys.executable, "-m", "pipelines.commands.status", "--params", str(params_file)],
                             capture_output=True, text=True, env=environment(), timeout=300)
     assert status.returncode == 0, status.stderr
     assert f"marked FAILED: MLflow run {run_id} ({STAGE}): its driver is gone" in status.stdout
     run = client.get_run(run_id)
     assert run.info.status == "FAILED"
-    assert f"pid {c.pid}" in run.data.tags[tracking.NOTE_TAG]
+    assert f"pid {c.pid}" in run.data.tags[stage_runs.NOTE_TAG]

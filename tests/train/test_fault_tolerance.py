@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from pipelines.track import tracking
+from pipelines.track import store
 from pipelines.train import trainer
 from pipelines.train.loop import Trace
 from support.training import make_params, read_history, write_shards
@@ -82,7 +82,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint_and_finishes(tmp_path, r
     # MLflow: one run through both attempts, finished, every validation logged once as in history.csv.
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking.tracking_uri(params))
+    client = MlflowClient(tracking_uri=store.tracking_uri(params))
     runs = client.search_runs([client.get_experiment_by_name(params.mlflow.experiment).experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     logged = sorted((m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, "mean_iu"))

@@ -121,8 +121,8 @@ def test_a_stage_whose_loss_goes_nan_stops_once_fails_its_run_and_writes_nothing
 
     from mlflow import MlflowClient
 
-    from pipelines.track import tracking
+    from pipelines.track import store
 
-    client = MlflowClient(tracking_uri=tracking.tracking_uri(params))
+    client = MlflowClient(tracking_uri=store.tracking_uri(params))
     runs = client.search_runs([client.get_experiment_by_name(params.mlflow.experiment).experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]

@@ -6,19 +6,24 @@ may move the name (a knob that made DVC re-run the stage without changing the ru
 would resume the finished run and train nothing).
 """
 import dataclasses
+import os
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from fcn_models.norms import BACKBONE_NORMS, TORCHVISION_GOOGLENET, TORCHVISION_RGB
 from pipelines.core.params import PROJECT_ROOT, input_norm
-from pipelines.data import dataset
+from pipelines.data import dataset, shards
+from pipelines.data.shards import SPLITS, shard_files
+from pipelines.track import provenance
 from pipelines.train import loop, recipe
 from support.training import make_params, write_shards
 
 STAGES = {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 10},
           "fcn16s": {"init": "fcn32s", "lr": 1e-3, "iterations": 10}}
-RANDOM = {"source": "random", "path": None, "note": "random"}
+RANDOM = recipe.StageInit(source="random", path=None, note="random")
 
 # A different valid value for each leaf of RESULT_PARAMS.
 CHANGED = {
@@ -121,9 +126,9 @@ def test_the_run_follows_the_shards_and_the_starting_weights_not_stray_files(roo
     assert recipe.run_name(params, "fcn32s", RANDOM, root) == base
     weights = tmp_path / "vgg16.pth"
     weights.write_bytes(b"one")
-    first = recipe.run_name(params, "fcn32s", {"source": "imagenet", "path": str(weights), "note": ""}, root)
+    first = recipe.run_name(params, "fcn32s", recipe.StageInit(source="imagenet", path=str(weights), note=""), root)
     weights.write_bytes(b"two")
-    assert recipe.run_name(params, "fcn32s", {"source": "imagenet", "path": str(weights), "note": ""}, root) != first
+    assert recipe.run_name(params, "fcn32s", recipe.StageInit(source="imagenet", path=str(weights), note=""), root) != first
 
 
 def test_the_mlflow_run_records_exactly_the_result_params(root):
@@ -143,7 +148,7 @@ def test_googlenet_trains_on_its_own_normalisation(root):
     params = params_with(root, "model.backbone", "googlenet")
     assert params.model.input_norm is None
     assert input_norm(params) == TORCHVISION_GOOGLENET == BACKBONE_NORMS["googlenet"]
-    config = loop.loop_config(params, "fcn32s", RANDOM)
+    config = loop.stage_config(params, "fcn32s", RANDOM)
     worker = loop.StageWorker(config, torch.device("cpu"))
     assert worker.net.input_norm == TORCHVISION_GOOGLENET
     # The batches: decoded and normalised as the training pipeline does, without Ray.
@@ -173,6 +178,50 @@ def test_googlenet_trains_on_its_own_normalisation(root):
     from fcn_models.checkpoint import read_meta
 
     assert read_meta(root / "googlenet-checkpoint")["input_norm"]["name"] == TORCHVISION_GOOGLENET.name
+
+
+def test_the_shards_fingerprint_is_the_digest_of_the_shard_files(root):
+    """The run name's shards entry from the shared read equals its definition over the files."""
+    shards_dir = root / "shards"
+    for split in SPLITS:
+        files = shard_files(shards_dir, split)
+        assert recipe.shards_fingerprint(shards_dir, split) == recipe._digest(files, shards_dir / split)
+
+
+def test_a_stage_start_reads_each_shard_once_for_its_three_hashes(tmp_path, monkeypatch):
+    """Run name, DVC md5 of the shards and of each split: one read of every shard file."""
+    shards_dir = tmp_path / "shards"
+    write_shards(shards_dir)
+    files = [p for p in shards_dir.rglob("*.parquet")]
+    for path in files:
+        os.utime(path, (time.time() - 3600,) * 2)  # not just written: its digest may be kept
+    reads = []
+
+    def counting_open(path, *args, **kwargs):
+        reads.append(Path(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(shards, "open", counting_open, raising=False)
+    params = make_params(tmp_path, STAGES)
+    recipe.run_name(params, "fcn32s", RANDOM, tmp_path)
+    provenance.shards_hash(shards_dir, tmp_path)
+    datasets = provenance.shard_datasets(shards_dir)
+    assert sorted(reads) == sorted(files)
+    assert [d["digest"] for d in datasets] == [provenance.compute_shards_hash(shards_dir, s) for s in SPLITS]
+
+
+def test_the_stage_config_is_frozen_and_travels_to_the_workers_as_it_is(root):
+    import pickle
+
+    from pipelines.track.metrics_log import RunTarget
+    from pipelines.train import trainer
+
+    config = loop.stage_config(params_with(root), "fcn32s", RANDOM)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lr = 1.0
+    # The run's handles travel beside it, never in it.
+    handles = trainer.WorkerHandles(RunTarget("sqlite:////tmp/mlflow.db", "0" * 32), None, str(root / "trace"))
+    assert pickle.loads(pickle.dumps(trainer.worker_config(config, handles))) == {"stage": config, "handles": handles}
 
 
 def test_the_code_in_the_run_name_is_every_file_dvc_hashes_for_the_stage():

@@ -36,7 +36,7 @@ def test_count_sees_subnormals_and_flush_zeroes_only_them():
 def test_a_training_step_leaves_no_subnormal_weight_or_optimizer_state(tmp_path):
     stages = {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 2}}
     params = make_params(tmp_path, stages, optimizer="adam", momentum=0.9, weight_decay=5e-4)
-    worker = loop.StageWorker(loop.loop_config(params, "fcn32s", recipe.resolve_init(params, "fcn32s")), "cpu")
+    worker = loop.StageWorker(loop.stage_config(params, "fcn32s", recipe.resolve_init(params, "fcn32s")), "cpu")
     planted = sum(plant(p) for name, p in worker.net.named_parameters() if p.requires_grad and p.dim() == 4)
     assert subnormals.count(worker.net.parameters()) == planted > 1000
     images = torch.randn(1, 3, 40, 48)

@@ -127,14 +127,14 @@ def test_missing_previous_stage_says_which_stage_to_run_first(tmp_path, capsys):
 def test_absent_imagenet_weights_mean_random_init_said_loudly(tmp_path, capsys):
     params = parse_params({"model": {"imagenet_weights": str(tmp_path / "vgg16.pth")}})
     init = recipe.resolve_init(params, "fcn32s")
-    assert init == {"source": "random", "path": None,
-                    "note": f"random (imagenet weights not found at {tmp_path / 'vgg16.pth'})"}
-    trainer.warn_random_init("fcn32s", init["note"])
+    assert init == recipe.StageInit(source="random", path=None,
+                                    note=f"random (imagenet weights not found at {tmp_path / 'vgg16.pth'})")
+    trainer.warn_random_init("fcn32s", init.note)
     err = capsys.readouterr().err
     assert "WARNING" in err and "RANDOM" in err and str(tmp_path / "vgg16.pth") in err
 
     (tmp_path / "vgg16.pth").write_bytes(b"")
-    assert recipe.resolve_init(params, "fcn8s-atonce")["source"] == "imagenet"
+    assert recipe.resolve_init(params, "fcn8s-atonce").source == "imagenet"
 
 
 def test_fcn16s_starts_from_fcn32s_with_a_silent_skip(tmp_path):
@@ -145,8 +145,8 @@ def test_fcn16s_starts_from_fcn32s_with_a_silent_skip(tmp_path):
     save_checkpoint(tmp_path / "models" / "fcn32s", fcn32s, {"stage": "fcn32s"})
     params = parse_params({"model": {"width": WIDTH}, "train": {"models_dir": str(tmp_path / "models")}})
     init = recipe.resolve_init(params, "fcn16s")
-    assert init["source"] == "fcn32s"
-    fcn16s = loop.initial_model(loop.loop_config(params, "fcn16s", init))
+    assert init.source == "fcn32s"
+    fcn16s = loop.initial_model(loop.stage_config(params, "fcn16s", init))
     assert fcn16s.variant == "fcn16s"
     s32, s16 = fcn32s.state_dict(), fcn16s.state_dict()
     # Everything but FCN-32s's own x32 upsampling carries over, bit for bit.
@@ -170,19 +170,19 @@ def test_starting_weights_that_do_not_fit_fail_before_any_training(tmp_path):
                            "train": {"models_dir": str(tmp_path / "models")}})
     init = recipe.resolve_init(params, "fcn32s")
     with pytest.raises(recipe.StageError, match=f"cannot start fcn32s from imagenet \\({weights}\\).*width"):
-        loop.initial_model(loop.loop_config(params, "fcn32s", init))
+        loop.initial_model(loop.stage_config(params, "fcn32s", init))
 
     # An FCN-32s of another width cannot seed FCN-16s.
     save_checkpoint(tmp_path / "models" / "fcn32s", build_fcn("fcn32s", width=2 * WIDTH))
     init = recipe.resolve_init(params, "fcn16s")
     with pytest.raises(recipe.StageError, match="retrain fcn32s with the current model"):
-        loop.initial_model(loop.loop_config(params, "fcn16s", init))
+        loop.initial_model(loop.stage_config(params, "fcn16s", init))
 
 
 def test_default_run_name_follows_what_decides_the_result(tmp_path):
     write_shards(tmp_path / "shards")
     stages = {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 10}}
-    init = {"source": "random", "path": None, "note": "random"}
+    init = recipe.StageInit(source="random", path=None, note="random")
     name = recipe.run_name(make_params(tmp_path, stages), "fcn32s", init, tmp_path)
     assert name.startswith("fcn32s-")
     # More iterations continue the same run; another learning rate is another run.
