@@ -36,6 +36,8 @@ DEFAULT_PARAMS = PROJECT_ROOT / "params.yaml"
 MAX_PARAMS_BYTES = 1 << 20
 # How deep mappings and lists may nest in a params file (the project's nests four deep).
 MAX_PARAMS_DEPTH = 32
+# Values a params file may stand for once its YAML aliases are expanded (the full profile has a few hundred).
+MAX_PARAMS_VALUES = 100_000
 
 
 class ParamsError(UsageError):
@@ -447,20 +449,44 @@ class _Refused(Exception):
         self.line = mark.line + 1
 
 
+def _expanded_size(node, memo: dict) -> int:
+    """How many values a YAML node stands for once every alias in it is written out."""
+    if id(node) not in memo:
+        memo[id(node)] = 1  # a node reached again through itself counts once
+        children = (node.value if isinstance(node, yaml.SequenceNode) else
+                    [v for pair in node.value for v in pair] if isinstance(node, yaml.MappingNode) else [])
+        memo[id(node)] = 1 + sum(_expanded_size(child, memo) for child in children)
+    return memo[id(node)]
+
+
 class _ParamsLoader(yaml.SafeLoader):
-    """yaml's safe loader without aliases, duplicate keys or deep nesting.
+    """yaml's safe loader without expanding aliases, duplicate keys or deep nesting.
 
     An alias stands for its anchor's whole value, and aliases of aliases multiply: a few
-    hundred bytes can stand for billions of values. YAML lets a repeated key silently
-    replace the first; in a params file that hides a setting, so it is refused."""
+    hundred bytes can stand for billions of values, so a document whose aliases stand for
+    more than MAX_PARAMS_VALUES values is refused before anything is built from it (a
+    writer such as yaml.safe_dump uses aliases for a value it meets twice: those stay
+    fine). YAML lets a repeated key silently replace the first; in a params file that
+    hides a setting, so it is refused."""
 
     _depth = 0
+    _first_alias = None
+
+    def compose_document(self):
+        node = super().compose_document()
+        if self._first_alias is not None and node is not None:
+            size = _expanded_size(node, {})
+            if size > MAX_PARAMS_VALUES:
+                mark, anchor = self._first_alias
+                raise _Refused(mark, f"alias *{_name(anchor)}: the file's YAML aliases stand for {size:,} values, "
+                               f"more than a params file may hold ({MAX_PARAMS_VALUES:,}, MAX_PARAMS_VALUES in "
+                               "pipelines/core/params.py); write the values out")
+        return node
 
     def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
+        if self.check_event(yaml.AliasEvent) and self._first_alias is None:
             event = self.peek_event()
-            raise _Refused(event.start_mark, f"alias *{_name(event.anchor)}: a params file may not "
-                           "use YAML aliases (or merge keys); write the value out in full")
+            self._first_alias = (event.start_mark, event.anchor)
         if self._depth >= MAX_PARAMS_DEPTH:
             raise _Refused(self.peek_event().start_mark,
                            f"nested more than {MAX_PARAMS_DEPTH} levels deep; no params section nests that far")

@@ -165,6 +165,17 @@ def test_expanding_aliases_are_refused_in_one_line_without_expanding_them(tmp_pa
         load_params(path)
 
 
+def test_an_alias_that_repeats_a_value_is_read_as_the_value(tmp_path):
+    # yaml.safe_dump writes a value it meets twice as an anchor and an alias: such a file reads.
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  stages:\n"
+                    "    fcn32s: &stage {init: imagenet, lr: 1.0e-10, iterations: 4}\n"
+                    "    fcn16s: *stage\n"
+                    "evaluate: {stages: [fcn32s, fcn16s]}\n")
+    params = load_params(path)
+    assert params.train.stages["fcn16s"].iterations == params.train.stages["fcn32s"].iterations == 4
+
+
 def test_a_params_file_past_the_size_bound_is_refused_before_it_is_parsed(tmp_path):
     path = tmp_path / "params.yaml"
     with path.open("w") as fh:
