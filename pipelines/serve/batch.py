@@ -29,6 +29,7 @@ from fcn_models.checkpoint import META_FILE, MODEL_FILE
 from fcn_models.errors import FCNError
 from fcn_models.outputs import make_dirs
 from fcn_models.voc import class_names
+from pipelines.serve.images import MASK_SUFFIX, OVERLAY_SUFFIX, written_paths
 
 # Files a directory or glob contributes (lower-case suffixes).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
@@ -39,7 +40,7 @@ SHARE_PREFIX = "share_"
 # The longest file name most file systems take, in bytes.
 NAME_MAX = 255
 # The longer of the two files an image writes: <name>_overlay.png.
-LONGEST_SUFFIX = "_overlay.png"
+LONGEST_SUFFIX = max(MASK_SUFFIX, OVERLAY_SUFFIX, key=len)
 
 
 class BatchError(FCNError, RuntimeError):
@@ -71,7 +72,7 @@ def list_inputs(source: str) -> dict:
     for file in found:
         name = str(file.relative_to(root).with_suffix("")) if file.is_relative_to(root) else file.stem
         if name in names:
-            raise BatchError(f"{names[name]} and {file} would both write {name}_mask.png: rename one, or "
+            raise BatchError(f"{names[name]} and {file} would both write {name}{MASK_SUFFIX}: rename one, or "
                              "predict them in separate runs")
         names[name] = file
         items.append((name, str(file.resolve())))
@@ -191,7 +192,7 @@ class Segmenter:
             mask = self.model.segment(image)
         except (ImageError, ValueError, OSError, RuntimeError) as err:
             return failed(str(err))
-        mask_path, overlay_path = self.out_dir / f"{name}_mask.png", self.out_dir / f"{name}_overlay.png"
+        mask_path, overlay_path = written_paths(self.out_dir, name)
         try:
             save_png(mask_image(mask), mask_path)
             save_png(Image.fromarray(palette.overlay(image, mask, self.alpha)), overlay_path)

@@ -95,6 +95,15 @@ def resized(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BOX))
 
 
+# What segmenting one image writes: <name>_mask.png (class ids) and <name>_overlay.png.
+MASK_SUFFIX, OVERLAY_SUFFIX = "_mask.png", "_overlay.png"
+
+
+def written_paths(out_dir: Path, name: str) -> tuple[Path, Path]:
+    """(mask, overlay) paths of the image called `name` in out_dir."""
+    return Path(out_dir) / f"{name}{MASK_SUFFIX}", Path(out_dir) / f"{name}{OVERLAY_SUFFIX}"
+
+
 def resized_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A mask of class ids at (height, width), by nearest neighbour: no class is blended into another."""
     from PIL import Image

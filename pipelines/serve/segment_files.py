@@ -33,6 +33,7 @@ from pipelines.serve.images import (
     resized,
     resized_mask,
     save_png,
+    written_paths,
 )
 from pipelines.serve.model_source import (
     ModelSourceError,
@@ -83,10 +84,10 @@ def output_paths(images: list[Path], out_dir: Path) -> list[tuple[Path, Path]]:
     stems = {}
     for image in images:
         if image.stem in stems:
-            raise PredictError(f"{stems[image.stem]} and {image} would both write {image.stem}_mask.png: "
+            raise PredictError(f"{stems[image.stem]} and {image} would both write {written_paths(out_dir, image.stem)[0].name}: "
                                "predict them in separate runs or with different --out")
         stems[image.stem] = image
-    return [(out_dir / f"{i.stem}_mask.png", out_dir / f"{i.stem}_overlay.png") for i in images]
+    return [written_paths(out_dir, i.stem) for i in images]
 
 
 def pixel_limit(params_path: str) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fcn_models.checkpoint import META_FILE
 from fcn_models.voc import names_for
 from pipelines.data.shards import iter_samples, shard_files
 
@@ -25,7 +26,7 @@ def stage_figures(checkpoint_dir: Path, shards_dir: Path, val_images: int, out_d
     first `val_images` val images, into out_dir/plots and out_dir/val_images."""
     import json
 
-    meta = json.loads((Path(checkpoint_dir) / "meta.json").read_text())
+    meta = json.loads((Path(checkpoint_dir) / META_FILE).read_text())
     plots = Path(out_dir) / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     iteration = meta["iterations"]

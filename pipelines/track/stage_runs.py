@@ -53,6 +53,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from fcn_models.checkpoint import META_FILE, MODEL_FILE
 from pipelines.core import driver
 from pipelines.core.files import file_sha256
 from pipelines.core.params import Params
@@ -99,7 +100,7 @@ def upstream_run(init: WeightsStart) -> str | None:
     if init.source in ("imagenet", "random") or not init.path:
         return None
     try:
-        return json.loads((Path(init.path) / "meta.json").read_text()).get("mlflow_run_id")
+        return json.loads((Path(init.path) / META_FILE).read_text()).get("mlflow_run_id")
     except (OSError, ValueError):
         return None
 
@@ -287,7 +288,7 @@ def finish_stage_run(stage_run: StageRun, params: Params, stage: str, models_dir
         for name, text in outputs.items():
             (scratch / "outputs" / name).write_text(text)
         client.log_artifacts(run_id, str(scratch))
-    client.set_tag(run_id, WEIGHTS_TAG, file_sha256(Path(models_dir) / "model.pt"))
+    client.set_tag(run_id, WEIGHTS_TAG, file_sha256(Path(models_dir) / MODEL_FILE))
     client.set_terminated(run_id, status="FINISHED")
 
 

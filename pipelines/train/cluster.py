@@ -111,7 +111,10 @@ def connect(ray_params: RayParams) -> None:
     # of spinning while they wait, so training and the decode actors do not take turns
     # burning each other's cores.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+    # The dashboard (on 127.0.0.1 only) serves Ray's State API, which Ray Train's placement
+    # group cleaner polls every second: without it the cleaner cannot work and logs a
+    # warning each time it asks.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def cluster_cpus() -> float:

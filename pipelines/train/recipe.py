@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fcn_models.checkpoint import FIXED_SUFFIX, stage_network
+from fcn_models.checkpoint import FIXED_SUFFIX, META_FILE, MODEL_FILE, stage_network
 from fcn_models.fcn import VARIANTS
 from pipelines.core.errors import StageError
 from pipelines.core.params import PROJECT_ROOT, Params
@@ -96,10 +96,10 @@ def resolve_init(params: Params, stage: str) -> StageInit:
     init = params.train.stages[stage].init
     if init != "imagenet":
         path = Path(params.train.models_dir) / init
-        if not (path / "model.pt").is_file() or not (path / "meta.json").is_file():
+        if not (path / MODEL_FILE).is_file() or not (path / META_FILE).is_file():
             raise StageError(
                 f"stage {stage} starts from {init}'s best checkpoint, but {path} holds none "
-                f"(model.pt and meta.json): run {stage_command(init)} first"
+                f"({MODEL_FILE} and {META_FILE}): run {stage_command(init)} first"
             )
         return StageInit(init, str(path), f"{init} ({path})")
     weights = params.model.imagenet_weights
@@ -216,7 +216,7 @@ def run_name(params: Params, stage: str, init: StageInit, root: Path) -> str:
     elif init.source == "imagenet":
         weights = _digest([Path(init.path)], Path(init.path).parent)
     else:
-        weights = _digest([Path(init.path) / "meta.json", Path(init.path) / "model.pt"], Path(init.path))
+        weights = _digest([Path(init.path) / META_FILE, Path(init.path) / MODEL_FILE], Path(init.path))
     fingerprint = {"params": values, "init": weights, "shards": shards,
                    "code": _digest(code_files(), PROJECT_ROOT)}
     digest = hashlib.sha1(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()

@@ -36,6 +36,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from fcn_models.checkpoint import META_FILE, MODEL_FILE
 from fcn_models.metrics import MEAN_IU, SCORE_KEYS
 from pipelines.core import driver
 from pipelines.core.errors import StageError
@@ -359,7 +360,7 @@ def best_and_history(result) -> tuple[Path, list[dict]]:
         history = loop.read_history(Path(directory))
     scratch = Path(tempfile.mkdtemp(prefix="fcn-best-"))
     with best.as_directory() as directory:
-        for file in ("model.pt", "meta.json"):
+        for file in (MODEL_FILE, META_FILE):
             shutil.copy2(Path(directory) / file, scratch / file)
     return scratch, history
 
@@ -368,12 +369,12 @@ def write_outputs(best: Path, history: list[dict], models_dir: Path, reports_dir
                   init_note: str) -> dict[str, str]:
     """Best checkpoint -> models/<stage>; its scores -> metrics.json; the run's history -> history.csv.
     Returns {file name: text} of the two reports."""
-    meta = json.loads((best / "meta.json").read_text())
+    meta = json.loads((best / META_FILE).read_text())
     models_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=models_dir.parent, prefix=f".{models_dir.name}."))
     staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users
     try:
-        for name in ("model.pt", "meta.json"):
+        for name in (MODEL_FILE, META_FILE):
             shutil.copy2(best / name, staging / name)
         replace_dir(staging, models_dir)
     finally:

@@ -145,6 +145,12 @@ def test_a_training_stage_listens_on_loopback_only(interrupted):
     assert "ray::RayTrainWorker" in names and "raylet" in names and "gcs_server" in names, names
 
 
+def test_ray_trains_placement_group_cleaner_can_see_the_controller(interrupted):
+    # Without the State API it logged "Failed to query Ray Train Controller actor state" every
+    # second of training; once Ctrl-C has stopped the dashboard, it may still ask once.
+    assert interrupted["a_log"].count("Failed to query Ray Train Controller actor state") <= 1
+
+
 def test_a_second_driver_of_the_same_run_stops_at_once_naming_the_first(interrupted):
     b, a = interrupted["b"], interrupted["a"]
     assert b.returncode == 1, b.stdout + b.stderr
