@@ -23,7 +23,8 @@ from pathlib import Path
 
 from pipelines.core.console import say
 from pipelines.core.files import write_json
-from pipelines.data.download import FetchError, recorded_md5
+from pipelines.data.download import FetchError
+from pipelines.data.md5_record import recorded_md5
 
 
 class UnsafeArchiveError(FetchError):

@@ -24,7 +24,6 @@ For each archive the sources are tried in this order (fetch_archive):
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import socket
 import sys
@@ -39,9 +38,9 @@ from tqdm import tqdm
 
 from fcn_models.errors import FCNError
 from pipelines.core.console import say
-from pipelines.core.files import write_json
 from pipelines.core.files import file_md5
 from pipelines.core.params import ArchiveParams
+from pipelines.data.md5_record import forget_md5, recorded_md5, remember_md5
 
 CHUNK_BYTES = 1 << 20
 # Connecting is quick or never happens; a long connect timeout only delays the next mirror.
@@ -79,37 +78,9 @@ class _TransferBroken(FetchError):
 # md5, with a cached record beside the file
 
 
-def _record_path(path: Path) -> Path:
-    return path.with_name(path.name + ".md5.json")
-
-
-def _remember_md5(path: Path, md5: str) -> None:
-    st = path.stat()
-    try:
-        write_json(_record_path(path), {"md5": md5, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-    except OSError:
-        pass  # a read-only directory only costs a re-hash next time
-
-
-def recorded_md5(path: Path, trust_record: bool = True) -> str:
-    """md5 of a file, trusting the record beside it while the file's size and mtime are unchanged
-    (trust_record=False: hashed again, the record rewritten)."""
-    path = Path(path)
-    st = path.stat()
-    try:
-        record = json.loads(_record_path(path).read_text())
-        if trust_record and record["size"] == st.st_size and record["mtime_ns"] == st.st_mtime_ns:
-            return str(record["md5"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    md5 = file_md5(path)
-    _remember_md5(path, md5)
-    return md5
-
-
 def _discard(path: Path) -> None:
     path.unlink(missing_ok=True)
-    _record_path(path).unlink(missing_ok=True)
+    forget_md5(path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -155,7 +126,7 @@ def _copy_verified(src: Path, dest: Path, md5: str, source: str) -> Path:
             f"printed into params.yaml (data.voc.md5 / data.sbd.md5)."
         )
     os.replace(part, dest)
-    _remember_md5(dest, actual)
+    remember_md5(dest, actual)
     return dest
 
 
@@ -293,7 +264,7 @@ def download(url: str, dest: Path, md5: str, *, timeout_s: float, retries: int) 
             f"The mirror serves a different or damaged file."
         )
     os.replace(part, dest)
-    _remember_md5(dest, actual)
+    remember_md5(dest, actual)
     size, seconds = dest.stat().st_size, time.monotonic() - started
     say(f"fetch: downloaded {dest.name}: {size} bytes in {seconds:.1f} s "
          f"({size / max(seconds, 1e-9) / 1e6:.1f} MB/s), md5 ok")

@@ -31,7 +31,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -47,9 +46,9 @@ from fcn_models.metrics import SCORE_KEYS, ConfusionMatrix
 from fcn_models.surgery import load_imagenet_weights, transfer_weights
 from fcn_models.voc import VOID
 from fcn_models.weights import read_plain
+from pipelines.core.console import say
 from pipelines.core.errors import StageError
-from pipelines.core.params import Params
-from pipelines.core.params import input_norm
+from pipelines.core.params import Params, input_norm
 from pipelines.train.recipe import StageInit, stage_variant
 
 # The layer that learns in a "fixed" stage (the paper's FCN-32s-fixed row).
@@ -347,13 +346,6 @@ def read_history(directory: Path) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- the schedule
-
-def say(line: str) -> None:
-    """One progress line on stdout. Inside a Ray Train worker, print() is patched to
-    also go through logging, which shows every line twice; a plain write does not."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
 
 class Trace:
     """A record of a run's attempts and steps, in <directory> (`fcn train --trace-dir`); off (None) by default.

@@ -48,6 +48,7 @@ CONTINUES_RUN = "train.stages.{stage}.iterations"
 # what it imports to track the run or talk to Ray: logging changes no result).
 CODE_DEPS = (
     "fcn_models",
+    "pipelines/core/console.py",
     "pipelines/core/errors.py",
     "pipelines/core/params.py",
     "pipelines/data/dataset.py",

@@ -39,6 +39,7 @@ from typing import Any
 from fcn_models.checkpoint import META_FILE, MODEL_FILE
 from fcn_models.metrics import MEAN_IU, SCORE_KEYS
 from pipelines.core import driver
+from pipelines.core.console import say
 from pipelines.core.errors import StageError
 from pipelines.core.files import atomic_write_text, replace_dir
 from pipelines.core.params import Params
@@ -86,7 +87,7 @@ def report_placement(stage: str, rank: int, start: int) -> list[dict]:
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, here)
     if rank == 0:
-        loop.say(f"[{stage}] workers from iteration {start}: " + ", ".join(
+        say(f"[{stage}] workers from iteration {start}: " + ", ".join(
             f"rank {w['rank']} on node {w['node_id']} ({w['ip']})" for w in everyone))
     return everyone
 

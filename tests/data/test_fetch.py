@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.core.params import ArchiveParams, DataParams, parse_params
+from pipelines.data.md5_record import recorded_md5
 from pipelines.data import archives, download
 from pipelines.stages import fetch as fetch_stage
 
@@ -155,7 +156,7 @@ def test_full_download_is_verified_and_recorded(server, voc_tar, tmp_path):
     assert dest.read_bytes() == voc_tar
     assert not dest.with_name(dest.name + ".part").exists()
     assert server.requests == [("/voc.tar", None)]
-    assert download.recorded_md5(dest) == _md5(voc_tar)
+    assert recorded_md5(dest) == _md5(voc_tar)
 
 
 def test_interrupted_transfer_resumes_with_range(server, voc_tar, tmp_path):
