@@ -8,8 +8,8 @@ FCN-16s best checkpoint (<train.models_dir>/fcn16s) with the stage's own step,
 pipelines.train.loop's `StageWorker.train_step`, its optimizer, learning rate and
 torch threads (ray.cpus_per_worker), on the demo's training images decoded and flipped
 as the train pipeline does (pipelines.data.dataset.DecodeAugment, one pass decoded up
-front so that decoding takes no time from the steps), in this process, with torch's
-OpenMP threads waiting passively as on the local cluster. It reports iterations/s for
+front so that decoding takes no time from the steps), in this process (OMP_WAIT_POLICY
+from the environment, as the local cluster's workers inherit it). It reports iterations/s for
 each window and the last window's rate over the first's: a stage that slows down as
 it goes (subnormal weights and optimizer moments) shows a ratio well below 1.
 --no-flush trains without zeroing subnormals, as the loop did before.
@@ -21,8 +21,6 @@ import os
 import sys
 import time
 from pathlib import Path
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
@@ -91,7 +89,7 @@ def main(argv=None) -> int:
     flush = "without zeroing subnormals (--no-flush)" if args.no_flush else "subnormals zeroed after each step"
     lines = [
         f"Machine: {cpu_model()}, {len(os.sched_getaffinity(0))} cores; torch {torch.__version__}, {threads} "
-        f"torch threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}. {args.stage} from {init.note}, "
+        f"torch threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset (spinning waits)')}. {args.stage} from {init.note}, "
         f"{config.optimizer} lr {config.lr}, width {config.width}, {len(batches)} whole training "
         f"images (batch 1), {flush}. Load average (1 / 5 min) before {load_before[0]:.2f} / {load_before[1]:.2f}, "
         f"after {load_after[0]:.2f} / {load_after[1]:.2f}.",

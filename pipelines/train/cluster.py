@@ -107,10 +107,9 @@ def connect(ray_params: RayParams) -> None:
     if warning:
         print(warning, file=sys.stderr, flush=True)
     end_with_this_process()
-    # The local cluster's processes inherit this: torch's OpenMP threads then sleep instead
-    # of spinning while they wait, so training and the decode actors do not take turns
-    # burning each other's cores.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP's spinning waits are left on (docs/BENCHMARKS.md compares them with passive
+    # waits); on a machine shared with other jobs, OMP_WAIT_POLICY=PASSIVE in the
+    # environment reaches every process of the local cluster.
     # The dashboard (on 127.0.0.1 only) serves Ray's State API, which Ray Train's placement
     # group cleaner polls every second: without it the cleaner cannot work and logs a
     # warning each time it asks.
