@@ -64,7 +64,7 @@ from pipelines.serve import batch  # noqa: E402
 
 SECTION = "## Batch inference (bench/bench_batch.py)"
 BENCH_NAME = "bench_batch"
-GOAL = 1.6
+GOAL = 1.0  # Ray Data may not cost more than overlapping decode, compute and writing gives back
 
 
 def make_images(directory: Path, count: int) -> list[Path]:
