@@ -10,19 +10,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import requests
 import yaml
 from PIL import Image
-from support.ports import free_port
 
-from pipelines.core.params import parse_params
 from pipelines.commands import predict
+from pipelines.core.params import parse_params
 from pipelines.stages import register as register_stage
 from support.checkpoints import make_checkpoint, write_evaluation
+from support.ports import free_port
+from support.servers import wait_for_ping
 from support.training import WIDTH, write_shards
 
 
@@ -47,16 +47,7 @@ def served(tmp_path_factory):
         cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, f"fcn serve exited:\n{(root / 'serve.log').read_text()[-4000:]}"
-            assert time.monotonic() < deadline, f"no answer in 240 s:\n{(root / 'serve.log').read_text()[-4000:]}"
-            try:
-                if requests.get(f"{url}/ping", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
+        wait_for_ping(server, url, root / "serve.log")
         yield {"root": root, "url": url}
     finally:
         os.killpg(server.pid, signal.SIGTERM)

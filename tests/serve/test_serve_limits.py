@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
@@ -24,6 +23,7 @@ from pipelines.stages import register as register_stage
 from support.checkpoints import make_checkpoint, write_evaluation
 from support.ports import free_port
 from support.process_trees import descendants, kill_all, port_free, wait_gone
+from support.servers import wait_for_ping
 from support.training import WIDTH, write_shards
 
 MARGIN = 1536 * 2**20
@@ -63,16 +63,7 @@ def served(tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     started = []
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, f"fcn serve exited:\n{(root / 'serve.log').read_text()[-4000:]}"
-            assert time.monotonic() < deadline, f"no answer in 240 s:\n{(root / 'serve.log').read_text()[-4000:]}"
-            try:
-                if requests.get(f"{url}/ping", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
+        wait_for_ping(server, url, root / "serve.log")
         started += descendants(server.pid)
         yield {"root": root, "url": url, "port": port, "server": server, "started": started}
     finally:
