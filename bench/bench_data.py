@@ -48,10 +48,9 @@ from benchdoc import DOC, write_section  # noqa: E402
 
 from fcn_models.preprocess import normalize  # noqa: E402
 from fcn_models.summary import cpu_model  # noqa: E402
-from pipelines.core.params import parse_params  # noqa: E402
+from pipelines.core.params import input_norm, parse_params  # noqa: E402
 from pipelines.data.dataset import DecodeAugment, build_datasets, iter_train_batches  # noqa: E402
 from pipelines.data.shards import shard_files  # noqa: E402
-from pipelines.core.params import input_norm  # noqa: E402
 
 SECTION = "## Data pipeline (bench/bench_data.py)"
 BENCH_NAME = "bench_data"  # its markers in docs/BENCHMARKS.md

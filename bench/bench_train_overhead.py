@@ -43,12 +43,10 @@ sys.path.insert(0, str(ROOT))
 
 from fcn_models.preprocess import normalize  # noqa: E402
 from fcn_models.summary import cpu_model  # noqa: E402
-from pipelines.train import loop, recipe  # noqa: E402
-from pipelines.core.params import parse_params  # noqa: E402
+from pipelines.train import cluster, loop, recipe  # noqa: E402
+from pipelines.core.params import input_norm, parse_params  # noqa: E402
 from pipelines.data import dataset  # noqa: E402
 from pipelines.data.shards import shard_files  # noqa: E402
-from pipelines.train import cluster  # noqa: E402
-from pipelines.core.params import input_norm  # noqa: E402
 
 
 def bench_params(shards_dir: Path, width: float):
