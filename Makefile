@@ -14,24 +14,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The demo: the pipeline's own stages (dvc.yaml) on a generated VOC/SBD mirror, offline,
-# through DVC's Hydra composition (conf/): `dvc exp run -S profile=demo` writes
-# params.yaml from conf/profile/demo.yaml and runs what is out of date. The mirror is
-# deterministic: these arguments give the md5s written in the demo profile.
-DEMO_MIRROR := data/demo/mirror
-DEMO_MIRROR_ARGS := --train 1000 --val 100 --max-side 160 --seed 0
-DEMO_REPORTS := reports/fcn32s/metrics.json reports/fcn16s/metrics.json reports/fcn8s/metrics.json
-
+# on one local Ray head: `fcn demo` (pipelines/commands/demo.py) writes the mirror, starts
+# the head and runs `dvc exp run -S profile=demo` (DVC's Hydra composition writes
+# params.yaml from conf/profile/demo.yaml), then shows the table and where the time went.
 demo: $(STAMP)
-	@start=$$(date +%s); \
-	export PATH="$(CURDIR)/$(BIN):$$PATH"; \
-	fcn demo-data --out $(DEMO_MIRROR) $(DEMO_MIRROR_ARGS) >/dev/null && \
-	dvc exp run -S profile=demo && \
-	echo && dvc metrics show $(DEMO_REPORTS) && \
-	echo && cat reports/evaluation.md && \
-	echo && python -c 'import json; r = json.load(open("reports/registry.json")); print("registry:", r["decision"], "version", r["new_version"], "| champion: version", r["champion_version"], "mean IU", round(r["champion_mean_iu"], 4))' && \
-	echo && echo "demo finished in $$(( $$(date +%s) - start )) s" && \
-	echo "MLflow UI (runs, registered model): make mlflow-ui (it prints the addresses to open)" && \
-	echo "Share the run: git add dvc.lock params.yaml && git commit, then dvc push (docs/TRACKING.md: the DVC remote)"
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/fcn demo
 
 # The MLflow UI over the project's store, on 127.0.0.1 only; prints the address of the runs.
 mlflow-ui: $(STAMP)

@@ -11,6 +11,7 @@ import sys
 
 COMMANDS = {
     "summary": ("fcn_models.summary", "per-layer table of a trunk, and the paper's Table 1"),
+    "demo": ("pipelines.commands.demo", "the whole pipeline offline on a generated mirror, one Ray head: make demo"),
     "demo-data": ("pipelines.commands.demo_data", "write a generated VOC2012/SBD-format mirror"),
     "fetch": ("pipelines.stages.fetch", "download, verify and extract VOC2012 and SBD"),
     "preprocess": ("pipelines.stages.preprocess", "convert the raw datasets into Parquet shards"),

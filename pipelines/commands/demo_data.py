@@ -9,7 +9,7 @@ import sys
 import time
 
 from pipelines.core.exits import run_main
-from pipelines.data.synthetic import params_snippet, write_mirror
+from pipelines.data.synthetic import OBJECTS, params_snippet, write_mirror
 
 
 def main(argv=None) -> int:
@@ -22,6 +22,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--max-side", type=int, default=500, help="longer image side in pixels (default 500)")
     parser.add_argument("--min-side", type=int, default=None, help="smallest shorter side (default 60%% of max side)")
+    parser.add_argument("--objects", type=int, nargs=2, default=list(OBJECTS), metavar=("FEWEST", "MOST"),
+                        help=f"objects per image (default {OBJECTS[0]} {OBJECTS[1]})")
+    parser.add_argument("--object-scale", type=float, default=1.0,
+                        help="multiplies every object's size (default 1)")
     parser.add_argument("--workers", type=int, default=0, help="processes, 0 = all cores (default 0)")
     args = parser.parse_args(argv)
 
@@ -35,7 +39,8 @@ def main(argv=None) -> int:
     def body():
         # write_mirror's ValueError is an argument out of range: a command-line error.
         result = write_mirror(args.out, n_train=args.train, n_val=args.val, seed=args.seed, max_side=args.max_side,
-                              min_side=args.min_side, workers=args.workers, progress=report)
+                              min_side=args.min_side, objects=tuple(args.objects),
+                              object_scale=args.object_scale, workers=args.workers, progress=report)
         print(f"{result['voc']}  md5 {result['md5']['voc']}")
         print(f"{result['sbd']}  md5 {result['md5']['sbd']}")
         print(f"wrote {args.train} train + {args.val} val images in {time.perf_counter() - started:.1f}s;"

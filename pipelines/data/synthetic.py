@@ -110,14 +110,19 @@ def plan_mirror(n_train: int, n_val: int, seed: int) -> dict[str, list[str]]:
     }
 
 
-def plan_classes(ids: list[str], seed: int, salt: int) -> dict[str, list[int]]:
+# Objects per image, fewest and most, unless asked otherwise.
+OBJECTS = (3, 6)
+
+
+def plan_classes(ids: list[str], seed: int, salt: int, objects: tuple[int, int] = OBJECTS) -> dict[str, list[int]]:
     """Object classes for each image, dealt from shuffled rounds of 1..20.
 
     Dealing from rounds (not drawing independently) puts every class in any split
-    with at least 20 objects, and keeps class counts balanced.
+    with at least 20 objects, and keeps class counts balanced. objects: the fewest
+    and most objects an image gets.
     """
     rng = np.random.default_rng([seed, salt])
-    counts = rng.integers(3, 7, size=len(ids))  # 3..6 objects per image
+    counts = rng.integers(objects[0], objects[1] + 1, size=len(ids))
     rounds = math.ceil(int(counts.sum()) / 20)
     deck = np.concatenate([rng.permutation(20) + 1 for _ in range(rounds)])
     plan, start = {}, 0
@@ -423,9 +428,11 @@ def _background(h: int, w: int, rng) -> np.ndarray:
     return image * light[..., None]
 
 
-def render_image(seed: int, image_id: str, classes: list[int], max_side: int, min_side: int):
+def render_image(seed: int, image_id: str, classes: list[int], max_side: int, min_side: int,
+                 object_scale: float = 1.0):
     """Draw one picture: (rgb uint8 HxWx3, label uint8 HxW, instances uint8 HxW).
 
+    object_scale multiplies every object's size (1: the default spread of sizes).
     label holds class indices 0..20 (no void); instances numbers the visible
     objects 1..N back to front (0 = background), N <= len(classes).
     """
@@ -438,8 +445,8 @@ def render_image(seed: int, image_id: str, classes: list[int], max_side: int, mi
 
     # Large objects first, so small ones stay visible on top of them.
     # s: half the object's extent in pixels, log-uniform over a 3x range.
-    sizes = [CLASS_STYLES[c].size * math.exp(rng.uniform(math.log(0.35), math.log(1.1))) * min(h, w) / 2
-             for c in classes]
+    sizes = [object_scale * CLASS_STYLES[c].size * math.exp(rng.uniform(math.log(0.35), math.log(1.1)))
+             * min(h, w) / 2 for c in classes]
     objects = sorted(zip(sizes, classes), key=lambda o: -o[0])
 
     drawn = 0
@@ -557,8 +564,8 @@ def encode_sbd_inst(instances: np.ndarray, label: np.ndarray) -> bytes:
 
 def make_files(task: tuple) -> dict[str, bytes]:
     """All archive members for one image id: {archive: {member path: bytes}}."""
-    seed, image_id, classes, max_side, min_side, in_voc, in_sbd = task
-    rgb, label, instances = render_image(seed, image_id, classes, max_side, min_side)
+    seed, image_id, classes, max_side, min_side, object_scale, in_voc, in_sbd = task
+    rgb, label, instances = render_image(seed, image_id, classes, max_side, min_side, object_scale)
     jpeg = encode_jpeg(rgb)
     files = {"voc": {}, "sbd": {}}
     if in_voc:
@@ -612,13 +619,16 @@ def write_archive(path: Path, files: dict[str, bytes], compress: bool) -> str:
 
 
 def write_mirror(out_dir, *, n_train: int = 300, n_val: int = 100, seed: int = 0, max_side: int = 500,
-                 min_side: Optional[int] = None, workers: int = 0,
-                 progress: Optional[Callable[[int, int], None]] = None) -> dict:
+                 min_side: Optional[int] = None, objects: tuple[int, int] = OBJECTS, object_scale: float = 1.0,
+                 workers: int = 0, progress: Optional[Callable[[int, int], None]] = None) -> dict:
     """Write VOCtrainval_11-May-2012.tar and benchmark.tgz into out_dir.
 
     n_train: SBD training images; n_val: seg11valid ids (at most 736) in VOC's
     val list; max_side: the longer image side (VOC: 500); min_side: the smallest
-    shorter side (default 60% of max_side); workers: processes (0 = all cores);
+    shorter side (default 60% of max_side); objects: the fewest and most objects an
+    image holds; object_scale: multiplies every object's size (fewer, larger objects
+    give coarse outputs something to score: the stride-32 ceiling rises with object
+    size); workers: processes (0 = all cores);
     progress(done, total) is called as images finish.
     Returns {"voc": Path, "sbd": Path, "md5": {"voc": hex, "sbd": hex}}.
     """
@@ -631,10 +641,16 @@ def write_mirror(out_dir, *, n_train: int = 300, n_val: int = 100, seed: int = 0
         raise UsageError(f"min_side = {min_side}: must be between 16 and max_side ({max_side})")
     if workers < 0:
         raise UsageError(f"workers = {workers}: must be >= 0 (0 = all cores)")
+    low, high = objects
+    if not 1 <= low <= high <= 20:
+        raise UsageError(f"objects = {low}..{high}: need 1 <= fewest <= most <= 20 objects per image")
+    if not 0.1 <= object_scale <= 4.0:
+        raise UsageError(f"object_scale = {object_scale}: must be between 0.1 and 4 (1 = the default sizes)")
     lists = plan_mirror(n_train, n_val, seed)
-    classes = {**plan_classes(lists["train"], seed, 1), **plan_classes(lists["val"], seed, 2)}
+    classes = {**plan_classes(lists["train"], seed, 1, objects), **plan_classes(lists["val"], seed, 2, objects)}
     in_voc, in_sbd = set(lists["voc_trainval"]), set(lists["sbd_train"] + lists["sbd_val"])
-    tasks = [(seed, i, classes[i], max_side, min_side, i in in_voc, i in in_sbd) for i in sorted(in_voc | in_sbd)]
+    tasks = [(seed, i, classes[i], max_side, min_side, object_scale, i in in_voc, i in in_sbd)
+             for i in sorted(in_voc | in_sbd)]
 
     voc_files = {
         f"{VOC_ROOT}/ImageSets/Segmentation/train.txt": _id_list(lists["voc_train"]),

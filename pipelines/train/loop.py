@@ -50,6 +50,7 @@ from pipelines.core.console import say
 from pipelines.core.errors import StageError
 from pipelines.core.params import Params, input_norm
 from pipelines.train.recipe import StageInit, stage_variant
+from pipelines.train.timing import PhaseClock
 
 # The layer that learns in a "fixed" stage (the paper's FCN-32s-fixed row).
 FIXED_STAGE_LEARNS = "score_fr"
@@ -438,6 +439,7 @@ def run(worker: StageWorker, batches: Iterator, val_batches: Callable[[], Iterab
     loss_sum, loss_count = torch.zeros((), dtype=torch.float64, device=device), 0
     tick, tick_iteration = time.perf_counter(), start
     last_checkpoint = start or None
+    clock = PhaseClock(worker.history)
     worker.model.train()
     for iteration in range(start + 1, iterations + 1):
         try:
@@ -445,6 +447,8 @@ def run(worker: StageWorker, batches: Iterator, val_batches: Callable[[], Iterab
         except StopIteration:
             raise StageError(f"the train data of worker {rank} ran out at iteration {iteration} of {iterations}: "
                              "its shard is empty or too small (use more images or fewer workers)") from None
+        if iteration == start + 1:
+            clock.lap("data_start_s")
         loss = worker.train_step(images, labels)
         trace.step(iteration)
         if not worker.last_step_finite:
@@ -468,13 +472,16 @@ def run(worker: StageWorker, batches: Iterator, val_batches: Callable[[], Iterab
             metrics.train_loss(iteration, loss_value)
 
         if iteration % val_every == 0 or iteration == iterations:
+            clock.lap("train_s")
             matrix = worker.validate(val_batches())
             if matrix.total == 0:
                 raise StageError("validation scored no pixel: the val shards are empty or all void")
             totals = all_reduce_sum(torch.stack([loss_sum.cpu(), torch.tensor(float(loss_count), dtype=torch.float64)]),
                                     device)
             scores = matrix.scores()
-            row = {"iteration": iteration, "loss": float(totals[0] / totals[1]), **{k: scores[k] for k in SCORE_KEYS}}
+            clock.lap("val_s")
+            row = {"iteration": iteration, "loss": float(totals[0] / totals[1]), **{k: scores[k] for k in SCORE_KEYS},
+                   **clock.row()}
             worker.history.append(row)
             loss_sum, loss_count = torch.zeros_like(loss_sum), 0
             if rank == 0:

@@ -55,6 +55,7 @@ CODE_DEPS = (
     "pipelines/train/loop.py",
     "pipelines/train/recipe.py",
     "pipelines/data/shards.py",
+    "pipelines/train/timing.py",
     "pipelines/train/trainer.py",
 )
 

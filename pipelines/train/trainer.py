@@ -33,6 +33,7 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +42,11 @@ from fcn_models.metrics import MEAN_IU, SCORE_KEYS
 from pipelines.core import driver
 from pipelines.core.console import say
 from pipelines.core.errors import StageError
-from pipelines.core.files import atomic_write_text, replace_dir
+from pipelines.core.files import atomic_write_text, replace_dir, write_json
 from pipelines.core.params import Params
 from pipelines.data import dataset
 from pipelines.track import metrics_log, stage_runs, store
-from pipelines.train import cluster, loop, recipe
+from pipelines.train import cluster, loop, recipe, timing
 
 
 def warn_random_init(stage: str, note: str) -> None:
@@ -228,12 +229,19 @@ def _run_held(params: Params, stage: str, root: Path, init: recipe.StageInit, na
     except store.TrackingError as err:
         raise StageError(str(err)) from None
     try:
+        joining = time.perf_counter()
+        cluster.connect(params.ray)
+        join_ray_s = time.perf_counter() - joining
         result = fit(params, name, storage, config, stage_run.for_workers(), trace_dir)
+        writing = time.perf_counter()
         best, history = best_and_history(result)
         models_dir = Path(params.train.models_dir) / stage
         reports_dir = Path(params.train.reports_dir) / stage
         outputs = write_outputs(best, history, models_dir, reports_dir, init.note)
         metrics = json.loads(outputs["metrics.json"])
+        # How long it took decides nothing: beside the reports, not in them.
+        write_json(reports_dir / timing.TIMING_FILE,
+                   timing.stage_timing(join_ray_s, history, time.perf_counter() - writing))
         try:
             stage_runs.finish_stage_run(stage_run, params, stage, models_dir, history, outputs)
         except Exception as err:

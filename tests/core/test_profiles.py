@@ -3,11 +3,11 @@
 Composed with DVC's own function, as `dvc exp run` does it.
 """
 import re
-import shlex
 
 import yaml
 from dvc.utils.hydra import compose_and_dump
 
+from pipelines.commands import demo
 from pipelines.core.params import PROJECT_ROOT, load_params, parse_params
 from pipelines.data.synthetic import write_mirror
 
@@ -47,15 +47,12 @@ def test_demo_profile_is_valid_offline_and_keeps_its_data_apart(tmp_path):
 
 
 def test_demo_profile_md5s_are_those_of_the_mirror_make_demo_writes(tmp_path):
-    makefile = (PROJECT_ROOT / "Makefile").read_text()
-    args = shlex.split(re.search(r"^DEMO_MIRROR_ARGS := (.*)$", makefile, re.M).group(1))
-    options = dict(zip(args[::2], args[1::2]))
-    mirror = write_mirror(tmp_path / "mirror", n_train=int(options["--train"]), n_val=int(options["--val"]),
-                          max_side=int(options["--max-side"]), seed=int(options["--seed"]))
-    demo = parse_params(compose(tmp_path, "profile=demo"), "demo profile")
-    assert demo.data.voc.md5 == mirror["md5"]["voc"]
-    assert demo.data.sbd.md5 == mirror["md5"]["sbd"]
-    assert re.search(r"^DEMO_MIRROR := (.*)$", makefile, re.M).group(1) == demo.data.local_dir
+    mirror = write_mirror(tmp_path / "mirror", **demo.MIRROR)
+    profile = parse_params(compose(tmp_path, "profile=demo"), "demo profile")
+    assert profile.data.voc.md5 == mirror["md5"]["voc"]
+    assert profile.data.sbd.md5 == mirror["md5"]["sbd"]
+    assert demo.MIRROR_DIR == profile.data.local_dir
+    assert "fcn demo" in (PROJECT_ROOT / "Makefile").read_text()
 
 
 def test_caffe_profile_is_the_full_run_from_the_references_imagenet_start(tmp_path):
