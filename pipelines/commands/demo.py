@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 
 from pipelines.core.console import say
-from pipelines.core.errors import StageError
+from pipelines.core.errors import StageError, UsageError
 from pipelines.core.exits import run_main
 from pipelines.core.files import write_json
-from pipelines.core.params import PROJECT_ROOT, Params, parse_params
+from pipelines.core.params import Params, parse_params
 from pipelines.data.synthetic import write_mirror
 from pipelines.train import cluster
 from pipelines.train.timing import TIMING_FILE, PHASES
@@ -100,8 +100,8 @@ def timing_table(total: float, rows: list[dict]) -> str:
 
 
 def show_results(root: Path, params: Params) -> None:
-    reports = [str(Path(params.train.reports_dir) / s / "metrics.json") for s in params.evaluate.stages
-               if (Path(params.train.reports_dir) / s / "metrics.json").is_file()]
+    reports = [str(path) for path in (Path(params.train.reports_dir) / s / "metrics.json" for s in params.evaluate.stages)
+               if path.is_file()]
     subprocess.run(["dvc", "metrics", "show", *reports], cwd=root, check=False)
     table = Path(params.evaluate.table_file)
     if table.is_file():
@@ -120,7 +120,11 @@ def main(argv=None) -> int:
 
     def body():
         started = time.perf_counter()
-        root = PROJECT_ROOT
+        # The project it is run in (make demo: the Makefile's directory).
+        root = Path.cwd()
+        if not (root / "dvc.yaml").is_file() or not (root / "conf" / "profile" / f"{PROFILE}.yaml").is_file():
+            raise UsageError(f"{root} holds no dvc.yaml and conf/profile/{PROFILE}.yaml: run fcn demo in the project's "
+                             "root directory (make demo does)")
         params = compose_profile(root)
         say(f"writing the generated mirror into {MIRROR_DIR}")
         write_mirror(root / MIRROR_DIR, **MIRROR)
