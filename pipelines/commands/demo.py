@@ -59,7 +59,7 @@ def run_dvc(root: Path, env: dict) -> list[tuple[str, float]]:
     """Run `dvc exp run -S profile=demo`, passing its output through; return
     [(stage, seconds from its start to the next stage's or the end)]."""
     starts: list[tuple[str, float]] = []
-    command = ["dvc", "exp", "run", "-S", f"profile={PROFILE}"]
+    command = [sys.executable, "-m", "dvc", "exp", "run", "-S", f"profile={PROFILE}"]
     with subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, bufsize=1) as process:
         for line in process.stdout:
@@ -71,7 +71,7 @@ def run_dvc(root: Path, env: dict) -> list[tuple[str, float]]:
         code = process.wait()
     end = time.perf_counter()
     if code != 0:
-        raise StageError(f"`{' '.join(command)}` failed (exit {code}); its output is above")
+        raise StageError(f"`dvc {' '.join(command[3:])}` failed (exit {code}); its output is above")
     return [(name, (starts[i + 1][1] if i + 1 < len(starts) else end) - at) for i, (name, at) in enumerate(starts)]
 
 
@@ -102,7 +102,7 @@ def timing_table(total: float, rows: list[dict]) -> str:
 def show_results(root: Path, params: Params) -> None:
     reports = [str(path) for path in (Path(params.train.reports_dir) / s / "metrics.json" for s in params.evaluate.stages)
                if path.is_file()]
-    subprocess.run(["dvc", "metrics", "show", *reports], cwd=root, check=False)
+    subprocess.run([sys.executable, "-m", "dvc", "metrics", "show", *reports], cwd=root, check=False)
     table = Path(params.evaluate.table_file)
     if table.is_file():
         print("\n" + table.read_text())
@@ -138,7 +138,9 @@ def main(argv=None) -> int:
         address = ray.get_runtime_context().gcs_address
         head_s = time.perf_counter() - head_started
         say(f"Ray head on {address} (127.0.0.1 only), joined by every training stage")
-        env = {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
+        # The stages' `python` is this environment's, as under make demo.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        env = {**os.environ, "PATH": path, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
         stages = run_dvc(root, env)
         ray.shutdown()
 
