@@ -1,6 +1,6 @@
 """`fcn demo` (what `make demo` runs): the whole pipeline, offline, on the generated mirror, on one Ray head.
 
-    fcn demo [--out-timing reports/demo_timing.json]
+    fcn demo [--timing reports/demo_timing.json] [-S KEY=VALUE ...]
 
 1. writes the generated VOC/SBD mirror (MIRROR: byte-identical every time, so its md5s
    are those pinned in conf/profile/demo.yaml);
@@ -44,22 +44,23 @@ TIMING_REPORT = "reports/demo_timing.json"
 _STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 
 
-def compose_profile(root: Path, profile: str = PROFILE) -> Params:
-    """The params a profile composes to, as DVC will write them into params.yaml."""
+def compose_profile(root: Path, overrides: list[str], profile: str = PROFILE) -> Params:
+    """The params a profile and overrides compose to, as DVC will write them into params.yaml."""
     import yaml
     from dvc.utils.hydra import compose_and_dump
 
     with tempfile.TemporaryDirectory(prefix="fcn-profile-") as scratch:
         out = Path(scratch) / "params.yaml"
-        compose_and_dump(out, str(root / "conf"), None, "config", scratch, [f"profile={profile}"])
+        compose_and_dump(out, str(root / "conf"), None, "config", scratch, [f"profile={profile}", *overrides])
         return parse_params(yaml.safe_load(out.read_text()), f"profile {profile}", root=root)
 
 
-def run_dvc(root: Path, env: dict) -> list[tuple[str, float]]:
-    """Run `dvc exp run -S profile=demo`, passing its output through; return
-    [(stage, seconds from its start to the next stage's or the end)]."""
+def run_dvc(root: Path, env: dict, overrides: list[str]) -> list[tuple[str, float]]:
+    """Run `dvc exp run -S profile=demo [-S override ...]`, passing its output through;
+    return [(stage, seconds from its start to the next stage's or the end)]."""
     starts: list[tuple[str, float]] = []
-    command = [sys.executable, "-m", "dvc", "exp", "run", "-S", f"profile={PROFILE}"]
+    command = [sys.executable, "-m", "dvc", "exp", "run", "-S", f"profile={PROFILE}",
+               *(word for override in overrides for word in ("-S", override))]
     with subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, bufsize=1) as process:
         for line in process.stdout:
@@ -116,6 +117,9 @@ def show_results(root: Path, params: Params) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fcn demo", description=__doc__.split("\n")[0])
     parser.add_argument("--timing", default=TIMING_REPORT, help="where the time breakdown goes (default %(default)s)")
+    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a params override passed on to `dvc exp run -S` (repeatable), e.g. "
+                             "train.stages.fcn8s.iterations=2000")
     args = parser.parse_args(argv)
 
     def body():
@@ -125,7 +129,7 @@ def main(argv=None) -> int:
         if not (root / "dvc.yaml").is_file() or not (root / "conf" / "profile" / f"{PROFILE}.yaml").is_file():
             raise UsageError(f"{root} holds no dvc.yaml and conf/profile/{PROFILE}.yaml: run fcn demo in the project's "
                              "root directory (make demo does)")
-        params = compose_profile(root)
+        params = compose_profile(root, args.overrides)
         say(f"writing the generated mirror into {MIRROR_DIR}")
         write_mirror(root / MIRROR_DIR, **MIRROR)
         mirror_s = time.perf_counter() - started
@@ -141,7 +145,7 @@ def main(argv=None) -> int:
         # The stages' `python` is this environment's, as under make demo.
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         env = {**os.environ, "PATH": path, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
-        stages = run_dvc(root, env)
+        stages = run_dvc(root, env, args.overrides)
         ray.shutdown()
 
         print()
