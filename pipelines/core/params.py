@@ -196,6 +196,10 @@ class TrainParams:
     # crops (augment.crop_size) in batches of batch_size, for throughput.
     batch_mode: Literal["whole", "crops"] = "whole"
     batch_size: int = 1
+    # How a stage's lr, iterations and val_every follow the global batch (ray.num_workers x
+    # batch_size): "none" as given; "linear" keeps the images seen and the per-image step of
+    # the reference's batch 1 (pipelines/train/scaling.py). SGD only.
+    scaling: Literal["none", "linear"] = "none"
     # "sum" over valid pixels as the reference, or "mean"; the learning rates must match.
     loss: Literal["sum", "mean"] = "sum"
     # "sgd" as the reference. "adam" (same groups: biases at 2 x lr, no decay) is for
@@ -219,6 +223,9 @@ class TrainParams:
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
         _check(self.batch_mode == "crops" or self.batch_size == 1, "train.batch_size", self.batch_size,
                "whole images of different sizes cannot be batched: use batch_size 1 or batch_mode crops")
+        _check(self.scaling == "none" or self.optimizer == "sgd", "train.scaling", self.scaling,
+               "the linear rule (Goyal et al. 2017) is for SGD; with train.optimizer adam use none and "
+               "set the stages' lr for the global batch yourself")
         _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "must be in [0, 1)")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
         _check(self.val_every >= 1, "train.val_every", self.val_every, "must be >= 1")

@@ -3,6 +3,7 @@
     worker = StageWorker(config, device)            the stage's starting network, optimizer, grad scaler
                                                     (amp_dtype=torch.bfloat16: another autocast, for benchmarks)
     worker.resume(directory)                        from a checkpoint written by save()
+    worker.warm_up(iteration)                       the learning rates of that step (train.scaling's warm-up)
     worker.train_step(images, labels) -> loss       forward (autocast on a GPU), loss, backward, step
                                                     (no step when the loss is NaN or infinite on any worker)
     worker.validate(batches) -> ConfusionMatrix     summed over every worker of the process group
@@ -13,7 +14,8 @@ None of this needs Ray: the Ray Train worker function (pipelines.train.trainer.t
 hands in its device, the model wrapper (DDP), the data and the report call; a
 benchmark or a GPU check builds a StageWorker and calls train_step directly. `config`
 is a frozen StageConfig made on the driver by `stage_config`; what only a run has (its
-MLflow run id, a trace directory) comes as arguments.
+MLflow run id, a trace directory) comes as arguments. Its lr, iterations and val_every are
+what train.scaling derives from the params (pipelines.train.scaling), which it carries too.
 
 Validation: every worker scores its share of val into a confusion matrix; the
 matrices are summed over the process group (all_reduce), so the scores are those of
@@ -49,6 +51,7 @@ from fcn_models.weights import read_plain
 from pipelines.core.console import say
 from pipelines.core.errors import StageError
 from pipelines.core.params import Params, input_norm
+from pipelines.train import scaling as scaling_rule
 from pipelines.train.recipe import StageInit, stage_variant
 from pipelines.train.timing import PhaseClock
 
@@ -145,7 +148,8 @@ def merge_confusion(matrix: ConfusionMatrix, device: torch.device) -> ConfusionM
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
     """Everything a worker needs to train a stage (every path absolute); made on the driver by
-    `stage_config`, handed to every Ray Train worker as it is (picklable)."""
+    `stage_config`, handed to every Ray Train worker as it is (picklable). lr, iterations and
+    val_every: as train.scaling derives them (`scaling`, with its warm-up)."""
     stage: str
     variant: str
     init: StageInit
@@ -165,6 +169,7 @@ class StageConfig:
     val_every: int
     log_every: int
     max_nonfinite_steps: int
+    scaling: scaling_rule.Scaling
     # The data pipeline reads the model, augment and train sections.
     params: Params
 
@@ -172,15 +177,16 @@ class StageConfig:
 def stage_config(params: Params, stage: str, init: StageInit) -> StageConfig:
     """The stage's StageConfig from the params and where its weights start."""
     train, stage_params = params.train, params.train.stages[stage]
+    derived = scaling_rule.for_stage(params, stage)
     return StageConfig(
         stage=stage, variant=stage_variant(stage), init=init,
         backbone=params.model.backbone, width=params.model.width, num_classes=params.model.num_classes,
         input_norm=input_norm(params).name,
-        fixed=stage_params.fixed, lr=stage_params.lr, iterations=stage_params.iterations,
+        fixed=stage_params.fixed, lr=derived.lr, iterations=derived.iterations,
         seed=train.seed, loss=train.loss, optimizer=train.optimizer, momentum=train.momentum,
         weight_decay=train.weight_decay,
-        amp=train.amp, val_every=train.val_every, log_every=train.log_every,
-        max_nonfinite_steps=train.max_nonfinite_steps,
+        amp=train.amp, val_every=derived.val_every, log_every=train.log_every,
+        max_nonfinite_steps=train.max_nonfinite_steps, scaling=derived,
         params=params,
     )
 
@@ -287,6 +293,9 @@ class StageWorker:
         self.model = wrap(self.net) if wrap is not None else self.net.to(self.device)
         self.optimizer = make_optimizer(self.net, config.lr, config.momentum, config.weight_decay,
                                         config.optimizer)
+        # Each group's rate after any warm-up (biases at twice the weights'); a checkpoint's
+        # optimizer state brings the rates of the step it was saved at, warm_up sets them again.
+        self.full_lrs = [group["lr"] for group in self.optimizer.param_groups]
         # bfloat16 has float32's range: no loss scaling.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp and self.amp_dtype == torch.float16)
         if state is not None:
@@ -300,6 +309,14 @@ class StageWorker:
         state = read_plain(directory / TRAIN_STATE_FILE)
         state["history"] = json.loads((directory / HISTORY_FILE).read_text())
         return state
+
+    def warm_up(self, iteration: int) -> None:
+        """Set every group's learning rate for step `iteration` (from 1): train.scaling's linear
+        warm-up scales all groups alike, so biases keep twice the weights' rate; past it, the full rates."""
+        derived = self.config.scaling
+        factor = scaling_rule.warmup_factor(iteration, derived.warmup_iterations, derived.warmup_start)
+        for group, lr in zip(self.optimizer.param_groups, self.full_lrs):
+            group["lr"] = lr * factor
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimisation step on a batch; returns the loss (detached, on the device).
@@ -417,8 +434,9 @@ class NoMetrics:
 def run(worker: StageWorker, batches: Iterator, val_batches: Callable[[], Iterable],
         report: Callable[[dict, Optional[Callable[[Path], None]]], None], metrics=None,
         trace_dir: Optional[str] = None) -> None:
-    """Train from worker.start to config.iterations: a step per batch, a progress line every
-    log_every iterations (rank 0), a validation every val_every iterations and at the end.
+    """Train from worker.start to config.iterations: a step per batch at the rates of its
+    iteration (worker.warm_up), a progress line every log_every iterations (rank 0), a
+    validation every val_every iterations and at the end.
 
     After each validation `report(row, write)` hands the row to the caller with a function
     that writes the checkpoint into a directory (Ray Train: every rank reports, rank 0
@@ -449,6 +467,7 @@ def run(worker: StageWorker, batches: Iterator, val_batches: Callable[[], Iterab
                              "its shard is empty or too small (use more images or fewer workers)") from None
         if iteration == start + 1:
             clock.lap("data_start_s")
+        worker.warm_up(iteration)
         loss = worker.train_step(images, labels)
         trace.step(iteration)
         if not worker.last_step_finite:

@@ -4,7 +4,8 @@
     resolve_init(params, stage)          StageInit(source, path, note): ImageNet weights, random, or a stage
     RESULT_PARAMS, CODE_DEPS             the one list of what decides a stage's result
     result_params(params, stage)         those params' values, as dotted leaf keys
-    stage_params(params, stage, init)    the same as strings, the stage's own as stage.*: its MLflow params
+    stage_params(params, stage, init)    the same as strings, the stage's own as stage.*, and what
+                                         train.scaling derived as derived.*: its MLflow params
     run_name(params, stage, init, root)  <stage>-<fingerprint of all of it but the iteration count>
 
 RESULT_PARAMS and CODE_DEPS are the single source for three things that must agree:
@@ -15,7 +16,8 @@ when dvc.yaml drifts from them). A knob that is in none of them (log_every,
 checkpoints_to_keep, CPUs per worker, where Ray stores runs) changes how a stage
 runs, not what it produces; train.max_nonfinite_steps decides only whether a run
 with bad steps ends or stops, never what it produces. The iteration count is the one knob that continues a
-run: more iterations resume the same run from its last checkpoint.
+run: more iterations resume the same run from its last checkpoint (train.scaling derives the
+steps from it, and nothing else: pipelines/train/scaling.py).
 """
 from __future__ import annotations
 
@@ -30,18 +32,25 @@ from fcn_models.fcn import VARIANTS
 from pipelines.core.errors import StageError
 from pipelines.core.params import PROJECT_ROOT, Params
 from pipelines.data.shards import SPLITS, FileDigest, file_digests, shard_files
+from pipelines.train import scaling
 
 # Dotted params keys whose values decide a training stage's result; "{stage}" is the
 # stage's own entry of train.stages. A section name stands for all of its keys.
 RESULT_PARAMS = (
     "train.stages.{stage}",
-    "train.seed", "train.batch_mode", "train.batch_size", "train.loss", "train.optimizer", "train.momentum",
-    "train.weight_decay", "train.amp", "train.val_every",
+    "train.seed", "train.batch_mode", "train.batch_size", "train.scaling", "train.loss", "train.optimizer",
+    "train.momentum", "train.weight_decay", "train.amp", "train.val_every",
     "model", "augment",
     "ray.num_workers", "ray.use_gpu",
 )
 # The key that continues a run instead of starting another.
 CONTINUES_RUN = "train.stages.{stage}.iterations"
+# Knobs added after runs were named, at the value that keeps what came before: at that value
+# they stay out of the run name's fingerprint, so those params name the same run as before.
+NEUTRAL = {"train.scaling": "none"}
+# What train.scaling derives (fields of scaling.Scaling), recorded as derived.* with the stage's
+# params; derived from RESULT_PARAMS, so they add nothing to what decides the result.
+DERIVED_PARAMS = ("global_batch", "lr", "iterations", "val_every", "warmup_iterations")
 # The code that decides a stage's result (paths from the project root): the networks,
 # the worker's loop, the data pipeline, this recipe and what of the package they
 # import, and the driver, which picks the checkpoint that becomes the output (but not
@@ -54,6 +63,7 @@ CODE_DEPS = (
     "pipelines/data/dataset.py",
     "pipelines/train/loop.py",
     "pipelines/train/recipe.py",
+    "pipelines/train/scaling.py",
     "pipelines/data/shards.py",
     "pipelines/train/timing.py",
     "pipelines/train/trainer.py",
@@ -143,12 +153,16 @@ def stage_params(params: Params, stage: str, init: StageInit | None = None) -> d
     """What decides the stage's result (RESULT_PARAMS), flat, as strings; the stage's
     own entry as stage.* ("stage.lr"), so runs of different stages share their keys. With the
     resolved init (resolve_init), stage.init is where the weights really started:
-    "random" when the ImageNet weights asked for are absent."""
+    "random" when the ImageNet weights asked for are absent. What the stage runs with after
+    train.scaling (pipelines.train.scaling) as derived.*, whichever the rule."""
     own = f"train.stages.{stage}."
     out = {("stage." + k[len(own):] if k.startswith(own) else k): str(v)
            for k, v in result_params(params, stage).items()}
     if init is not None:
         out["stage.init"] = str(init.source)
+    derived = scaling.for_stage(params, stage)
+    for key in DERIVED_PARAMS:
+        out[f"derived.{key}"] = str(getattr(derived, key))
     return out
 
 
@@ -197,15 +211,15 @@ def _relative(value: Any, root: Path) -> Any:
 def run_name(params: Params, stage: str, init: StageInit, root: Path) -> str:
     """<stage>-<fingerprint of everything deciding the result but the iteration count>.
 
-    The fingerprint covers the RESULT_PARAMS values, the CODE_DEPS files, the shards
-    (names and bytes of the contract's files, nothing else in the directory) and the
-    starting weights themselves (their bytes: an earlier stage retrained to the same
-    scores still gives this stage a new run). Whatever makes DVC re-run the stage
+    The fingerprint covers the RESULT_PARAMS values (a NEUTRAL one at its neutral value
+    left out), the CODE_DEPS files, the shards (names and bytes of the contract's files,
+    nothing else in the directory) and the starting weights themselves (their bytes: an
+    earlier stage retrained to the same scores still gives this stage a new run). Whatever makes DVC re-run the stage
     therefore names another run, except the iteration count.
     """
     root = Path(root).resolve()
     values = {k: _relative(v, root) for k, v in result_params(params, stage).items()
-              if k != CONTINUES_RUN.format(stage=stage)}
+              if k != CONTINUES_RUN.format(stage=stage) and not (k in NEUTRAL and NEUTRAL[k] == v)}
     shards_dir = Path(params.data.shards_dir)
     shards = []
     for split in SPLITS:

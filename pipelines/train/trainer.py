@@ -214,9 +214,13 @@ def _run_held(params: Params, stage: str, root: Path, init: recipe.StageInit, na
     where = run_dir(storage, name)
     done = dataset.checkpoint_iteration(where)
     if done > config.iterations:
+        derived = config.scaling
+        asks = (f"train.stages.{stage}.iterations asks for" if derived.rule == "none" else
+                f"train.stages.{stage}.iterations ({derived.base_iterations}) makes at global batch "
+                f"{derived.global_batch} (train.scaling {derived.rule})")
         raise StageError(
             f"run {name} has trained {done} iterations ({where}), more than the {config.iterations} "
-            f"that train.stages.{stage}.iterations asks for. Ask for {done} or more to use it, or train "
+            f"that {asks}. Ask for {derived.asked_iterations(done)} or more to use it, or train "
             f"{config.iterations} afresh under another run name (--run-name) or after removing {where}")
     # Build the starting network once here, so a bad init fails now with its own
     # message instead of in every worker attempt.
@@ -270,6 +274,7 @@ def fit(params: Params, name: str, storage: str, config: loop.StageConfig,
     cluster.check_cpu_budget(params.ray)
     cluster.check_placement(params.ray)
     print(f"[{config.stage}] run {name} in {storage}; weights start from {config.init.note}", flush=True)
+    print(f"[{config.stage}] {config.scaling.note}", flush=True)
     ray_params = params.ray
     # On the driver's node: an actor on a worker node would die with that node and take
     # the driver's answer with it, though the run itself survives the loss.
