@@ -16,6 +16,7 @@ COMMANDS = {
     "fetch": ("pipelines.stages.fetch", "download, verify and extract VOC2012 and SBD"),
     "preprocess": ("pipelines.stages.preprocess", "convert the raw datasets into Parquet shards"),
     "train": ("pipelines.stages.train", "train one FCN stage on Ray Train"),
+    "seeds": ("pipelines.commands.seeds", "train one stage for several seeds: mean ± std of each score"),
     "evaluate": ("pipelines.stages.evaluate", "score each trained stage on all of val: the paper's table"),
     "register": ("pipelines.stages.register", "log the best checkpoint to MLflow; move the champion alias if it is better"),
     "predict": ("pipelines.commands.predict", "mask and overlay PNGs for images, from a registered model or a checkpoint"),

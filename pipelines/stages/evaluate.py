@@ -14,7 +14,10 @@ model runs over every image of the val shards at the image's own size
                            (its weights' sha256) and MLflow run the scores belong to
     evaluate.table_file    Markdown: the paper's table layout in percent, with the
                            forward time per image and the machine it was timed on,
-                           then the published numbers of the same networks
+                           under a stage the mean ± std of its scores over training
+                           seeds where `fcn seeds` made one with the stage's params as
+                           they are (<train.reports_dir>/seeds/<stage>.json), then the
+                           published numbers of the same networks
 
 and each stage's scores are logged to the MLflow run that trained its checkpoint
 (eval/<score>, eval/iu/<class>). The register stage gates the champion on these.
@@ -30,27 +33,22 @@ from pathlib import Path
 
 import torch
 
-from fcn_models.checkpoint import MODEL_FILE, load_checkpoint
-from fcn_models.fcn import optimize_for_inference
 from fcn_models.metrics import SCORE_KEYS
-from pipelines.core.errors import StageError
 from pipelines.core.exits import run_main
-from pipelines.core.files import atomic_write_text, file_sha256
+from pipelines.core.files import atomic_write_text
 from pipelines.core.params import Params, load_params
 from pipelines.data.shards import count_rows, iter_samples, shard_files
-from pipelines.track import metrics_log
+from pipelines.track import metrics_log, seed_spread
 from pipelines.track.val_scores import (
     EvaluateError,
     device_description,
-    expected_network,
     format_table,
     pick_device,
     reference_key,
-    score_model,
-    stage_report,
+    score_checkpoint,
     stride_ceilings,
 )
-from pipelines.train.recipe import stage_command
+from pipelines.train.recipe import stage_command, stage_params
 
 
 def find_checkpoints(params: Params) -> dict[str, tuple[Path, str]]:
@@ -76,6 +74,31 @@ def find_checkpoints(params: Params) -> dict[str, tuple[Path, str]]:
     return found
 
 
+def seed_spreads(params: Params, stages) -> dict[str, tuple[str, list[str]]]:
+    """{stage: its row of the table} for the stages with a spread over seeds (`fcn seeds`,
+    pipelines.track.seed_spread) made with the stage's result params as they are now; a
+    spread that cannot be read, or was made with other params, is left out with a line saying why."""
+    rows = {}
+    for stage in stages:
+        path = seed_spread.spread_file(params, stage)
+        if stage not in params.train.stages or not path.exists():
+            continue
+        try:
+            doc = seed_spread.read_spread(path, stage)
+        except seed_spread.SpreadError as err:
+            print(f"[evaluate] WARNING: {err}; the table has no spread for {stage}", file=sys.stderr, flush=True)
+            continue
+        changed = seed_spread.changed_params(doc, seed_spread.result_params(stage_params(params, stage)))
+        if changed:
+            print(f"[evaluate] {stage}: the spread over seeds in {path} was made with other params ("
+                  + ", ".join(f"{k} {then} -> {now}" for k, (then, now) in list(changed.items())[:3])
+                  + (", ..." if len(changed) > 3 else "") + "), left out of the table; run `fcn seeds` again",
+                  flush=True)
+            continue
+        rows[stage] = seed_spread.table_row(doc)
+    return rows
+
+
 def evaluate(params: Params, device: torch.device | None = None) -> dict:
     """Score every stage that has a checkpoint, write the report and table, log the scores
     to each checkpoint's MLflow run; return the report."""
@@ -89,34 +112,20 @@ def evaluate(params: Params, device: torch.device | None = None) -> dict:
 
     report = {}
     for stage, (directory, remake) in checkpoints.items():
-        try:
-            model, meta = load_checkpoint(directory, map_location=device, **expected_network(stage))
-        except (FileNotFoundError, ValueError, StageError) as err:
-            raise EvaluateError(f"stage {stage}: {err}; {remake}") from None
-        model = optimize_for_inference(model)
-        print(f"[{stage}] scoring {total} val images on {device.type}", flush=True)
-        matrix, images, times = score_model(model, iter_samples(files), device, timing_images, total, stage,
-                                            params.inference.max_pixels)
-        if matrix.total == 0:
-            raise EvaluateError(f"{files[0].parent}: every val pixel is void (255): nothing to score")
-        entry = stage_report(matrix, images, times, device)
-        entry["weights_sha256"] = file_sha256(directory / MODEL_FILE)
-        entry["mlflow_run_id"] = meta.get("mlflow_run_id")
-        entry["iterations"] = meta.get("iterations")
+        entry = score_checkpoint(directory, stage, files, total, device, timing_images,
+                                 params.inference.max_pixels, remake)
         report[stage] = entry
         print(f"[{stage}] " + "  ".join(f"{key} {entry[key]:.4f}" for key in SCORE_KEYS)
               + (f"  forward {entry['forward_ms']:.1f} ms/image" if entry["forward_ms"] is not None else ""),
               flush=True)
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
 
     # Both texts before either file: allow_nan=False makes a NaN that slipped through fail here.
     report_text = json.dumps(report, indent=2, allow_nan=False) + "\n"
     ceilings = stride_ceilings(iter_samples(files), params.model.num_classes)
     print("[evaluate] the best an output stride allows, mean IU: "
           + ", ".join(f"stride {s} {c['mean_iu']:.4f}" for s, c in ceilings.items()), flush=True)
-    table_text = format_table(report, total, timing_images, device_description(device), ceilings)
+    table_text = format_table(report, total, timing_images, device_description(device), ceilings,
+                              seed_spreads(params, report))
     atomic_write_text(Path(params.evaluate.report_file), report_text)
     atomic_write_text(Path(params.evaluate.table_file), table_text)
     for stage, entry in report.items():

@@ -2,6 +2,7 @@
 
     score_model(model, samples, device, timing_images)  -> (ConfusionMatrix, images, forward times)
     stage_report(matrix, images, times, device)          -> the JSON entry of one network
+    score_checkpoint(directory, key, files, ...)         -> that entry for a checkpoint, on the val shards
     format_table(report, ...)                            -> the paper's table layout in Markdown
 
 Each image is scored at its own size, batch 1, no augmentation; the per-pixel argmax
@@ -15,12 +16,13 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
-from fcn_models.checkpoint import FIXED_SUFFIX, stage_network
+from fcn_models.checkpoint import FIXED_SUFFIX, MODEL_FILE, load_checkpoint, stage_network
 from fcn_models.errors import FCNError
-from fcn_models.fcn import VARIANTS
+from fcn_models.fcn import VARIANTS, optimize_for_inference
 from fcn_models.limits import MAX_PIXELS, too_large
 from fcn_models.metrics import SCORE_HEADINGS, SCORE_KEYS, ConfusionMatrix, stride_ceiling
 from fcn_models.preprocess import normalize
@@ -28,6 +30,8 @@ from fcn_models.published import CONVERTED, NAMES, PAPER, REFERENCE
 from fcn_models.reference import reference_network
 from fcn_models.summary import cpu_model, machine
 from fcn_models.voc import names_for
+from pipelines.core.files import file_sha256
+from pipelines.data.shards import iter_samples
 
 # Report keys of the reference's released models, scored beside ours: "reference-fcn8s".
 REFERENCE_PREFIX = "reference-"
@@ -147,6 +151,31 @@ def stage_report(matrix: ConfusionMatrix, images: int, times: list[float], devic
     }
 
 
+def score_checkpoint(directory: Path, key: str, files: list[Path], total: int, device: torch.device,
+                     timing_images: int, max_pixels: int, remake: str) -> dict:
+    """The report entry (stage_report) of the checkpoint in `directory`, which must hold the
+    network of report key `key`, scored on every sample of the val shard `files` (`total` of
+    them), with its weights' sha256 and the MLflow run and iteration its meta.json names.
+    remake: how to make the checkpoint again, for the message when it cannot be loaded."""
+    try:
+        model, meta = load_checkpoint(directory, map_location=device, **expected_network(key))
+    except (FileNotFoundError, ValueError, FCNError) as err:
+        raise EvaluateError(f"stage {key}: {err}; {remake}") from None
+    model = optimize_for_inference(model)
+    print(f"[{key}] scoring {total} val images on {device.type}", flush=True)
+    matrix, images, times = score_model(model, iter_samples(files), device, timing_images, total, key, max_pixels)
+    if matrix.total == 0:
+        raise EvaluateError(f"{files[0].parent}: every val pixel is void (255): nothing to score")
+    entry = stage_report(matrix, images, times, device)
+    entry["weights_sha256"] = file_sha256(Path(directory) / MODEL_FILE)
+    entry["mlflow_run_id"] = meta.get("mlflow_run_id")
+    entry["iterations"] = meta.get("iterations")
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return entry
+
+
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__} (host: {cpu_model()})"
@@ -183,10 +212,12 @@ def published_rows(keys) -> list[str]:
 
 
 def format_table(report: dict, total_images: int, timing_images: int, where: str,
-                 ceilings: dict[int, dict] | None = None) -> str:
-    """The paper's table layout: one row per network, scores in percent to one decimal; then
-    what each output stride allows on the same images (ceilings), and the published numbers
-    of the same networks, for comparison."""
+                 ceilings: dict[int, dict] | None = None,
+                 spreads: dict[str, tuple[str, list[str]]] | None = None) -> str:
+    """The paper's table layout: one row per network, scores in percent to one decimal, under a
+    network its spread over training seeds where `spreads` has one ({key: (what the row is, its
+    cells)}: pipelines.track.seed_spread.table_row); then what each output stride allows on the
+    same images (ceilings), and the published numbers of the same networks, for comparison."""
     def percent(value):
         return "n/a" if value is None else f"{100 * value:.1f}"
 
@@ -196,6 +227,9 @@ def format_table(report: dict, total_images: int, timing_images: int, where: str
         forward = "n/a" if entry["forward_ms"] is None else f"{entry['forward_ms']:.1f}"
         cells = [percent(entry[k]) for k in SCORE_HEADINGS] + [forward]
         lines.append(f"| {display_name(key)} | " + " | ".join(cells) + " |")
+        if spreads and key in spreads:
+            what, spread_cells = spreads[key]
+            lines.append(f"| {display_name(key)}, {what} | " + " | ".join(spread_cells) + " | |")
     timed = min(timing_images, total_images - 1)
     timing = (f"mean over {timed} val images after one warm-up image, batch 1, at their own sizes, on {where}"
               if timed > 0 else "not measured (the only val image is the warm-up)")
@@ -204,6 +238,10 @@ def format_table(report: dict, total_images: int, timing_images: int, where: str
         f"Scores in percent over all {total_images} val images, whole images at their own sizes, batch 1, "
         f"from one confusion matrix per network.\nForward time: {timing}.\n"
     )
+    if spreads and any(key in spreads for key in report):
+        text += ("A row \"K seeds, mean ± std\" is the mean and sample standard deviation of the stage's scores "
+                 "over K trainings that differ only in train.seed, each from the same starting weights "
+                 "(`fcn seeds`); the row above it is the pipeline's own checkpoint.\n")
     if ceilings:
         rows = [f"| labels at stride {stride}, back to full size | "
                 + " | ".join(percent(scores[k]) for k in SCORE_HEADINGS) + " |" for stride, scores in ceilings.items()]

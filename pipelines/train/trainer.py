@@ -188,14 +188,16 @@ def run_dir(storage: str, name: str) -> str:
 
 
 def run_stage(params: Params, stage: str, root: Path, run_name: str | None = None,
-              trace_dir: str | None = None) -> dict:
+              trace_dir: str | None = None, init: recipe.StageInit | None = None) -> dict:
     """Train one stage on Ray, write its outputs and track it in MLflow; return the metrics written.
 
     root: the project (where the params file is): its git state and dvc.lock are recorded.
     trace_dir: where loop.Trace records attempts and steps (`fcn train --trace-dir`); None: off.
+    init: where the weights start when not in params' train.models_dir (`fcn seeds` writes to
+    a models_dir of its own and starts from the pipeline's checkpoint); None: resolve_init's.
     """
     root = Path(root).resolve()
-    init = recipe.resolve_init(params, stage)
+    init = init or recipe.resolve_init(params, stage)
     if init.source == "random":
         warn_random_init(stage, init.note)
     name = run_name or recipe.run_name(params, stage, init, root)
