@@ -22,7 +22,8 @@ from support.training import WIDTH, write_shards
 STAGES = {name: module for name, (module, _) in cli.COMMANDS.items() if module.startswith(("pipelines.stages.", "pipelines.commands."))}
 READS_PARAMS = {"fetch": [], "preprocess": [], "train": ["--stage", "fcn32s"], "evaluate": [], "register": [],
                 "predict": ["photo.png"], "status": [], "predict-batch": ["images", "--out", "out"], "serve": [],
-                "ui": [], "export": ["models:/fcn-voc@champion", "--onnx", "model.onnx"]}
+                "ui": [], "export": ["models:/fcn-voc@champion", "--onnx", "model.onnx"],
+                "seeds": ["--stage", "fcn8s", "--seeds", "0", "1"]}
 
 
 def test_every_stage_ends_through_run_main():

@@ -128,7 +128,7 @@ def test_the_terminal_table_shows_each_seed_then_mean_plus_minus_std(tmp_path):
     assert lines[0].index("mean IU") == lines[1].index("60.00") == lines[4].index("62.00 ±")
 
 
-def test_the_evaluation_table_shows_a_row_of_mean_plus_minus_std_under_the_stage(tmp_path, capsys):
+def test_the_evaluation_table_shows_a_row_of_mean_plus_minus_std_under_the_stage(tmp_path):
     params = project_params(tmp_path)
     seed_spread.write_spread(seed_spread.spread_file(params, "fcn8s"), report_of(params, source="evaluate"))
     report = {stage: {**SCORES[0], "forward_ms": 5.0} for stage in ("fcn16s", "fcn8s")}
