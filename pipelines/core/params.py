@@ -270,6 +270,9 @@ class EvaluateParams:
     # DVC metrics (scores per stage) and the same scores as a table in the paper's layout.
     report_file: str = _path("reports/evaluation.json")
     table_file: str = _path("reports/evaluation.md")
+    # The paper's Figure 4 (this many val images, the first by id) and the learning curves.
+    figures_dir: str = _path("reports/figures")
+    figure_images: int = 4
     # Images timed for the forward time per image (after one warm-up).
     timing_images: int = 20
     # The reference's released models, imported with `fcn import` into references_dir/<name>
@@ -282,6 +285,7 @@ class EvaluateParams:
     def __post_init__(self):
         _check(len(self.stages) >= 1, "evaluate.stages", self.stages, "name at least one stage")
         _check(self.timing_images >= 1, "evaluate.timing_images", self.timing_images, "must be >= 1")
+        _check(self.figure_images >= 1, "evaluate.figure_images", self.figure_images, "must be >= 1")
         _check(len(set(self.references)) == len(self.references), "evaluate.references", self.references,
                "names a reference twice")
 

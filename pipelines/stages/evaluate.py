@@ -18,9 +18,16 @@ model runs over every image of the val shards at the image's own size
                            seeds where `fcn seeds` made one with the stage's params as
                            they are (<train.reports_dir>/seeds/<stage>.json), then the
                            published numbers of the same networks
+    evaluate.figures_dir   figure4.png: the paper's Figure 4, the first
+                           evaluate.figure_images val images by id with their truth and
+                           each stage's prediction; learning_curves.png: every stage's val
+                           mean IU and training loss from reports/<stage>/history.csv,
+                           stages end to end (pipelines/track/chain_figures.py)
 
 and each stage's scores are logged to the MLflow run that trained its checkpoint
-(eval/<score>, eval/iu/<class>). The register stage gates the champion on these.
+(eval/<score>, eval/iu/<class>), and the two figures to the final stage's run (the last
+of evaluate.stages with a checkpoint) under figures/. The register stage gates the
+champion on the scores.
 Images are decoded as the training pipeline decodes them (pipelines.data.shards); the
 shards are read with pyarrow, no Ray.
 """
@@ -38,7 +45,7 @@ from pipelines.core.exits import run_main
 from pipelines.core.files import atomic_write_text
 from pipelines.core.params import Params, load_params
 from pipelines.data.shards import count_rows, iter_samples, shard_files
-from pipelines.track import metrics_log, seed_spread
+from pipelines.track import chain_figures, metrics_log, seed_spread
 from pipelines.track.val_scores import (
     EvaluateError,
     device_description,
@@ -109,12 +116,15 @@ def evaluate(params: Params, device: torch.device | None = None) -> dict:
         raise EvaluateError(f"{files[0].parent}: the val shards hold no image; re-run `fcn preprocess`")
     checkpoints = find_checkpoints(params)
     timing_images = params.evaluate.timing_images
+    samples = chain_figures.figure_samples(files, params.evaluate.figure_images)
 
-    report = {}
+    report, predictions = {}, {}
     for stage, (directory, remake) in checkpoints.items():
         entry = score_checkpoint(directory, stage, files, total, device, timing_images,
                                  params.inference.max_pixels, remake)
         report[stage] = entry
+        if stage in params.evaluate.stages:
+            predictions[stage] = chain_figures.predict_masks(model, samples, device)
         print(f"[{stage}] " + "  ".join(f"{key} {entry[key]:.4f}" for key in SCORE_KEYS)
               + (f"  forward {entry['forward_ms']:.1f} ms/image" if entry["forward_ms"] is not None else ""),
               flush=True)
@@ -128,6 +138,7 @@ def evaluate(params: Params, device: torch.device | None = None) -> dict:
                               seed_spreads(params, report))
     atomic_write_text(Path(params.evaluate.report_file), report_text)
     atomic_write_text(Path(params.evaluate.table_file), table_text)
+    figures = chain_figures.write_evaluation_figures(params, samples, predictions)
     for stage, entry in report.items():
         if entry["mlflow_run_id"]:
             try:
@@ -135,6 +146,16 @@ def evaluate(params: Params, device: torch.device | None = None) -> dict:
             except Exception as err:  # the report is written; an MLflow outage must not lose it
                 print(f"[evaluate] WARNING: could not log {stage}'s scores to MLflow run {entry['mlflow_run_id']}: "
                       f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
+    final = list(predictions)[-1] if predictions else None
+    final_run = report[final]["mlflow_run_id"] if final else None
+    if figures and final and not final_run:
+        print(f"[evaluate] {final}'s checkpoint names no MLflow run: the figures are on disk only", flush=True)
+    if figures and final_run:
+        try:
+            metrics_log.log_figures(params, final_run, figures)
+        except Exception as err:  # the figures are written; an MLflow outage must not lose them
+            print(f"[evaluate] WARNING: could not log the figures to MLflow run {final_run}: "
+                  f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
     return report
 
 

@@ -40,7 +40,8 @@ def stage_figures(checkpoint_dir: Path, shards_dir: Path, val_images: int, out_d
         write_val_images(Path(checkpoint_dir), Path(shards_dir), val_images, Path(out_dir) / "val_images")
 
 
-def _figure(width: float, height: float):
+def agg_figure(width: float, height: float):
+    """A matplotlib Figure of width x height inches at DPI, on its own Agg canvas."""
     # The Agg canvas directly: no pyplot, no global backend, nothing needs a display.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -56,7 +57,7 @@ def plot_confusion_matrix(matrix: np.ndarray, path: Path, title: str) -> None:
     rows = matrix.sum(axis=1, keepdims=True)
     share = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
     names = names_for(len(matrix))
-    figure = _figure(8.5, 7.5)
+    figure = agg_figure(8.5, 7.5)
     axes = figure.add_subplot()
     image = axes.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     axes.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
@@ -76,7 +77,7 @@ def plot_per_class_iu(per_class_iu: list[float], path: Path, title: str) -> None
     values = np.asarray(per_class_iu, dtype=np.float64)
     names = names_for(len(values))
     colours = voc_colormap(len(values)) / 255.0
-    figure = _figure(7.0, 6.5)
+    figure = agg_figure(7.0, 6.5)
     axes = figure.add_subplot()
     positions = np.arange(len(values))
     axes.barh(positions, np.nan_to_num(values), color=colours, edgecolor="black", linewidth=0.5)

@@ -5,6 +5,7 @@
     log_missing_rows(...) the rows of a history not yet in the run (the driver, when the
                           stage ends; rank 0, when an attempt resumes)
     log_evaluation(...)   the evaluate stage: full-resolution scores on the stage's run
+    log_figures(...)      the evaluate stage: its pictures on the final stage's run (figures/)
 
 A logging error on rank 0 is reported and logging stops for that attempt, but
 training goes on: every validation row is also in the checkpoint's history, and the
@@ -24,8 +25,13 @@ from pipelines.track.store import tracking_uri
 # The training loss every train.log_every iterations, beside the validation rows' `loss`
 # (the mean training loss since the previous validation, as history.csv has it).
 TRAIN_LOSS_KEY = "train_loss"
+# The validation rows of a stage as the train stage writes them into reports/<stage>/, and
+# the learning curves (pipelines.track.chain_figures) read them.
+HISTORY_CSV = "history.csv"
 # Evaluate's full-resolution scores on a stage's run: eval/<score> and eval/iu/<class>.
 EVAL_PREFIX = "eval/"
+# Evaluate's pictures (Figure 4, the learning curves), artifacts of the final stage's run.
+FIGURES_DIR = "figures"
 
 
 def logged_steps(client, run_id: str, key: str) -> set[int]:
@@ -135,23 +141,41 @@ def log_evaluation(params: Params, run_id: str, entry: dict, step: int = 0) -> b
     the full-resolution scores sit on the run's validation curve where those weights were
     taken); False (with a line saying why) when the store has no such run, e.g. a
     checkpoint trained against another store."""
+    client = _evaluated_run(params, run_id, "its scores are in the report file only")
+    if client is None:
+        return False
+    client.log_batch(run_id, metrics=evaluation_metrics(entry, step))
+    return True
+
+
+def log_figures(params: Params, run_id: str, paths: list[Path]) -> bool:
+    """Log evaluate's pictures to the training run `run_id` as artifacts under FIGURES_DIR;
+    False (with a line saying why) when the store has no such run."""
+    client = _evaluated_run(params, run_id, "its figures are on disk only")
+    if client is None:
+        return False
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_path=FIGURES_DIR)
+    return True
+
+
+def _evaluated_run(params: Params, run_id: str, otherwise: str):
+    """A client of the project's store when it holds run `run_id`; else None, with a line
+    saying why and `otherwise`."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     uri = tracking_uri(params)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        print(f"[evaluate] no MLflow store at {uri}: the scores of run {run_id} are in the report file only",
-              flush=True)
-        return False
+        print(f"[evaluate] no MLflow store at {uri} (run {run_id}): {otherwise}", flush=True)
+        return None
     client = MlflowClient(tracking_uri=uri)
     try:
         client.get_run(run_id)
     except MlflowException:
-        print(f"[evaluate] MLflow run {run_id} is not in {tracking_uri(params)}: its scores are in the "
-              "report file only", flush=True)
-        return False
-    client.log_batch(run_id, metrics=evaluation_metrics(entry, step))
-    return True
+        print(f"[evaluate] MLflow run {run_id} is not in {uri}: {otherwise}", flush=True)
+        return None
+    return client
 
 
 def evaluation_metrics(entry: dict, step: int, model_id: str | None = None) -> list:

@@ -402,7 +402,7 @@ def write_outputs(best: Path, history: list[dict], models_dir: Path, reports_dir
         "iterations": history[-1]["iteration"],
         "init": init_note,
     }
-    outputs = {"metrics.json": json.dumps(metrics, indent=2) + "\n", "history.csv": history_csv(history)}
+    outputs = {"metrics.json": json.dumps(metrics, indent=2) + "\n", metrics_log.HISTORY_CSV: history_csv(history)}
     for name, text in outputs.items():
         atomic_write_text(reports_dir / name, text)
     return outputs

@@ -27,7 +27,7 @@ READS_PARAMS = {"fetch": [], "preprocess": [], "train": ["--stage", "fcn32s"], "
 
 
 def test_every_stage_ends_through_run_main():
-    assert set(READS_PARAMS) | {"demo-data", "import"} == set(STAGES)
+    assert set(READS_PARAMS) | {"demo-data", "import", "demo"} == set(STAGES)
     for name, module in STAGES.items():
         path = PROJECT_ROOT / (module.replace(".", "/") + ".py")
         main = next(n for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef) and n.name == "main")
@@ -54,6 +54,15 @@ def test_a_params_error_is_status_2_with_one_line_naming_the_key(name, tmp_path)
     assert status == 2
     assert one_line(err) == (f"{name}: {params}: unknown key train.val_evry (known in train: "
                              + err.split("(known in train: ")[1].strip())
+
+
+def test_the_demo_outside_a_project_is_status_2_with_one_line_naming_the_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    status, err = stage(cli.main, "demo")
+    assert status == 2
+    assert one_line(err) == (f"demo: {tmp_path} holds no dvc.yaml and conf/profile/demo.yaml: run fcn demo in the "
+                             "project's root directory (make demo does)")
+    assert not (tmp_path / "data").exists()
 
 
 def test_a_file_that_cannot_be_written_is_status_1_with_one_line_naming_it(tmp_path):

@@ -156,8 +156,10 @@ def test_missing_stage_skipped_with_a_line_and_progress_reported(evaluated):
     root, _, _, out = evaluated
     assert f"fcn16s: no checkpoint at {root / 'models' / 'fcn16s'}, skipped" in out
     assert "[fcn8s] 5/7 images" in out
-    # Written by rename: nothing temporary left beside the two files.
-    assert sorted(p.name for p in (root / "reports").iterdir()) == ["evaluation.json", "evaluation.md"]
+    # Written by rename: nothing temporary left beside the files. No stage has a history: no curves.
+    assert sorted(p.name for p in (root / "reports").iterdir()) == ["evaluation.json", "evaluation.md", "figures"]
+    assert [p.name for p in (root / "reports" / "figures").iterdir()] == ["figure4.png"]
+    assert "no stage has a history: no learning curves" in out
 
 
 def test_no_checkpoint_at_all_is_an_error_naming_the_directory_and_command(tmp_path):
