@@ -120,11 +120,13 @@ def evaluate(params: Params, device: torch.device | None = None) -> dict:
 
     report, predictions = {}, {}
     for stage, (directory, remake) in checkpoints.items():
+        def predict(model, stage=stage):
+            if stage in params.evaluate.stages:
+                predictions[stage] = chain_figures.predict_masks(model, samples, device)
+
         entry = score_checkpoint(directory, stage, files, total, device, timing_images,
-                                 params.inference.max_pixels, remake)
+                                 params.inference.max_pixels, remake, also=predict)
         report[stage] = entry
-        if stage in params.evaluate.stages:
-            predictions[stage] = chain_figures.predict_masks(model, samples, device)
         print(f"[{stage}] " + "  ".join(f"{key} {entry[key]:.4f}" for key in SCORE_KEYS)
               + (f"  forward {entry['forward_ms']:.1f} ms/image" if entry["forward_ms"] is not None else ""),
               flush=True)

@@ -152,11 +152,12 @@ def stage_report(matrix: ConfusionMatrix, images: int, times: list[float], devic
 
 
 def score_checkpoint(directory: Path, key: str, files: list[Path], total: int, device: torch.device,
-                     timing_images: int, max_pixels: int, remake: str) -> dict:
+                     timing_images: int, max_pixels: int, remake: str, also=None) -> dict:
     """The report entry (stage_report) of the checkpoint in `directory`, which must hold the
     network of report key `key`, scored on every sample of the val shard `files` (`total` of
     them), with its weights' sha256 and the MLflow run and iteration its meta.json names.
-    remake: how to make the checkpoint again, for the message when it cannot be loaded."""
+    remake: how to make the checkpoint again, for the message when it cannot be loaded;
+    also(model): called with the loaded network before it is freed (one load for more uses)."""
     try:
         model, meta = load_checkpoint(directory, map_location=device, **expected_network(key))
     except (FileNotFoundError, ValueError, FCNError) as err:
@@ -170,6 +171,8 @@ def score_checkpoint(directory: Path, key: str, files: list[Path], total: int, d
     entry["weights_sha256"] = file_sha256(Path(directory) / MODEL_FILE)
     entry["mlflow_run_id"] = meta.get("mlflow_run_id")
     entry["iterations"] = meta.get("iterations")
+    if also is not None:
+        also(model)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
