@@ -133,6 +133,9 @@ def test_demo_profile_runs_every_stage_and_reruns_only_what_changed(tmp_path):
         metrics = json.loads((repo / "reports" / stage / "metrics.json").read_text())
         assert abs(evaluation[stage]["mean_iu"] - metrics["mean_iu"]) < 1e-6, stage
         assert evaluation[stage]["forward_ms"] > 0
+    # The paper's Figure 4 and the chain's learning curves.
+    for figure in ("figure4.png", "learning_curves.png"):
+        assert (repo / "reports" / "figures" / figure).stat().st_size > 0, figure
     table = (repo / "reports" / "evaluation.md").read_text()
     # Our rows, each followed by the paper's own as a reminder of what the full run aims for.
     rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| FCN-")]
