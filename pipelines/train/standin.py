@@ -24,10 +24,12 @@ How it is made:
   classifier's scale rather than whatever scale folding leaves.
 - Saved in half precision when that keeps held-out top-1 within HALF_TOLERANCE of float32's.
 
-A run is reproducible from its seed and step count (on one machine and thread count).
---minutes fixes the step count after WARMUP_STEPS, from the speed measured so far, and the
-learning rate of those first steps does not depend on it: the meta file's step count
-with `--steps` makes the same file again.
+A run is reproducible from its seed and step count (on one machine and thread count). The
+learning rate warms up, holds, and decays over the last 1/DECAY_SHARE of the steps; only
+that decay depends on the step count. --minutes decides the count when the time left, at
+the recent speed, holds just the decay: the meta file's step count with `--steps` then
+makes the same file again, and a machine that slows or speeds up early on changes only
+how many steps there are.
 
     train_standin(out, width=, seed=, steps= | minutes=)   the file, its meta and log; returns the meta
     build_classifier(width, batch_norm)                    torchvision's VGG module at a width
@@ -74,8 +76,11 @@ BATCH_SIZE = 32
 LEARNING_RATE = 2e-3
 WEIGHT_DECAY = 0.01
 DROPOUT = 0.3
-# Linear warm-up, then a cosine decay to zero at the last step.
+# Linear warm-up, constant, then a linear decay over the last 1/DECAY_SHARE of the steps.
 WARMUP_STEPS = 50
+DECAY_SHARE = 5
+# Steps whose durations give the recent speed, for --minutes.
+SPEED_WINDOW = 20
 EVAL_EVERY = 50
 LOG_EVERY = 10
 HELDOUT_IMAGES = 500
@@ -202,13 +207,27 @@ def _inputs(images: np.ndarray) -> torch.Tensor:
     return normalize(images, NORM).contiguous(memory_format=torch.channels_last)
 
 
+def decay_start(total: int) -> int:
+    """The first step of the learning rate's decay in a run of total steps."""
+    return total - total // DECAY_SHARE
+
+
+def total_decaying_from(step: int) -> int:
+    """The step count whose decay starts at step (decay_start rises by 0 or 1 a step, so one exists)."""
+    total = step
+    while decay_start(total) < step:
+        total += 1
+    return total
+
+
 def lr_at(step: int, total: Optional[int]) -> float:
-    """The learning rate of step (0-based): linear warm-up over WARMUP_STEPS, whatever the
-    total, then a cosine decay to zero at step total."""
-    if step < WARMUP_STEPS:
-        return LEARNING_RATE * (step + 1) / WARMUP_STEPS
-    done = (step - WARMUP_STEPS) / max(1, total - WARMUP_STEPS)
-    return LEARNING_RATE * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+    """The learning rate of step (0-based) in a run of total steps (None: not decided yet, so
+    before its decay): linear warm-up over WARMUP_STEPS, constant, then a linear decay from
+    decay_start(total) towards zero at step total."""
+    rate = LEARNING_RATE * min(1.0, (step + 1) / WARMUP_STEPS)
+    if total is None or step < decay_start(total):
+        return rate
+    return rate * (total - step) / (total - decay_start(total))
 
 
 # --------------------------------------------------------------------------- the pictures
@@ -331,8 +350,8 @@ def train_standin(out, *, width: float, seed: int = 0, steps: Optional[int] = No
                   minutes: Optional[float] = None, heldout: int = HELDOUT_IMAGES, command: str = "") -> dict:
     """Train the stand-in and write out (<name>.pth), <name>.json (meta) and <name>.csv (log).
 
-    steps: that many steps; minutes: as many as fit that wall time (fixed after
-    WARMUP_STEPS). heldout: held-out pictures for accuracy. Returns the meta.
+    steps: that many steps; minutes: as many as fit that wall time (decided when what is left
+    holds the decay). heldout: held-out pictures for accuracy. Returns the meta.
     """
     _check_arguments(width, seed, steps, minutes, heldout)
     out = Path(out)
@@ -350,11 +369,13 @@ def train_standin(out, *, width: float, seed: int = 0, steps: Optional[int] = No
 
     with CropFeed(seed, heldout) as feed:
         step, window, last_top1 = 0, [], None
-        steady_from, eval_seconds, eval_total = None, 0.0, 0.0  # for --minutes: the speed after start-up
+        durations = collections.deque(maxlen=SPEED_WINDOW)  # for --minutes: the recent speed
+        eval_seconds = None
         while total is None or step < total:
             lr = lr_at(step, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            tick = time.perf_counter()
             images, classes = feed.batch()
             labels = torch.from_numpy(classes)
             net.train()
@@ -371,10 +392,17 @@ def train_standin(out, *, width: float, seed: int = 0, steps: Optional[int] = No
             subnormals.flush_optimizer_(optimizer)
             step += 1
             window.append((float(loss.detach()), float((logits.argmax(1) == labels).float().mean())))
-            if step == 10:
-                steady_from = time.perf_counter()  # the first steps also wait for the picture process
-            if total is None and time.perf_counter() - started >= budget:
-                total = step
+            durations.append(time.perf_counter() - tick)
+            if total is None:  # --minutes: decide the step count once the time left holds just the decay
+                candidate = total_decaying_from(step)
+                per_step = sum(durations) / len(durations)
+                per_eval = eval_seconds if eval_seconds is not None else per_step * heldout / BATCH_SIZE / 3
+                evals = candidate // EVAL_EVERY - step // EVAL_EVERY + FINAL_EVALS
+                if (time.perf_counter() - started + (candidate - step) * per_step + evals * per_eval >= budget
+                        or total_decaying_from(step + 1) > MAX_STEPS):
+                    total = candidate
+                    say(f"standin: {per_step:.2f}s a step: {total} steps in all, the last "
+                        f"{total - step} decaying the learning rate")
 
             if step % LOG_EVERY == 0 or step == total:
                 heldout_top1 = None
@@ -382,7 +410,6 @@ def train_standin(out, *, width: float, seed: int = 0, steps: Optional[int] = No
                     tick = time.perf_counter()
                     heldout_top1 = last_top1 = top1(net, *feed.heldout(), training_form=True)
                     eval_seconds = time.perf_counter() - tick
-                    eval_total += eval_seconds if steady_from is not None else 0.0
                 elapsed = time.perf_counter() - started
                 loss_mean = sum(w[0] for w in window) / len(window)
                 acc_mean = sum(w[1] for w in window) / len(window)
@@ -394,13 +421,6 @@ def train_standin(out, *, width: float, seed: int = 0, steps: Optional[int] = No
                     + f"  lr {lr:.2e}  {elapsed:.0f}s")
                 window = []
 
-            if total is None and step == WARMUP_STEPS:  # --minutes: the step count, from the speed so far
-                now = time.perf_counter()
-                per_step = (now - steady_from - eval_total) / (step - 10)
-                left = budget - (now - started) - FINAL_EVALS * eval_seconds
-                more = max(0, int(left / (per_step + eval_seconds / EVAL_EVERY)))
-                total = min(MAX_STEPS, step + more)
-                say(f"standin: {per_step:.2f}s a step so far: {total} steps in all")
         heldout_images, heldout_classes = feed.heldout()
     seconds = time.perf_counter() - started
 

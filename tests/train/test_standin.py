@@ -177,6 +177,18 @@ def test_minutes_fix_the_steps_and_the_meta_records_them(tmp_path):
     assert int(rows[-1]["step"]) == meta["steps"] and rows[-1]["heldout_top1"] != ""
 
 
+def test_a_step_count_decided_late_keeps_the_learning_rates_already_used():
+    for step in range(1, 400):
+        total = standin.total_decaying_from(step)
+        assert standin.decay_start(total) == step and total - step == total // standin.DECAY_SHARE
+        # --minutes ran steps 0 .. step - 1 before it knew total: --steps total uses the same rates.
+        assert all(standin.lr_at(i, None) == standin.lr_at(i, total) for i in range(step))
+    rates = [standin.lr_at(i, 300) for i in range(300)]
+    assert rates[standin.WARMUP_STEPS - 1] == rates[239] == standin.LEARNING_RATE
+    assert rates[0] < rates[1] < rates[standin.WARMUP_STEPS - 1]
+    assert all(a > b > 0 for a, b in zip(rates[240:], rates[241:]))
+
+
 @pytest.mark.parametrize("width", ["0", "-1", "5", "nan"])
 def test_a_width_out_of_range_is_refused_before_anything_is_written(tmp_path, capsys, width):
     out = tmp_path / "sub" / "s.pth"
