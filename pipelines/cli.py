@@ -21,6 +21,8 @@ COMMANDS = {
     "register": ("pipelines.stages.register", "log the best checkpoint to MLflow; move the champion alias if it is better"),
     "predict": ("pipelines.commands.predict", "mask and overlay PNGs for images, from a registered model or a checkpoint"),
     "import": ("pipelines.commands.import_weights", "the reference's caffemodels / pytorch-fcn files as our checkpoints"),
+    "standin": ("pipelines.commands.standin",
+                "train the ImageNet stand-in: a width-scaled VGG16 classifier on generated pictures"),
     "status": ("pipelines.commands.status", "the stage runs in MLflow; runs whose driver is gone marked FAILED"),
     "predict-batch": ("pipelines.commands.predict_batch",
                       "masks, overlays and class shares for a directory, glob or Parquet of images, on Ray Data"),

@@ -503,6 +503,65 @@ def _edges(regions: np.ndarray) -> np.ndarray:
     return edge
 
 
+# ------------------------------------------------------------- classifier crops
+
+# The stand-in classifier's pictures (pipelines/train/standin.py) have ids in years no
+# VOC id has (a mirror's are 2007-2011), so none of them is a mirror's picture, whatever
+# the seeds. One year per split: the held-out pictures are never trained on.
+CROP_YEARS = {"train": 9001, "heldout": 9002}
+# The scene a crop is cut from: its longer side, in pixels.
+CROP_SCENE_SIDE = 256
+# Objects per scene: 1, 2 or 3, with these chances.
+CROP_OBJECT_CHANCES = (0.4, 0.4, 0.2)
+# Pictures per split: an id's number has six digits.
+CROP_INDICES = 10 ** 6
+
+
+def object_crop(seed: int, split: str, index: int, size: int) -> tuple[np.ndarray, int]:
+    """One labelled picture for an image classifier: (rgb uint8 size x size x 3, class 1..20).
+
+    A scene of 1-3 objects of random classes (render_image), cut square around one object
+    with a random margin and offset, resized to size x size; the label is that object's
+    class. The object is the first class's largest, or the largest visible one when that is
+    more than eight times its size. Depends on (seed, split, index) only.
+    """
+    if split not in CROP_YEARS:
+        raise ValueError(f"split {split!r}: choose one of {', '.join(CROP_YEARS)}")
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < CROP_INDICES:
+        raise ValueError(f"index {index!r}: must be an integer in [0, {CROP_INDICES})")
+    year = CROP_YEARS[split]
+    # The scene's own generator is image_rng(seed, id); this one, a different stream, picks what is in it.
+    rng = np.random.default_rng([seed, year, int(index), 1])
+    count = 1 + int(rng.choice(len(CROP_OBJECT_CHANCES), p=CROP_OBJECT_CHANCES))
+    classes = [int(c) for c in rng.integers(1, NUM_CLASSES, size=count)]
+    rgb, label, instances = render_image(seed, f"{year}_{int(index):06d}", classes, CROP_SCENE_SIDE,
+                                         round(0.6 * CROP_SCENE_SIDE))
+    # The last object drawn is always visible: its centre lies inside the scene and nothing covers it.
+    areas = np.bincount(instances.ravel(), minlength=2)
+    areas[0] = 0
+    # The first class's largest object, when at least an eighth the size of the largest: larger
+    # classes would otherwise be most of the labels.
+    first = [k for k in range(1, len(areas)) if areas[k] and label[instances == k][0] == classes[0]]
+    chosen = max(first, key=lambda k: areas[k]) if first else 0
+    largest = instances == (chosen if areas[chosen] * 8 >= areas.max() else int(areas.argmax()))
+    rows, cols = np.flatnonzero(largest.any(1)), np.flatnonzero(largest.any(0))
+    h, w = label.shape
+    extent = max(rows[-1] + 1 - rows[0], cols[-1] + 1 - cols[0])
+    side = int(min(h, w, max(16, round(extent * rng.uniform(1.1, 1.5)))))
+    cy = (rows[0] + rows[-1] + 1) / 2 + rng.uniform(-0.1, 0.1) * side
+    cx = (cols[0] + cols[-1] + 1) / 2 + rng.uniform(-0.1, 0.1) * side
+    top = int(np.clip(round(cy - side / 2), 0, h - side))
+    left = int(np.clip(round(cx - side / 2), 0, w - side))
+    crop = Image.fromarray(rgb[top:top + side, left:left + side]).resize((size, size), Image.BILINEAR)
+    return np.asarray(crop), int(label[largest][0])
+
+
+def object_crops(seed: int, split: str, start: int, count: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """object_crop for indices start .. start + count - 1: (uint8 count x size x size x 3, int64 classes)."""
+    crops = [object_crop(seed, split, i, size) for i in range(start, start + count)]
+    return np.stack([c[0] for c in crops]), np.asarray([c[1] for c in crops], np.int64)
+
+
 # ---------------------------------------------------------------------- encoding
 
 def encode_jpeg(rgb: np.ndarray) -> bytes:

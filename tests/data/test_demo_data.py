@@ -293,6 +293,36 @@ def test_an_image_depends_only_on_seed_and_id():
     assert first[0].shape != other[0].shape or not np.array_equal(first[0], other[0])
 
 
+def test_object_crops_depend_only_on_seed_split_and_index():
+    image, label = demo_data.object_crop(3, "train", 17, 48)
+    assert image.shape == (48, 48, 3) and image.dtype == np.uint8 and 1 <= label <= 20
+    again = demo_data.object_crop(3, "train", 17, 48)
+    np.testing.assert_array_equal(image, again[0])
+    assert label == again[1]
+    for other in [(3, "train", 18), (3, "heldout", 17), (4, "train", 17)]:
+        assert not np.array_equal(image, demo_data.object_crop(*other, 48)[0]), other
+    images, labels = demo_data.object_crops(3, "train", 16, 3, 48)
+    np.testing.assert_array_equal(images[1], image)
+    assert images.shape == (3, 48, 48, 3) and labels.dtype == np.int64 and labels[1] == label
+
+
+def test_object_crops_are_no_mirror_pictures_and_cover_every_class():
+    # A mirror's ids are years 2007-2011 (seg11valid and the SBD-style training ids).
+    mirror_years = {int(i[:4]) for i in seg11valid_ids()} | set(demo_data.TRAIN_YEARS)
+    assert not mirror_years & set(demo_data.CROP_YEARS.values())
+    assert len(set(demo_data.CROP_YEARS.values())) == len(demo_data.CROP_YEARS)
+    _, labels = demo_data.object_crops(0, "heldout", 0, 200, 16)
+    counts = np.bincount(labels, minlength=21)[1:]
+    assert counts.min() >= 3 and counts.max() <= 4 * counts.min(), counts
+
+
+def test_object_crop_arguments_name_the_value():
+    with pytest.raises(ValueError, match="split 'val'.*train, heldout"):
+        demo_data.object_crop(0, "val", 0, 32)
+    with pytest.raises(ValueError, match="index 1000000.*1000000"):
+        demo_data.object_crop(0, "train", 10 ** 6, 32)
+
+
 def test_void_band_spares_objects_in_front():
     instances = np.zeros((9, 9), np.uint8)
     instances[2:7, 2:7] = 1      # a square behind
