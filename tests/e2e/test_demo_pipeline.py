@@ -73,7 +73,6 @@ def test_demo_profile_runs_every_stage_and_reruns_only_what_changed(tmp_path):
         f"data.local_dir={mirror['voc'].parent}",
         f"data.voc.md5={mirror['md5']['voc']}",
         f"data.sbd.md5={mirror['md5']['sbd']}",
-        "model.width=0.0625",
         "train.val_every=3",
         "ray.num_workers=1",
         *(f"train.stages.{s}.iterations={n}" for s, n in ITERATIONS.items()),
@@ -98,12 +97,12 @@ def test_demo_profile_runs_every_stage_and_reruns_only_what_changed(tmp_path):
     # params.yaml is the demo profile, composed, with the overrides on top.
     params = load_params(repo / "params.yaml")
     demo = yaml.safe_load((PROJECT_ROOT / "conf" / "profile" / "demo.yaml").read_text())
-    assert params.train.loss == demo["train"]["loss"] and params.model.width == 0.0625
+    assert params.train.loss == demo["train"]["loss"] and params.model.width == demo["model"]["width"]
     assert params.data.shards_dir == str(repo / demo["data"]["shards_dir"])
 
     for stage in STAGES:
         model, meta = load_checkpoint(repo / "models" / stage)
-        assert model.variant == stage.removesuffix("-fixed") and model.width == 0.0625
+        assert model.variant == stage.removesuffix("-fixed") and model.width == params.model.width
         metrics = json.loads((repo / "reports" / stage / "metrics.json").read_text())
         assert metrics["iterations"] == ITERATIONS[stage]
         assert 0.0 <= metrics["mean_iu"] <= metrics["pixel_acc"] <= 1.0
@@ -115,9 +114,14 @@ def test_demo_profile_runs_every_stage_and_reruns_only_what_changed(tmp_path):
         best = max(history, key=lambda row: float(row["mean_iu"]))
         assert abs(float(best["mean_iu"]) - metrics["mean_iu"]) < 1e-9
         assert meta["val"]["mean_iu"] == metrics["mean_iu"]
-    # Each stage starts from the one before; FCN-32s from random weights, and says so.
-    assert json.loads((repo / "reports" / "fcn32s-fixed" / "metrics.json").read_text())["init"].startswith("random")
-    assert json.loads((repo / "reports" / "fcn32s" / "metrics.json").read_text())["init"].startswith("random")
+    # Each stage starts from the one before; FCN-32s and the fixed row from the shipped stand-in.
+    for stage in ("fcn32s-fixed", "fcn32s"):
+        init = json.loads((repo / "reports" / stage / "metrics.json").read_text())["init"]
+        assert init == f"imagenet ({repo / demo['model']['imagenet_weights']})", stage
+    # The fixed row learned its score layer only: its trunk is the stand-in's, fc7 included.
+    fixed = torch.load(repo / "models" / "fcn32s-fixed" / "model.pt", weights_only=True)
+    standin = torch.load(repo / demo["model"]["imagenet_weights"], weights_only=True)
+    assert torch.equal(fixed["trunk.fc7.weight"].flatten(1), standin["classifier.3.weight"].float())
     assert json.loads((repo / "reports" / "fcn16s" / "metrics.json").read_text())["init"].startswith("fcn32s")
     assert json.loads((repo / "reports" / "fcn8s" / "metrics.json").read_text())["init"].startswith("fcn16s")
     # FCN-16s's trunk is FCN-32s's weights moved on by training, not a fresh net.

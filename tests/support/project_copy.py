@@ -7,7 +7,7 @@ from pipelines.core.params import PROJECT_ROOT
 # What `dvc repro` of the whole pipeline reads from the checkout: the pipeline, its code and
 # profiles, and models/reference (evaluate's dependency, kept in git by its README).
 PIPELINE_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "conf", "pipelines", "fcn_models",
-                  "models/reference/README.md"]
+                  "models/reference/README.md", "models/standin"]
 
 
 def copy_project(target: Path, names) -> Path:

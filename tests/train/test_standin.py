@@ -2,6 +2,7 @@
 import csv
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -227,3 +228,23 @@ def test_steps_and_minutes_are_one_or_the_other(tmp_path, capsys):
     assert "one of the arguments --steps --minutes is required" in capsys.readouterr().err
     assert cli.main([*args, "--steps", "0"]) == 2
     assert "--steps 0: must be between 1 and" in capsys.readouterr().err
+
+
+def test_the_shipped_standin_is_the_one_its_meta_describes_and_the_demo_starts_from_it():
+    from pipelines.commands.demo import compose_profile
+    from pipelines.core.params import PROJECT_ROOT
+
+    demo = compose_profile(PROJECT_ROOT, [])
+    weights = Path(demo.model.imagenet_weights)
+    assert weights.is_relative_to(PROJECT_ROOT / "models" / "standin")
+    meta = json.loads(weights.with_suffix(".json").read_text())
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == meta["sha256"]
+    assert meta["width"] == demo.model.width and meta["seed"] == 0
+    # Good enough to transfer: the held-out top-1 of the 20-way classifier it was shipped with.
+    assert meta["heldout_top1"] >= 0.9
+    model = build_fcn("fcn32s", "vgg16", width=demo.model.width)
+    loaded = load_imagenet_weights(model, weights)
+    assert {"trunk.fc6.weight", "trunk.fc7.weight", "trunk.conv1_1.weight"} <= set(loaded)
+    state = read_state_dict(weights)
+    fc = scaled(4096, demo.model.width)
+    assert torch.equal(model.trunk.fc7.weight, state["classifier.3.weight"].float().reshape(fc, fc, 1, 1))
