@@ -142,12 +142,7 @@ def evaluate(params: Params, device: torch.device | None = None) -> dict:
     atomic_write_text(Path(params.evaluate.table_file), table_text)
     figures = chain_figures.write_evaluation_figures(params, samples, predictions)
     for stage, entry in report.items():
-        if entry["mlflow_run_id"]:
-            try:
-                metrics_log.log_evaluation(params, entry["mlflow_run_id"], entry, entry["iterations"] or 0)
-            except Exception as err:  # the report is written; an MLflow outage must not lose it
-                print(f"[evaluate] WARNING: could not log {stage}'s scores to MLflow run {entry['mlflow_run_id']}: "
-                      f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        metrics_log.log_evaluation_or_warn(params, entry, "evaluate", f"{stage}'s scores")
     final = list(predictions)[-1] if predictions else None
     final_run = report[final]["mlflow_run_id"] if final else None
     if figures and final and not final_run:

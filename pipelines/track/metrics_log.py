@@ -148,6 +148,20 @@ def log_evaluation(params: Params, run_id: str, entry: dict, step: int = 0) -> b
     return True
 
 
+def log_evaluation_or_warn(params: Params, entry: dict, prog: str, what: str) -> None:
+    """log_evaluation of an entry to the run its checkpoint names, if any; a failure is a
+    warning naming `what` was not logged: the scores are on disk already, and an MLflow
+    outage must not lose them."""
+    run_id = entry.get("mlflow_run_id")
+    if not run_id:
+        return
+    try:
+        log_evaluation(params, run_id, entry, entry.get("iterations") or 0)
+    except Exception as err:
+        print(f"[{prog}] WARNING: could not log {what} to MLflow run {run_id}: {type(err).__name__}: {err}",
+              file=sys.stderr, flush=True)
+
+
 def log_figures(params: Params, run_id: str, paths: list[Path]) -> bool:
     """Log evaluate's pictures to the training run `run_id` as artifacts under FIGURES_DIR;
     False (with a line saying why) when the store has no such run."""

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -89,12 +88,7 @@ def _evaluate_seed(run: SeedRun, stage: str, files: list[Path], total: int, devi
         params.inference.max_pixels, f"train it again with `fcn seeds --stage {stage} --seeds ...`")
     text = json.dumps({stage: entry}, indent=2, allow_nan=False) + "\n"
     atomic_write_text(run.reports(stage) / EVALUATION_FILE, text)
-    if entry["mlflow_run_id"]:
-        try:
-            metrics_log.log_evaluation(params, entry["mlflow_run_id"], entry, entry["iterations"] or 0)
-        except Exception as err:  # the file is written; an MLflow outage must not lose it
-            print(f"[seeds] WARNING: could not log seed {run.seed}'s scores to MLflow run {entry['mlflow_run_id']}: "
-                  f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
+    metrics_log.log_evaluation_or_warn(params, entry, "seeds", f"seed {run.seed}'s scores")
     return entry
 
 
