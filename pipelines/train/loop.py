@@ -312,8 +312,13 @@ class StageWorker:
 
     def warm_up(self, iteration: int) -> None:
         """Set every group's learning rate for step `iteration` (from 1): train.scaling's linear
-        warm-up scales all groups alike, so biases keep twice the weights' rate; past it, the full rates."""
+        warm-up scales all groups alike, so biases keep twice the weights' rate; the step after
+        it sets the full rates, and later steps leave the rates alone."""
         derived = self.config.scaling
+        # Outside the ramp (and its first step after) the rates are left as they are: the
+        # optimizer's own, or what a caller set on purpose.
+        if iteration > derived.warmup_iterations + 1 or derived.warmup_iterations == 0:
+            return
         factor = scaling_rule.warmup_factor(iteration, derived.warmup_iterations, derived.warmup_start)
         for group, lr in zip(self.optimizer.param_groups, self.full_lrs):
             group["lr"] = lr * factor

@@ -229,7 +229,11 @@ def test_stage_writes_model_metrics_and_history(fcn32s_run):
     assert meta["val"]["mean_iu"] == pytest.approx(written["mean_iu"])
     # Nothing half-written or temporary left beside the outputs.
     assert [p.name for p in (root / "models").iterdir()] == ["fcn32s"]
-    assert sorted(p.name for p in (root / "reports" / "fcn32s").iterdir()) == ["history.csv", "metrics.json"]
+    assert sorted(p.name for p in (root / "reports" / "fcn32s").iterdir()) == ["history.csv", "metrics.json",
+                                                                              "timing.json"]
+    timing = json.loads((root / "reports" / "fcn32s" / "timing.json").read_text())
+    assert sorted(timing) == ["data_start_s", "join_ray_s", "outputs_s", "train_s", "val_s"]
+    assert timing["train_s"] > 0 and timing["val_s"] > 0 and all(v >= 0 for v in timing.values())
     assert meta["val"]["per_class_iu"][3] is None  # a class never seen: null, not NaN
 
 
