@@ -17,6 +17,8 @@ COMMANDS = {
     "preprocess": ("pipelines.stages.preprocess", "convert the raw datasets into Parquet shards"),
     "train": ("pipelines.stages.train", "train one FCN stage on Ray Train"),
     "seeds": ("pipelines.commands.seeds", "train one stage for several seeds: mean ± std of each score"),
+    "scaling-study": ("pipelines.commands.scaling_study",
+                      "train one stage at several global batches (train.scaling) and seeds: table and curves"),
     "evaluate": ("pipelines.stages.evaluate", "score each trained stage on all of val: the paper's table"),
     "register": ("pipelines.stages.register", "log the best checkpoint to MLflow; move the champion alias if it is better"),
     "predict": ("pipelines.commands.predict", "mask and overlay PNGs for images, from a registered model or a checkpoint"),

@@ -197,9 +197,12 @@ class TrainParams:
     batch_mode: Literal["whole", "crops"] = "whole"
     batch_size: int = 1
     # How a stage's lr, iterations and val_every follow the global batch (ray.num_workers x
-    # batch_size): "none" as given; "linear" keeps the images seen and the per-image step of
-    # the reference's batch 1 (pipelines/train/scaling.py). SGD only.
-    scaling: Literal["none", "linear"] = "none"
+    # batch_size): "none" as given; "linear" (SGD) and "sqrt" (Adam, with its betas) keep the
+    # images seen and the per-image step of the reference's batch 1 (pipelines/train/scaling.py).
+    scaling: Literal["none", "linear", "sqrt"] = "none"
+    # Images the linear rule's warm-up lasts: 1/20 of the reference's 100,000-image stage,
+    # about the share of Goyal et al.'s 5 of 90 epochs; a short run wants its own share. 0: none.
+    warmup_images: int = 5000
     # "sum" over valid pixels as the reference, or "mean"; the learning rates must match.
     loss: Literal["sum", "mean"] = "sum"
     # "sgd" as the reference. "adam" (same groups: biases at 2 x lr, no decay) is for
@@ -223,9 +226,11 @@ class TrainParams:
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
         _check(self.batch_mode == "crops" or self.batch_size == 1, "train.batch_size", self.batch_size,
                "whole images of different sizes cannot be batched: use batch_size 1 or batch_mode crops")
-        _check(self.scaling == "none" or self.optimizer == "sgd", "train.scaling", self.scaling,
-               "the linear rule (Goyal et al. 2017) is for SGD; with train.optimizer adam use none and "
-               "set the stages' lr for the global batch yourself")
+        _check(self.scaling != "linear" or self.optimizer == "sgd", "train.scaling", self.scaling,
+               "the linear rule (Goyal et al. 2017) is for SGD; with train.optimizer adam use sqrt")
+        _check(self.scaling != "sqrt" or self.optimizer == "adam", "train.scaling", self.scaling,
+               "the square-root rule (Malladi et al. 2022) is for Adam; with train.optimizer sgd use linear")
+        _check(self.warmup_images >= 0, "train.warmup_images", self.warmup_images, "must be >= 0")
         _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "must be in [0, 1)")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
         _check(self.val_every >= 1, "train.val_every", self.val_every, "must be >= 1")
@@ -335,6 +340,15 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     inference: InferenceParams = field(default_factory=InferenceParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
+
+    def __post_init__(self):
+        batch = self.ray.num_workers * self.train.batch_size
+        # Rounded: 10 x (1 - 0.9) is 1 only to within float error.
+        _check(self.train.scaling != "sqrt" or round(1 - batch * (1 - self.train.momentum), 12) > 0, "train.momentum",
+               self.train.momentum,
+               f"train.scaling sqrt makes Adam's beta1 1 - B x (1 - momentum) for the global batch B = "
+               f"ray.num_workers x train.batch_size = {batch}, which must stay above 0: raise it above "
+               f"{1 - 1 / batch:.4g} or use fewer images a step")
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:

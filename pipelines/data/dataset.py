@@ -9,7 +9,8 @@ a training run gives the TorchTrainer (the train dataset as a factory Ray Train 
 at every worker-group start), `data_config(params)` its `dataset_config`; inside each
 training worker, `iter_train_batches(ray.train.get_dataset_shard("train"), params,
 start_iteration)` and `iter_val_batches(ray.train.get_dataset_shard("val"), params)`
-yield (images float32 N x 3 x H x W, labels int64 N x H x W) on the worker's device.
+yield (images float32 N x 3 x H x W, labels int64 N x H x W) on the worker's device;
+`ValBatches` keeps a small val shard's batches after the first validation.
 
 Pixels travel through Ray as uint8 RGB (a quarter of float32's bytes) and are
 normalised for the model's weights (pipelines.core.params.input_norm: model.input_norm or
@@ -55,7 +56,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import cv2
 import numpy as np
@@ -487,3 +488,42 @@ def iter_train_batches(shard, params: Params, start_iteration: int = 0) -> Itera
 def iter_val_batches(shard, params: Params) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Validation batches: each whole image at its own size, batch 1, not augmented."""
     yield from _iter_batches(shard, params, 1, drop_last=False, start_iteration=None)
+
+
+# The bytes of val batches a worker keeps after its first validation (on the CPU); a
+# worker's val shard larger than this streams through the val pipeline at every validation.
+VAL_KEEP_BYTES = 512 * 2**20
+
+
+class ValBatches:
+    """A worker's validation batches, called once per validation: the first full pass streams
+    them from its shard (iter_val_batches) and keeps a CPU copy when they fit in max_bytes;
+    later passes replay that copy, the same batches in the same order (validation is not
+    augmented), without starting the val pipeline again. A pass stopped early keeps nothing.
+
+    all_agree(fits) -> bool: whether every worker's batches fit, called by each worker at the
+    end of its first pass (the trainer's reduces over the process group). Either every worker
+    keeps its batches or none does: the workers' val shards are splits of one execution, and
+    a worker streaming alone would wait for the others to start it."""
+
+    def __init__(self, shard, params: Params, max_bytes: int = VAL_KEEP_BYTES,
+                 all_agree: Callable[[bool], bool] = lambda fits: fits):
+        self.shard, self.params, self.max_bytes, self.all_agree = shard, params, max_bytes, all_agree
+        self.kept: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
+
+    def __call__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.kept is not None:
+            return iter(self.kept)
+        return self._stream()
+
+    def _stream(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        kept, size = [], 0
+        for images, labels in iter_val_batches(self.shard, self.params):
+            if kept is not None:
+                size += images.nbytes + labels.nbytes
+                if size <= self.max_bytes:
+                    kept.append((images.cpu(), labels.cpu()))
+                else:
+                    kept = None
+            yield images, labels
+        self.kept = kept if self.all_agree(kept is not None) else None

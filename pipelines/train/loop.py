@@ -78,12 +78,12 @@ def freeze_for_stage(model: nn.Module, fixed: bool) -> None:
 
 
 def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float,
-                   kind: str = "sgd") -> torch.optim.Optimizer:
+                   kind: str = "sgd", beta2: float = scaling_rule.ADAM_BETA2) -> torch.optim.Optimizer:
     """SGD as the reference: weights at lr with decay, biases at 2 x lr without.
 
-    kind "adam" keeps the same groups with Adam (momentum as its beta1), for nets
-    that start from random weights. Only parameters that require a gradient are in
-    a group, so momentum and weight decay cannot move frozen ones.
+    kind "adam" keeps the same groups with Adam (momentum as its beta1, and beta2), for
+    nets that start from random weights or fine-tune a small one. Only parameters that
+    require a gradient are in a group, so momentum and weight decay cannot move frozen ones.
     """
     groups = [g for g in reference_param_groups(model, lr, weight_decay) if g["params"]]
     if not groups:
@@ -91,7 +91,7 @@ def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: f
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     if kind == "adam":
-        return torch.optim.Adam(groups, lr=lr, betas=(momentum, 0.999))
+        return torch.optim.Adam(groups, lr=lr, betas=(momentum, beta2))
     raise StageError(f"train.optimizer {kind!r}: expected 'sgd' or 'adam'")
 
 
@@ -138,6 +138,13 @@ def all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     return on_device.cpu()
 
 
+def all_agree(device: torch.device) -> Callable[[bool], bool]:
+    """A function telling every worker whether all of them said True (one all-reduce a call)."""
+    def agree(mine: bool) -> bool:
+        return int(all_reduce_sum(torch.tensor([0 if mine else 1]), device)[0]) == 0
+    return agree
+
+
 def merge_confusion(matrix: ConfusionMatrix, device: torch.device) -> ConfusionMatrix:
     summed = all_reduce_sum(torch.from_numpy(matrix.matrix.copy()), device)
     return ConfusionMatrix(matrix.num_classes, matrix.ignore_index, summed.numpy())
@@ -149,7 +156,8 @@ def merge_confusion(matrix: ConfusionMatrix, device: torch.device) -> ConfusionM
 class StageConfig:
     """Everything a worker needs to train a stage (every path absolute); made on the driver by
     `stage_config`, handed to every Ray Train worker as it is (picklable). lr, iterations and
-    val_every: as train.scaling derives them (`scaling`, with its warm-up)."""
+    val_every and momentum: as train.scaling derives them (`scaling`, with its warm-up and
+    Adam's beta2)."""
     stage: str
     variant: str
     init: StageInit
@@ -183,7 +191,7 @@ def stage_config(params: Params, stage: str, init: StageInit) -> StageConfig:
         backbone=params.model.backbone, width=params.model.width, num_classes=params.model.num_classes,
         input_norm=input_norm(params).name,
         fixed=stage_params.fixed, lr=derived.lr, iterations=derived.iterations,
-        seed=train.seed, loss=train.loss, optimizer=train.optimizer, momentum=train.momentum,
+        seed=train.seed, loss=train.loss, optimizer=train.optimizer, momentum=derived.momentum,
         weight_decay=train.weight_decay,
         amp=train.amp, val_every=derived.val_every, log_every=train.log_every,
         max_nonfinite_steps=train.max_nonfinite_steps, scaling=derived,
@@ -292,7 +300,7 @@ class StageWorker:
         torch.manual_seed(config.seed + 1_000_003 * rank + self.start)
         self.model = wrap(self.net) if wrap is not None else self.net.to(self.device)
         self.optimizer = make_optimizer(self.net, config.lr, config.momentum, config.weight_decay,
-                                        config.optimizer)
+                                        config.optimizer, config.scaling.beta2)
         # Each group's rate after any warm-up (biases at twice the weights'); a checkpoint's
         # optimizer state brings the rates of the step it was saved at, warm_up sets them again.
         self.full_lrs = [group["lr"] for group in self.optimizer.param_groups]

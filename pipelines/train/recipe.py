@@ -30,7 +30,7 @@ from typing import Any
 from fcn_models.checkpoint import FIXED_SUFFIX, META_FILE, MODEL_FILE, stage_network
 from fcn_models.fcn import VARIANTS
 from pipelines.core.errors import StageError
-from pipelines.core.params import PROJECT_ROOT, Params
+from pipelines.core.params import PROJECT_ROOT, Params, TrainParams
 from pipelines.data.shards import SPLITS, FileDigest, file_digests, shard_files
 from pipelines.train import scaling
 
@@ -38,7 +38,8 @@ from pipelines.train import scaling
 # stage's own entry of train.stages. A section name stands for all of its keys.
 RESULT_PARAMS = (
     "train.stages.{stage}",
-    "train.seed", "train.batch_mode", "train.batch_size", "train.scaling", "train.loss", "train.optimizer",
+    "train.seed", "train.batch_mode", "train.batch_size", "train.scaling", "train.warmup_images", "train.loss",
+    "train.optimizer",
     "train.momentum", "train.weight_decay", "train.amp", "train.val_every",
     "model", "augment",
     "ray.num_workers", "ray.use_gpu",
@@ -47,10 +48,10 @@ RESULT_PARAMS = (
 CONTINUES_RUN = "train.stages.{stage}.iterations"
 # Knobs added after runs were named, at the value that keeps what came before: at that value
 # they stay out of the run name's fingerprint, so those params name the same run as before.
-NEUTRAL = {"train.scaling": "none"}
+NEUTRAL = {"train.scaling": "none", "train.warmup_images": TrainParams.warmup_images}
 # What train.scaling derives (fields of scaling.Scaling), recorded as derived.* with the stage's
 # params; derived from RESULT_PARAMS, so they add nothing to what decides the result.
-DERIVED_PARAMS = ("global_batch", "lr", "iterations", "val_every", "warmup_iterations")
+DERIVED_PARAMS = ("global_batch", "lr", "iterations", "val_every", "warmup_iterations", "momentum", "beta2")
 # The code that decides a stage's result (paths from the project root): the networks,
 # the worker's loop, the data pipeline, this recipe and what of the package they
 # import, and the driver, which picks the checkpoint that becomes the output (but not

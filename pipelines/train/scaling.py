@@ -1,19 +1,24 @@
 """How a stage's schedule follows its global batch (train.scaling).
 
-    derive(rule, workers=, images_per_worker=, loss=, lr=, iterations=, val_every=) -> Scaling
+    derive(rule, workers=, images_per_worker=, loss=, lr=, iterations=, val_every=,
+           warmup_images=, momentum=) -> Scaling
     for_stage(params, stage) -> Scaling                          the same, read from the params
     warmup_factor(iteration, warmup_iterations, start) -> float  the lr multiplier of one step
 
 A stage's lr, iterations and val_every in the params are for the reference's schedule:
 one image a step (batch 1). A step here takes B = workers x images_per_worker images
 (the global batch). "none" uses the params as they are, so each stage sees B times the
-reference's images. "linear" keeps the images seen and the per-image step (Goyal et al.
-2017, "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour"):
+reference's images. "linear" (SGD) and "sqrt" (Adam) keep the images seen and what a
+batch-1 run does per image:
 
     iterations  ceil(iterations / B)       the same number of images per stage
     val_every   max(1, val_every / B to the nearest, halves up)   as often, counted in images
+    warm-up     ceil(warmup_images / B) steps from lr up to the derived lr, when the lr grows
+                (train.warmup_images)
+
+linear (Goyal et al. 2017, "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour"):
+
     lr          lr x workers x (images_per_worker with loss mean, 1 with loss sum)
-    warm-up     ceil(WARMUP_IMAGES / B) steps from lr up to the derived lr, when the lr grows
 
 Why that lr. B steps of batch 1 move the weights by about lr x (sum of the B per-image
 gradients); one step must do the same. DDP averages the workers' gradients. Inside a
@@ -22,15 +27,26 @@ so a worker's gradient is the sum of its images' and the average over workers is
 images_per_worker x the per-image mean: the lr grows by the number of workers. Loss "mean"
 divides by the worker's valid pixels, so the average over workers is the per-image mean
 (each image weighted by its valid pixels; crops of one size differ only in void and
-padding): the lr grows by B, the linear rule. With whole images (one per worker) both
+padding): the lr grows by B, the linear rule. With whole images (one a worker) both
 are workers x lr.
+
+sqrt (Malladi et al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient
+Algorithms", their square-root rule for Adam):
+
+    lr          lr x sqrt(B)
+    beta1       1 - B x (1 - beta1)        (train.momentum; must stay above 0)
+    beta2       1 - B x (1 - beta2)        (ADAM_BETA2)
+
+Adam divides each gradient by its own running scale, so the loss's reduction does not
+matter and the linear rule is no rule for it: summing B per-image gradients grows the
+step's mean by B but its noise only by sqrt(B), and the moments' averages must span the
+same number of images, hence the betas. Their epsilon (divided by sqrt(B)) is left as
+torch's 1e-8, far below the gradients' scale here.
 
 The warm-up is a fixed amount of data, as Goyal et al.'s 5 epochs are, never a share of the
 iteration count: more iterations continue a run (recipe.CONTINUES_RUN) and must not change
 how it started. It starts at the params' lr, as theirs starts at the small-batch rate.
-
-Only SGD: Adam divides each gradient by its own running scale, so the linear rule is no
-rule for it (params refuses train.scaling linear with train.optimizer adam).
+params refuses linear with Adam and sqrt with SGD.
 """
 from __future__ import annotations
 
@@ -38,10 +54,9 @@ import dataclasses
 
 from pipelines.core.params import Params
 
-# Images the warm-up lasts: 1/20 of the reference's 100,000-image stage, about the share of
-# Goyal et al.'s 5 of 90 epochs. Their 5 epochs of SBD's 8,498 images would be 42% of a stage.
-WARMUP_IMAGES = 5_000
-
+# Adam's second-moment decay at batch 1 (its first is train.momentum).
+ADAM_BETA2 = 0.999
+RULES = ("none", "linear", "sqrt")
 
 @dataclasses.dataclass(frozen=True)
 class Scaling:
@@ -49,7 +64,8 @@ class Scaling:
 
     base_*: the params' values (one image a step); lr, iterations, val_every: what the stage
     runs with; warmup_iterations: steps whose lr ramps from base_lr up to lr (0: none);
-    note: one line saying what was derived from what.
+    momentum, beta2: SGD's momentum or Adam's beta1, and Adam's beta2, as derived (the sqrt
+    rule moves them; the others keep them); note: one line saying what was derived from what.
     """
     rule: str
     workers: int
@@ -59,11 +75,13 @@ class Scaling:
     base_lr: float
     base_iterations: int
     base_val_every: int
-    lr_factor: int
+    lr_factor: float
     lr: float
     iterations: int
     val_every: int
     warmup_iterations: int
+    momentum: float
+    beta2: float
     note: str
 
     @property
@@ -81,32 +99,47 @@ def _count(count: int, noun: str) -> str:
 
 
 def derive(rule: str, *, workers: int, images_per_worker: int, loss: str, lr: float, iterations: int,
-           val_every: int) -> Scaling:
-    """The stage's lr, iterations, val_every and warm-up under `rule` ("none" or "linear")."""
-    if rule not in ("none", "linear"):
-        raise ValueError(f"train.scaling {rule!r}: expected 'none' or 'linear'")
+           val_every: int, warmup_images: int, momentum: float) -> Scaling:
+    """The stage's lr, iterations, val_every, warm-up (over warmup_images) and momentum (and
+    Adam's beta2) under `rule` ("none", "linear" or "sqrt"). ValueError when the sqrt rule
+    would take a beta to 0 or below."""
+    if rule not in RULES:
+        raise ValueError(f"train.scaling {rule!r}: expected one of {', '.join(map(repr, RULES))}")
     if loss not in ("sum", "mean"):
         raise ValueError(f"train.loss {loss!r}: expected 'sum' or 'mean'")
     batch = workers * images_per_worker
     head = f"scaling {rule}: {_count(workers, 'worker')} x {_count(images_per_worker, 'image')} = global batch {batch}"
     if rule == "none":
         note = (f"{head}; lr {lr:g}, iterations {iterations}, val_every {val_every} as the params give them"
-                + (f" (a stage sees {batch}x the reference's images; train.scaling linear keeps them)"
+                + (f" (a stage sees {batch}x the reference's images; train.scaling linear or sqrt keeps them)"
                    if batch > 1 else ""))
         return Scaling(rule, workers, images_per_worker, batch, loss, lr, iterations, val_every,
-                       1, lr, iterations, val_every, 0, note)
-    factor = workers * (images_per_worker if loss == "mean" else 1)
+                       1, lr, iterations, val_every, 0, momentum, ADAM_BETA2, note)
+    why, betas = "", ""
+    beta1, beta2 = momentum, ADAM_BETA2
+    if rule == "linear":
+        factor = workers * (images_per_worker if loss == "mean" else 1)
+        if loss == "sum" and images_per_worker > 1:
+            why = f" (loss sum adds a worker's {images_per_worker} images already: lr x {_count(workers, 'worker')})"
+    else:
+        factor = batch ** 0.5
+        beta1, beta2 = 1 - batch * (1 - momentum), 1 - batch * (1 - ADAM_BETA2)
+        if round(beta1, 12) <= 0:  # as params checks it
+            raise ValueError(f"train.scaling sqrt: a global batch of {batch} takes Adam's beta1 (train.momentum "
+                             f"{momentum:g}) to 1 - {batch} x {1 - momentum:g} = {beta1:.4g}, not above 0: "
+                             f"raise train.momentum above {1 - 1 / batch:.4g}, or use fewer images a step")
+        if batch > 1:
+            why = f" (x sqrt {batch})"
+            betas = f", beta1 {momentum:g} -> {beta1:.6g}, beta2 {ADAM_BETA2:g} -> {beta2:.6g}"
     steps = -(-iterations // batch)
     every = max(1, (2 * val_every + batch) // (2 * batch))  # nearest, halves up
-    warmup = -(-WARMUP_IMAGES // batch) if factor > 1 else 0
-    why = (f" (loss sum adds a worker's {images_per_worker} images already: lr x {_count(workers, 'worker')})"
-           if loss == "sum" and images_per_worker > 1 else "")
+    warmup = -(-warmup_images // batch) if factor > 1 and warmup_images else 0
     ramp = (f"warm-up {warmup} steps from lr {lr:g}" + (" (the whole stage)" if warmup >= steps else "")
             if warmup else "no warm-up (lr unchanged)")
     note = (f"{head}; lr {lr:g} -> {lr * factor:g}{why}, iterations {iterations} -> {steps}, "
-            f"val_every {val_every} -> {every}, {ramp}")
+            f"val_every {val_every} -> {every}{betas}, {ramp}")
     return Scaling(rule, workers, images_per_worker, batch, loss, lr, iterations, val_every,
-                   factor, lr * factor, steps, every, warmup, note)
+                   factor, lr * factor, steps, every, warmup, beta1, beta2, note)
 
 
 def for_stage(params: Params, stage: str) -> Scaling:
@@ -114,7 +147,8 @@ def for_stage(params: Params, stage: str) -> Scaling:
     train = params.train
     entry = train.stages[stage]
     return derive(train.scaling, workers=params.ray.num_workers, images_per_worker=train.batch_size,
-                  loss=train.loss, lr=entry.lr, iterations=entry.iterations, val_every=train.val_every)
+                  loss=train.loss, lr=entry.lr, iterations=entry.iterations, val_every=train.val_every,
+                  warmup_images=train.warmup_images, momentum=train.momentum)
 
 
 def warmup_factor(iteration: int, warmup_iterations: int, start: float) -> float:

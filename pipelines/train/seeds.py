@@ -69,10 +69,11 @@ def seed_params(params: Params, seed: int) -> Params:
     return dataclasses.replace(params, train=train)
 
 
-def plan(params: Params, stage: str, seeds: list[int]) -> list[SeedRun]:
-    """Each seed's run; StageError for an unknown stage or an earlier stage not trained yet."""
+def plan(params: Params, stage: str, seeds: list[int], init: recipe.StageInit | None = None) -> list[SeedRun]:
+    """Each seed's run, from `init` (None: where the pipeline's stage starts); StageError for an
+    unknown stage or an earlier stage not trained yet."""
     seeds = seed_spread.check_seeds(seeds)
-    init = recipe.resolve_init(params, stage)  # the pipeline's models_dir, for every seed
+    init = init or recipe.resolve_init(params, stage)  # the pipeline's models_dir, for every seed
     return [SeedRun(seed, seed_params(params, seed), init) for seed in seeds]
 
 
@@ -93,17 +94,18 @@ def _evaluate_seed(run: SeedRun, stage: str, files: list[Path], total: int, devi
 
 
 def run_seeds(params: Params, stage: str, seeds: list[int], root: Path, evaluate: bool = False, device=None,
-              train: Callable[..., dict] | None = None) -> dict:
+              train: Callable[..., dict] | None = None, init: recipe.StageInit | None = None) -> dict:
     """Train `stage` once per seed, score each, write the spread file and track it in MLflow;
     return the spread (pipelines.track.seed_spread.spread_report).
 
     root: the project (pipelines.train.trainer.run_stage's); device: where --evaluate scores
     (None: val_scores.pick_device's); train: what trains one seed's run, with run_stage's
-    arguments (None: run_stage itself)."""
+    arguments (None: run_stage itself); init: where every seed's weights start (None: where
+    the pipeline's stage starts them)."""
     from ray.train import TrainingFailedError
 
     train = train or trainer.run_stage
-    runs = plan(params, stage, seeds)
+    runs = plan(params, stage, seeds, init)
     for run in runs:
         trainer.check_outputs_outside_job_copy(run.params)
     source = "evaluate" if evaluate else "training"

@@ -133,7 +133,7 @@ def train_loop(loop_config: dict) -> None:
     # plans them from the checkpoint it resumed from).
     batches = iter(dataset.iter_train_batches(train_shard, params, worker.start))
     try:
-        loop.run(worker, batches, lambda: dataset.iter_val_batches(val_shard, params),
+        loop.run(worker, batches, dataset.ValBatches(val_shard, params, all_agree=loop.all_agree(device)),
                  lambda row, write: report_checkpoint(row, rank, write),
                  metrics_log.MetricsLog(handles.tracking, rank, config.stage), trace_dir=handles.trace_dir)
     except loop.NonFiniteLoss as stop:

@@ -23,7 +23,8 @@ STAGES = {name: module for name, (module, _) in cli.COMMANDS.items() if module.s
 READS_PARAMS = {"fetch": [], "preprocess": [], "train": ["--stage", "fcn32s"], "evaluate": [], "register": [],
                 "predict": ["photo.png"], "status": [], "predict-batch": ["images", "--out", "out"], "serve": [],
                 "ui": [], "export": ["models:/fcn-voc@champion", "--onnx", "model.onnx"],
-                "seeds": ["--stage", "fcn8s", "--seeds", "0", "1"]}
+                "seeds": ["--stage", "fcn8s", "--seeds", "0", "1"],
+                "scaling-study": ["--stage", "fcn32s", "--seeds", "0", "1"]}
 
 
 def test_every_stage_ends_through_run_main():

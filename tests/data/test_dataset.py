@@ -23,6 +23,7 @@ from pipelines.data.dataset import (
     DecodeAugment,
     ToTensors,
     TrainDatasetFactory,
+    ValBatches,
     build_datasets,
     checkpoint_iteration,
     data_config,
@@ -303,6 +304,63 @@ def test_crop_and_whole_image_batches(shards, ray_local):
               iter_train_batches(build_datasets(whole)["train"].iterator(), whole)]
     assert sorted((s[1][1], s[1][2]) for s in shapes) == sorted((r["height"], r["width"]) for r in rows["train"])
     assert all(i[0] == 1 and i[1] == 3 and i[2:] == l[1:] for i, l in shapes)
+
+
+class CountedShard:
+    """A real DataIterator that counts the passes started over it."""
+
+    def __init__(self, shard):
+        self.shard, self.passes = shard, 0
+
+    def iter_torch_batches(self, **kwargs):
+        self.passes += 1
+        return self.shard.iter_torch_batches(**kwargs)
+
+
+def same_batches(a, b):
+    return len(a) == len(b) and all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(a, b))
+
+
+def test_val_batches_are_kept_after_the_first_pass_when_they_fit(shards, ray_local):
+    root, rows = shards
+    params = make_params(root)
+    shard = CountedShard(build_datasets(params)["val"].iterator())
+    val = ValBatches(shard, params)
+    first = list(val())
+    assert len(first) == N_VAL and shard.passes == 1
+    again, third = list(val()), list(val())
+    assert shard.passes == 1                                  # replayed, the pipeline not started again
+    assert same_batches(first, again) and same_batches(first, third)
+    streamed = list(iter_val_batches(build_datasets(params)["val"].iterator(), params))
+    assert same_batches(first, streamed)
+
+
+@pytest.mark.parametrize("case", ["too large", "a worker disagrees"])
+def test_val_batches_stream_every_time_when_not_every_worker_can_keep_them(shards, ray_local, case):
+    root, rows = shards
+    params = make_params(root)
+    shard = CountedShard(build_datasets(params)["val"].iterator())
+    smallest = min(3 * 4 * r["height"] * r["width"] for r in rows["val"])  # one float32 image
+    asked = []
+    val = ValBatches(shard, params, max_bytes=smallest if case == "too large" else 2**30,
+                     all_agree=lambda fits: asked.append(fits) or case != "a worker disagrees")
+    first = list(val())
+    assert asked == [case != "too large"] and val.kept is None
+    assert same_batches(first, list(val())) and shard.passes == 2
+
+
+def test_a_val_pass_stopped_early_keeps_nothing(shards, ray_local):
+    root, rows = shards
+    params = make_params(root)
+    shard = CountedShard(build_datasets(params)["val"].iterator())
+    val = ValBatches(shard, params)
+    partial = val()
+    next(partial)
+    partial.close()
+    assert val.kept is None
+    first = list(val())
+    assert shard.passes == 2 and len(val.kept) == N_VAL
+    assert same_batches(first, list(val())) and shard.passes == 2
 
 
 def train_loop(config):

@@ -29,6 +29,7 @@ RANDOM = recipe.StageInit(source="random", path=None, note="random")
 CHANGED = {
     "train.stages.fcn32s.init": "fcn16s", "train.stages.fcn32s.lr": 2e-3, "train.stages.fcn32s.fixed": True,
     "train.seed": 1, "train.batch_mode": "crops", "train.batch_size": 4, "train.scaling": "linear",
+    "train.warmup_images": 100,
     "train.loss": "sum",
     "train.optimizer": "adam", "train.momentum": 0.5, "train.weight_decay": 0.1, "train.amp": False,
     "train.val_every": 3,
@@ -140,7 +141,7 @@ def test_the_mlflow_run_records_exactly_the_result_params(root):
     # Beside them, what train.scaling derived from them (none: the same values).
     derived = {f"derived.{k}": v for k, v in
                {"global_batch": "2", "lr": "0.001", "iterations": "10", "val_every": "2",
-                "warmup_iterations": "0"}.items()}
+                "warmup_iterations": "0", "momentum": str(params.train.momentum), "beta2": "0.999"}.items()}
     assert logged == {**expected, **derived}
     assert logged["stage.lr"] == "0.001" and logged["train.val_every"] == "2"
     # Runs of different stages share their keys.

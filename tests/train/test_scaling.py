@@ -12,12 +12,13 @@ from pipelines.train import loop, recipe, scaling
 from support.training import make_params, write_shards
 
 RANDOM = recipe.StageInit(source="random", path=None, note="random")
-LR, ITERATIONS, VAL_EVERY = 1e-10, 100_000, 4000
+LR, ITERATIONS, VAL_EVERY, WARMUP = 1e-10, 100_000, 4000, 5000
 
 
-def derive(rule="linear", workers=1, images=1, loss="sum", lr=LR, iterations=ITERATIONS, val_every=VAL_EVERY):
+def derive(rule="linear", workers=1, images=1, loss="sum", lr=LR, iterations=ITERATIONS, val_every=VAL_EVERY,
+           warmup=WARMUP, momentum=0.9):
     return scaling.derive(rule, workers=workers, images_per_worker=images, loss=loss, lr=lr,
-                          iterations=iterations, val_every=val_every)
+                          iterations=iterations, val_every=val_every, warmup_images=warmup, momentum=momentum)
 
 
 # (workers, images a worker, loss) -> (lr factor, iterations, val_every, warm-up steps) for the
@@ -53,7 +54,32 @@ def test_counts_round_up_to_whole_steps_and_validations_stay_at_least_one_step_a
     assert derived.val_every == 2                     # 5 / 3 = 1.67
     assert derive(workers=2, val_every=5).val_every == 3   # 2.5: halves up
     assert derive(workers=8, val_every=3).val_every == 1   # never 0
-    assert derive(workers=3).warmup_iterations == math.ceil(scaling.WARMUP_IMAGES / 3)
+    assert derive(workers=3).warmup_iterations == math.ceil(WARMUP / 3)
+
+
+@pytest.mark.parametrize("loss", ["sum", "mean"])
+def test_sqrt_scales_adams_lr_by_the_root_of_the_batch_and_its_betas_by_the_batch(loss):
+    """Malladi et al.'s rule: whatever the loss's reduction (Adam is blind to the gradient's scale)."""
+    derived = derive("sqrt", workers=2, images=2, loss=loss, lr=1e-4, iterations=1000, val_every=250, warmup=100)
+    assert derived.lr == pytest.approx(2e-4, rel=1e-12) and derived.lr_factor == pytest.approx(2.0)
+    assert (derived.momentum, derived.beta2) == (pytest.approx(0.6), pytest.approx(0.996))
+    assert (derived.iterations, derived.val_every, derived.warmup_iterations) == (250, 63, 25)
+    assert derived.note == (
+        "scaling sqrt: 2 workers x 2 images = global batch 4; lr 0.0001 -> 0.0002 (x sqrt 4), iterations 1000 "
+        "-> 250, val_every 250 -> 63, beta1 0.9 -> 0.6, beta2 0.999 -> 0.996, warm-up 25 steps from lr 0.0001")
+    one = derive("sqrt", lr=1e-4, iterations=1000, val_every=250)
+    assert (one.lr, one.momentum, one.beta2, one.iterations, one.warmup_iterations) == (1e-4, 0.9, 0.999, 1000, 0)
+    for rule in ("none", "linear"):
+        assert (derive(rule, workers=4).momentum, derive(rule, workers=4).beta2) == (0.9, scaling.ADAM_BETA2)
+
+
+def test_the_warm_up_lasts_train_warmup_images():
+    assert derive(workers=4, warmup=100).warmup_iterations == 25
+    assert derive(workers=3, warmup=100).warmup_iterations == 34       # 102 images: whole steps
+    assert derive(workers=4, warmup=0).warmup_iterations == 0
+    assert derive(workers=4, warmup=0).note.endswith("no warm-up (lr unchanged)")
+    assert derive(workers=4, iterations=400, warmup=1000).note.endswith(
+        "warm-up 250 steps from lr 1e-10 (the whole stage)")
 
 
 def test_the_warm_up_is_the_same_whatever_the_iteration_count():
@@ -80,7 +106,7 @@ def test_the_note_says_what_was_derived_from_what():
         "warm-up 625 steps from lr 1e-10")
     assert derive("none", workers=2).note == (
         "scaling none: 2 workers x 1 image = global batch 2; lr 1e-10, iterations 100000, val_every 4000 as "
-        "the params give them (a stage sees 2x the reference's images; train.scaling linear keeps them)")
+        "the params give them (a stage sees 2x the reference's images; train.scaling linear or sqrt keeps them)")
 
 
 def test_asked_iterations_names_a_count_that_reaches_the_steps_trained():
@@ -202,6 +228,20 @@ def test_the_warm_up_ramps_every_groups_lr_linearly_and_resumes_on_the_line(root
     assert group_lrs(resumed) == pytest.approx([4e-3, 8e-3], rel=1e-12)
 
 
+def test_adam_runs_with_the_sqrt_rules_lr_and_betas(root):
+    params = make_params(root, STAGES, workers=2, optimizer="adam", momentum=0.9, scaling="sqrt", val_every=8,
+                         batch_mode="crops", batch_size=2, warmup_images=0)
+    config = loop.stage_config(params, "fcn32s", RANDOM)
+    assert (config.lr, config.iterations, config.val_every, config.momentum) == (
+        pytest.approx(2e-3), 10, 2, pytest.approx(0.6))
+    worker = loop.StageWorker(config, "cpu")
+    assert isinstance(worker.optimizer, torch.optim.Adam)
+    assert {tuple(round(b, 12) for b in group["betas"]) for group in worker.optimizer.param_groups} == {(0.6, 0.996)}
+    assert group_lrs(worker) == pytest.approx([2e-3, 4e-3])
+    sgd = loop.StageWorker(loop.stage_config(linear_params(root), "fcn32s", RANDOM), "cpu")
+    assert {group["momentum"] for group in sgd.optimizer.param_groups} == {0.9}
+
+
 def test_without_a_warm_up_every_step_runs_at_the_full_rate(root):
     config = loop.stage_config(make_params(root, STAGES, workers=4, optimizer="sgd", val_every=2), "fcn32s", RANDOM)
     config = dataclasses.replace(config, iterations=3)
@@ -225,7 +265,8 @@ def test_the_mlflow_params_record_the_rule_and_what_it_derived(root):
     assert logged["train.scaling"] == "linear"
     assert {k: v for k, v in logged.items() if k.startswith("derived.")} == {
         "derived.global_batch": "4", "derived.lr": "0.004", "derived.iterations": "10",
-        "derived.val_every": "2", "derived.warmup_iterations": "1250"}
+        "derived.val_every": "2", "derived.warmup_iterations": "1250", "derived.momentum": "0.9",
+        "derived.beta2": "0.999"}
     assert logged["stage.lr"] == "0.001" and logged["stage.iterations"] == "40"
 
 
@@ -241,6 +282,30 @@ def test_none_keeps_the_full_profiles_run_name(monkeypatch):
     assert recipe.run_name(full, "fcn32s", RANDOM, PROJECT_ROOT) == name
 
 
+def test_each_rule_names_a_run_of_its_own():
+    full = load_params(PROJECT_ROOT / "params.yaml")
+    adam = dataclasses.replace(full.train, optimizer="adam", momentum=0.9)
+    names = {recipe.run_name(dataclasses.replace(full, train=dataclasses.replace(adam, scaling=rule)), "fcn32s",
+                             RANDOM, PROJECT_ROOT) for rule in ("none", "sqrt")}
+    assert len(names) == 2
+
+
+def test_the_warm_up_names_the_run_and_its_default_keeps_the_name_it_had(monkeypatch):
+    full = load_params(PROJECT_ROOT / "params.yaml")
+    assert full.train.warmup_images == 5000
+    name = recipe.run_name(full, "fcn32s", RANDOM, PROJECT_ROOT)
+    short = dataclasses.replace(full, train=dataclasses.replace(full.train, warmup_images=100))
+    assert recipe.run_name(short, "fcn32s", RANDOM, PROJECT_ROOT) != name
+    monkeypatch.setattr(recipe, "RESULT_PARAMS",
+                        tuple(k for k in recipe.RESULT_PARAMS if k != "train.warmup_images"))
+    assert recipe.run_name(full, "fcn32s", RANDOM, PROJECT_ROOT) == name
+
+
+def test_a_negative_warm_up_is_refused_naming_the_key():
+    with pytest.raises(ParamsError, match=r"train\.warmup_images = -1: must be >= 0"):
+        parse_params({"train": {"warmup_images": -1}})
+
+
 @pytest.mark.parametrize("value", ["quadratic", "Linear", 2, None])
 def test_a_bad_rule_is_refused_naming_the_key(tmp_path, value):
     path = tmp_path / "params.yaml"
@@ -251,7 +316,19 @@ def test_a_bad_rule_is_refused_naming_the_key(tmp_path, value):
     assert "train.scaling" in message and "'none', 'linear'" in message and str(path) in message
 
 
-def test_linear_with_adam_is_refused_naming_the_key():
-    with pytest.raises(ParamsError, match=r"train\.scaling = 'linear': the linear rule .* is for SGD"):
+def test_linear_with_adam_and_sqrt_with_sgd_are_refused_naming_the_key():
+    with pytest.raises(ParamsError, match=r"train\.scaling = 'linear': the linear rule .* is for SGD; .* use sqrt"):
         parse_params({"train": {"scaling": "linear", "optimizer": "adam"}})
+    with pytest.raises(ParamsError, match=r"train\.scaling = 'sqrt': the square-root rule .* is for Adam; .* use linear"):
+        parse_params({"train": {"scaling": "sqrt", "optimizer": "sgd"}})
     assert parse_params({"train": {"scaling": "none", "optimizer": "adam"}}).train.scaling == "none"
+    assert parse_params({"train": {"scaling": "sqrt", "optimizer": "adam", "momentum": 0.9}}).train.scaling == "sqrt"
+
+
+def test_sqrt_refuses_a_batch_that_takes_beta1_to_zero_naming_the_key():
+    knobs = {"scaling": "sqrt", "optimizer": "adam", "momentum": 0.9}
+    assert parse_params({"train": knobs, "ray": {"num_workers": 9}}).ray.num_workers == 9   # beta1 0.1
+    with pytest.raises(ParamsError, match=r"train\.momentum = 0\.9: .* global batch .* = 10, .* above 0\.9\b"):
+        parse_params({"train": knobs, "ray": {"num_workers": 10}})
+    with pytest.raises(ParamsError, match=r"= 12, "):
+        parse_params({"train": {**knobs, "batch_mode": "crops", "batch_size": 4}, "ray": {"num_workers": 3}})
