@@ -52,6 +52,9 @@ def test_demo_profile_md5s_are_those_of_the_mirror_make_demo_writes(tmp_path):
     assert profile.data.voc.md5 == mirror["md5"]["voc"]
     assert profile.data.sbd.md5 == mirror["md5"]["sbd"]
     assert demo.MIRROR_DIR == profile.data.local_dir
+    # Crops of the mirror's largest side: whole images, padded, four a step.
+    if profile.train.batch_mode == "crops":
+        assert profile.augment.crop_size == demo.MIRROR["max_side"]
     assert "fcn demo" in (PROJECT_ROOT / "Makefile").read_text()
 
 

@@ -29,10 +29,13 @@ from support.project_copy import PIPELINE_FILES, copy_project
 from fcn_models.checkpoint import load_checkpoint
 from pipelines.core.params import PROJECT_ROOT, load_params
 from pipelines.data.synthetic import write_mirror
+from pipelines.train import scaling
 
 STAGES = ("fcn32s-fixed", "fcn32s", "fcn16s", "fcn8s")
 PIPELINE = ("fetch", "preprocess", *(f"train@{s}" for s in STAGES), "evaluate", "register")
-ITERATIONS = {"fcn32s-fixed": 3, "fcn32s": 6, "fcn16s": 4, "fcn8s": 4}
+# Images a stage sees (the params' iterations: train.scaling derives the steps from them).
+ITERATIONS = {"fcn32s-fixed": 8, "fcn32s": 16, "fcn16s": 8, "fcn8s": 8}
+VAL_EVERY = 8
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "demo test", "GIT_AUTHOR_EMAIL": "demo@example.invalid",
                 "GIT_COMMITTER_NAME": "demo test", "GIT_COMMITTER_EMAIL": "demo@example.invalid"}
 
@@ -73,7 +76,8 @@ def test_demo_profile_runs_every_stage_and_reruns_only_what_changed(tmp_path):
         f"data.local_dir={mirror['voc'].parent}",
         f"data.voc.md5={mirror['md5']['voc']}",
         f"data.sbd.md5={mirror['md5']['sbd']}",
-        "train.val_every=3",
+        f"train.val_every={VAL_EVERY}",
+        "augment.crop_size=64",
         "ray.num_workers=1",
         *(f"train.stages.{s}.iterations={n}" for s, n in ITERATIONS.items()),
     ]
@@ -104,12 +108,18 @@ def test_demo_profile_runs_every_stage_and_reruns_only_what_changed(tmp_path):
         model, meta = load_checkpoint(repo / "models" / stage)
         assert model.variant == stage.removesuffix("-fixed") and model.width == params.model.width
         metrics = json.loads((repo / "reports" / stage / "metrics.json").read_text())
-        assert metrics["iterations"] == ITERATIONS[stage]
+        # The demo's batch: the steps and validations that see the images asked for.
+        derived = scaling.for_stage(params, stage)
+        batch = params.train.batch_size * params.ray.num_workers
+        assert derived.global_batch == batch and derived.rule == params.train.scaling
+        steps, every = derived.iterations, derived.val_every
+        assert steps * batch >= ITERATIONS[stage] > (steps - 1) * batch
+        assert metrics["iterations"] == steps
         assert 0.0 <= metrics["mean_iu"] <= metrics["pixel_acc"] <= 1.0
         with open(repo / "reports" / stage / "history.csv") as fh:
             history = list(csv.DictReader(fh))
-        # Validated every 3 iterations and at the end.
-        expected = sorted({*range(3, ITERATIONS[stage] + 1, 3), ITERATIONS[stage]})
+        # Validated every val_every images (in steps) and at the end.
+        expected = sorted({*range(every, steps + 1, every), steps})
         assert [int(row["iteration"]) for row in history] == expected
         best = max(history, key=lambda row: float(row["mean_iu"]))
         assert abs(float(best["mean_iu"]) - metrics["mean_iu"]) < 1e-9
