@@ -29,6 +29,8 @@ from pipelines.core.files import atomic_write_bytes, atomic_write_text
 from pipelines.track.chain_figures import read_history
 from pipelines.track.figures import agg_figure
 from pipelines.track.metrics_log import HISTORY_CSV
+from pipelines.track.val_scores import EvaluateError
+
 
 def _stats(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -38,7 +40,7 @@ def _stats(values: list[float]) -> dict:
 def _seed_rows(directory: Path) -> list[dict[str, float]]:
     rows = read_history(Path(directory) / HISTORY_CSV)
     if not rows:
-        raise FileNotFoundError(f"{Path(directory) / HISTORY_CSV}: no validation row; train the seed again")
+        raise EvaluateError(f"{Path(directory) / HISTORY_CSV}: no validation row; train the seed again")
     return rows
 
 
