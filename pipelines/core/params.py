@@ -210,8 +210,12 @@ class TrainParams:
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = 0.99
     weight_decay: float = 5e-4
-    # Mixed precision, used only when training on a GPU.
+    # Mixed precision, used only when training on a GPU (float16 with the grad scaler).
     amp: bool = True
+    # bfloat16 autocast when training on CPU cores (steps and in-loop validation; weights,
+    # checkpoints and evaluate stay float32). Fast only where oneDNN has bfloat16 kernels
+    # (AVX512-BF16 or AMX); elsewhere the worker says so and trains in float32.
+    cpu_amp: bool = False
     val_every: int = 4000
     # Steps with a non-finite loss skipped (no update) before the stage stops; 0: stop at the first.
     max_nonfinite_steps: int = 0

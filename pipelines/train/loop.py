@@ -4,7 +4,8 @@
                                                     (amp_dtype=torch.bfloat16: another autocast, for benchmarks)
     worker.resume(directory)                        from a checkpoint written by save()
     worker.warm_up(iteration)                       the learning rates of that step (train.scaling's warm-up)
-    worker.train_step(images, labels) -> loss       forward (autocast on a GPU), loss, backward, step
+    worker.train_step(images, labels) -> loss       forward (autocast_dtype: float16 on a GPU with train.amp,
+                                                    bfloat16 on CPU cores with train.cpu_amp), loss, backward, step
                                                     (no step when the loss is NaN or infinite on any worker)
     worker.validate(batches) -> ConfusionMatrix     summed over every worker of the process group
     worker.save(directory, iteration, ...)          model.pt + meta.json + what resuming needs
@@ -114,13 +115,18 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str
 # --------------------------------------------------------------------------- validation
 
 @torch.no_grad()
-def confusion_matrix(model: nn.Module, batches, num_classes: int, device: torch.device) -> ConfusionMatrix:
-    """Score (images, labels) batches with the model in eval mode."""
+def confusion_matrix(model: nn.Module, batches, num_classes: int, device: torch.device,
+                     autocast: Optional[torch.dtype] = None) -> ConfusionMatrix:
+    """Score (images, labels) batches with the model in eval mode (under autocast to that
+    dtype, if one is given)."""
     was_training = model.training
     model.eval()
     matrix = ConfusionMatrix(num_classes)
+    device = torch.device(device)
     for images, labels in batches:
-        logits = model(images.to(device, non_blocking=True))
+        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            logits = model(images)
         matrix.update(logits.argmax(1), labels)
     model.train(was_training)
     return matrix
@@ -174,6 +180,7 @@ class StageConfig:
     momentum: float
     weight_decay: float
     amp: bool
+    cpu_amp: bool
     val_every: int
     log_every: int
     max_nonfinite_steps: int
@@ -193,7 +200,7 @@ def stage_config(params: Params, stage: str, init: StageInit) -> StageConfig:
         fixed=stage_params.fixed, lr=derived.lr, iterations=derived.iterations,
         seed=train.seed, loss=train.loss, optimizer=train.optimizer, momentum=derived.momentum,
         weight_decay=train.weight_decay,
-        amp=train.amp, val_every=derived.val_every, log_every=train.log_every,
+        amp=train.amp, cpu_amp=train.cpu_amp, val_every=derived.val_every, log_every=train.log_every,
         max_nonfinite_steps=train.max_nonfinite_steps, scaling=derived,
         params=params,
     )
@@ -237,6 +244,27 @@ def checkpoint_meta(config: StageConfig, iteration: int, scores: dict, matrix: C
     return meta
 
 
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN has bfloat16 kernels for this CPU (AVX512-BF16 or AMX); without them
+    bfloat16 autocast is emulated and slower than float32."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def autocast_dtype(config: StageConfig, device: torch.device, warn: bool = True) -> Optional[torch.dtype]:
+    """What a stage's steps autocast to on `device` (None: float32): float16 on a GPU with
+    train.amp, bfloat16 on CPU cores with train.cpu_amp where the CPU has bfloat16 kernels."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.float16 if config.amp else None
+    if device.type == "cpu" and config.cpu_amp:
+        if cpu_has_bf16():
+            return torch.bfloat16
+        if warn:
+            say(f"[{config.stage}] train.cpu_amp: this CPU has no bfloat16 kernels (AVX512-BF16 or AMX), "
+                "so the stage trains in float32; set train.cpu_amp false to silence this")
+    return None
+
+
 class NonFiniteLoss(StageError):
     """The loss was NaN or infinite once more than train.max_nonfinite_steps allows;
     raised on every worker at the same iteration."""
@@ -269,9 +297,8 @@ class StageWorker:
     wrap: applied to the network once its starting weights are in (Ray Train's
     prepare_model: DDP; default: moved to `device`); training steps go through the wrapped model, validation and
     checkpoints use the network itself.
-    amp_dtype: None, the stage's rule (train.amp: float16 autocast and the grad scaler, on a
-    GPU only); a dtype forces autocast to it on any device (the scaler only for float16),
-    which is how a benchmark measures bfloat16.
+    amp_dtype: None, the stage's rule (autocast_dtype); a dtype forces autocast to it on any
+    device (the scaler only for float16), which is how a benchmark measures bfloat16.
     run_id: the stage's MLflow run, named in the checkpoints it saves (None: no run).
     """
 
@@ -281,13 +308,14 @@ class StageWorker:
                  run_id: Optional[str] = None):
         self.config, self.device, self.rank, self.run_id = config, torch.device(device), rank, run_id
         if amp_dtype is None:
-            self.use_amp = bool(config.amp) and self.device.type == "cuda"
-            self.amp_dtype = torch.float16
-        else:
-            self.use_amp, self.amp_dtype = amp_dtype != torch.float32, amp_dtype
+            amp_dtype = autocast_dtype(config, self.device, warn=rank == 0)
+        self.use_amp = amp_dtype not in (None, torch.float32)
+        self.amp_dtype = amp_dtype if self.use_amp else torch.float32
         # Same seed on every rank: identical starting weights (DDP also broadcasts rank 0's).
         torch.manual_seed(config.seed)
-        self.net = initial_model(config)
+        # Channels-last weights and inputs: oneDNN (CPU) and cuDNN (tensor cores) pick
+        # faster convolutions; the numbers and the saved state dict's values are the same.
+        self.net = initial_model(config).to(memory_format=torch.channels_last)
         freeze_for_stage(self.net, config.fixed)
         self.start, self.history, state = 0, [], None
         # Steps skipped for a non-finite loss over the run, and whether the last one was.
@@ -338,6 +366,7 @@ class StageWorker:
         weights (last_step_finite is then False): backward still runs everywhere, since
         DDP's gradient all_reduce needs every rank, and the next zero_grad drops the result.
         """
+        images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
             logits = self.model(images)
         loss = segmentation_loss(logits, labels, self.config.loss)
@@ -358,7 +387,8 @@ class StageWorker:
     def validate(self, batches: Iterable) -> ConfusionMatrix:
         """The confusion matrix of `batches`, summed over every worker of the process group.
         The network itself, not DDP: workers score different numbers of images."""
-        matrix = confusion_matrix(self.net, batches, self.config.num_classes, self.device)
+        matrix = confusion_matrix(self.net, batches, self.config.num_classes, self.device,
+                                  self.amp_dtype if self.use_amp else None)
         return merge_confusion(matrix, self.device)
 
     def save(self, directory: Path, iteration: int, scores: dict, matrix: ConfusionMatrix) -> None:

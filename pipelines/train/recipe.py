@@ -40,7 +40,7 @@ RESULT_PARAMS = (
     "train.stages.{stage}",
     "train.seed", "train.batch_mode", "train.batch_size", "train.scaling", "train.warmup_images", "train.loss",
     "train.optimizer",
-    "train.momentum", "train.weight_decay", "train.amp", "train.val_every",
+    "train.momentum", "train.weight_decay", "train.amp", "train.cpu_amp", "train.val_every",
     "model", "augment",
     "ray.num_workers", "ray.use_gpu",
 )
@@ -48,7 +48,8 @@ RESULT_PARAMS = (
 CONTINUES_RUN = "train.stages.{stage}.iterations"
 # Knobs added after runs were named, at the value that keeps what came before: at that value
 # they stay out of the run name's fingerprint, so those params name the same run as before.
-NEUTRAL = {"train.scaling": "none", "train.warmup_images": TrainParams.warmup_images}
+NEUTRAL = {"train.scaling": "none", "train.warmup_images": TrainParams.warmup_images,
+           "train.cpu_amp": TrainParams.cpu_amp}
 # What train.scaling derives (fields of scaling.Scaling), recorded as derived.* with the stage's
 # params; derived from RESULT_PARAMS, so they add nothing to what decides the result.
 DERIVED_PARAMS = ("global_batch", "lr", "iterations", "val_every", "warmup_iterations", "momentum", "beta2")

@@ -126,6 +126,9 @@ def train_loop(loop_config: dict) -> None:
     else:
         worker = loop.StageWorker(config, device, rank, wrap=ray.train.torch.prepare_model, run_id=run_id)
     report_placement(config.stage, rank, worker.start)
+    if rank == 0 and worker.use_amp:
+        say(f"[{config.stage}] steps and validation under {str(worker.amp_dtype).removeprefix('torch.')} "
+            f"autocast on {device.type}")
     params = config.params
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")

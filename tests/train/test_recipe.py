@@ -32,6 +32,7 @@ CHANGED = {
     "train.warmup_images": 100,
     "train.loss": "sum",
     "train.optimizer": "adam", "train.momentum": 0.5, "train.weight_decay": 0.1, "train.amp": False,
+    "train.cpu_amp": True,
     "train.val_every": 3,
     "model.backbone": "alexnet", "model.width": 0.5, "model.num_classes": 5,
     "model.imagenet_weights": "other/vgg16.pth", "model.input_norm": "caffe-bgr",
