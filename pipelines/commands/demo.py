@@ -6,7 +6,8 @@
    are those pinned in conf/profile/demo.yaml);
 2. starts one local Ray head on 127.0.0.1 that every training stage joins (RAY_ADDRESS),
    so the cluster's start-up is paid once; it ends with this process, however that ends
-   (pipelines.train.cluster.connect: the reaper kills what is left by PID);
+   (pipelines.train.cluster.connect: the reaper kills what is left by PID); the stages get
+   LOCAL_TRAIN_ENV, Ray Train's settings for one machine;
 3. runs `dvc exp run -S profile=demo` (DVC composes params.yaml from the profile and runs
    every stage of dvc.yaml that is out of date), passing its output through;
 4. shows the metrics, the paper's table (reports/evaluation.md) and the registry's
@@ -43,6 +44,11 @@ MIRROR_DIR = "data/demo/mirror"
 MIRROR = {"n_train": 1000, "n_val": 300, "max_side": 160, "objects": (1, 3), "object_scale": 2.5, "seed": 0}
 TIMING_REPORT = "reports/demo_timing.json"
 _STAGE_LINE = re.compile(r"Running stage '([^']+)'")
+# Ray Train's settings for a stage on the demo's own one-machine head, unless the caller set
+# them: no preemption watcher (an actor process a stage that nothing can preempt), and the
+# controller polling its worker every half second rather than two, so a stage's start and
+# end are noticed sooner (docs/RESULTS.md: where the demo's time goes).
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
 def compose_profile(root: Path, overrides: list[str], profile: str = PROFILE) -> Params:
@@ -147,7 +153,8 @@ def main(argv=None) -> int:
         say(f"Ray head on {address} (127.0.0.1 only), joined by every training stage")
         # The stages' `python` is this environment's, as under make demo.
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        env = {**os.environ, "PATH": path, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PATH": path, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1",
+               **{k: v for k, v in LOCAL_TRAIN_ENV.items() if k not in os.environ}}
         stages = run_dvc(root, env, args.overrides)
         ray.shutdown()
 

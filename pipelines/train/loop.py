@@ -265,6 +265,10 @@ def autocast_dtype(config: StageConfig, device: torch.device, warn: bool = True)
     return None
 
 
+# Optimizer steps between two zeroings of the subnormal weights and optimizer state.
+FLUSH_EVERY = 8
+
+
 class NonFiniteLoss(StageError):
     """The loss was NaN or infinite once more than train.max_nonfinite_steps allows;
     raised on every worker at the same iteration."""
@@ -324,6 +328,8 @@ class StageWorker:
             state = self._load(Path(checkpoint_dir))
             self.start, self.history = state["iteration"], state["history"]
             self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        # The iteration of the last step, counted on from where this attempt starts.
+        self.steps_taken = self.start
         # Dropout streams differ per rank and depend only on where this attempt starts.
         torch.manual_seed(config.seed + 1_000_003 * rank + self.start)
         self.model = wrap(self.net) if wrap is not None else self.net.to(self.device)
@@ -375,14 +381,22 @@ class StageWorker:
         # One host sync a step (the grad scaler makes one anyway on a GPU).
         bad = all_reduce_sum((~torch.isfinite(loss.detach())).to(torch.float32).reshape(1), self.device)
         self.last_step_finite = not bool(bad.item())
+        self.steps_taken += 1
         if self.last_step_finite:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             # Weight decay drives unused weights and their moments into subnormals, which
-            # slow every later step (and the saved network) many times over on a CPU.
-            subnormals.flush_module_(self.net)
-            subnormals.flush_optimizer_(self.optimizer)
+            # slow every later step (and the saved network) many times over on a CPU. They
+            # creep in over many steps, so zeroing them every few steps is enough; the count
+            # goes on from the iteration a run resumed at, so a resumed run flushes where an
+            # unbroken one does.
+            if self.steps_taken % FLUSH_EVERY == 0:
+                self.flush_subnormals()
         return loss.detach()
+
+    def flush_subnormals(self) -> None:
+        subnormals.flush_module_(self.net)
+        subnormals.flush_optimizer_(self.optimizer)
 
     def validate(self, batches: Iterable) -> ConfusionMatrix:
         """The confusion matrix of `batches`, summed over every worker of the process group.
@@ -395,6 +409,7 @@ class StageWorker:
         """model.pt + meta.json (the stage's output format), plus the optimizer and scaler
         state and the validation history, which resuming needs."""
         directory = Path(directory)
+        self.flush_subnormals()
         save_checkpoint(directory, self.net, checkpoint_meta(self.config, iteration, scores, matrix, self.run_id))
         torch.save({"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                     "iteration": iteration, "nonfinite_steps": self.nonfinite_steps}, directory / TRAIN_STATE_FILE)

@@ -33,7 +33,7 @@ def test_count_sees_subnormals_and_flush_zeroes_only_them():
     assert t[:3].tolist() == [0.0, 0.0, 0.0] and torch.equal(t[3:], kept)
 
 
-def test_a_training_step_leaves_no_subnormal_weight_or_optimizer_state(tmp_path):
+def test_training_zeroes_subnormal_weights_and_optimizer_state_every_few_steps(tmp_path):
     stages = {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 2}}
     params = make_params(tmp_path, stages, optimizer="adam", momentum=0.9, weight_decay=5e-4)
     worker = loop.StageWorker(loop.stage_config(params, "fcn32s", recipe.resolve_init(params, "fcn32s")), "cpu")
@@ -41,12 +41,30 @@ def test_a_training_step_leaves_no_subnormal_weight_or_optimizer_state(tmp_path)
     assert subnormals.count(worker.net.parameters()) == planted > 1000
     images = torch.randn(1, 3, 40, 48)
     labels = torch.randint(0, 21, (1, 40, 48))
-    for _ in range(2):
+    for step in range(1, loop.FLUSH_EVERY + 1):
         worker.train_step(images, labels)
         assert worker.last_step_finite
+        if step < loop.FLUSH_EVERY:
+            # Between flushes they may stay: the flush runs every FLUSH_EVERY steps.
+            assert subnormals.count(worker.net.parameters()) > 0
     moments = [v for state in worker.optimizer.state.values() for v in state.values()]
     assert subnormals.count(worker.net.parameters()) == 0
     assert subnormals.count(moments) == 0
+
+
+def test_a_checkpoint_saved_between_flushes_holds_no_subnormal(tmp_path):
+    stages = {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 2}}
+    params = make_params(tmp_path, stages, optimizer="adam", momentum=0.9, weight_decay=5e-4)
+    worker = loop.StageWorker(loop.stage_config(params, "fcn32s", recipe.resolve_init(params, "fcn32s")), "cpu")
+    worker.train_step(torch.randn(1, 3, 40, 48), torch.randint(0, 21, (1, 40, 48)))
+    planted = sum(plant(p) for p in worker.net.parameters() if p.requires_grad and p.dim() == 4)
+    assert planted > 1000
+    matrix = worker.validate([(torch.randn(1, 3, 40, 48), torch.randint(0, 21, (1, 40, 48)))])
+    worker.save(tmp_path / "ckpt", 1, matrix.scores(), matrix)
+    saved = torch.load(tmp_path / "ckpt" / "model.pt", weights_only=True)
+    assert subnormals.count(saved.values()) == 0
+    state = torch.load(tmp_path / "ckpt" / loop.TRAIN_STATE_FILE, weights_only=True)
+    assert subnormals.count(v for s in state["optimizer"]["state"].values() for v in s.values()) == 0
 
 
 def test_a_checkpoint_with_subnormal_weights_loads_without_them(tmp_path):
