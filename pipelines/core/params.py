@@ -172,10 +172,15 @@ class StageParams:
     iterations: int
     # Only the score layer learns (the paper's FCN-32s-fixed row).
     fixed: bool = False
+    # After this many iterations (images under train.scaling linear or sqrt) the stage goes on
+    # at a tenth of its lr (pipelines/train/scaling.py); null: one rate throughout, as the reference.
+    lr_step_at: Optional[int] = None
 
     def __post_init__(self):
         _check(self.lr > 0, "lr", self.lr, "must be > 0")
         _check(self.iterations >= 1, "iterations", self.iterations, "must be >= 1")
+        _check(self.lr_step_at is None or self.lr_step_at >= 1, "lr_step_at", self.lr_step_at,
+               "must be >= 1, or null for one rate throughout")
 
 
 def _reference_stages() -> dict:

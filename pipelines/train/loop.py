@@ -3,7 +3,7 @@
     worker = StageWorker(config, device)            the stage's starting network, optimizer, grad scaler
                                                     (amp_dtype=torch.bfloat16: another autocast, for benchmarks)
     worker.resume(directory)                        from a checkpoint written by save()
-    worker.warm_up(iteration)                       the learning rates of that step (train.scaling's warm-up)
+    worker.warm_up(iteration)                       the learning rates of that step (warm-up, lr step)
     worker.train_step(images, labels) -> loss       forward (autocast_dtype: float16 on a GPU with train.amp,
                                                     bfloat16 on CPU cores with train.cpu_amp), loss, backward, step
                                                     (no step when the loss is NaN or infinite on any worker)
@@ -354,14 +354,18 @@ class StageWorker:
 
     def warm_up(self, iteration: int) -> None:
         """Set every group's learning rate for step `iteration` (from 1): train.scaling's linear
-        warm-up scales all groups alike, so biases keep twice the weights' rate; the step after
-        it sets the full rates, and later steps leave the rates alone."""
+        warm-up and the stage's lr step scale all groups alike, so biases keep twice the
+        weights' rate; the step after the warm-up sets the full rates, every step from the lr
+        step on the lower ones, and the steps between leave the rates alone."""
         derived = self.config.scaling
+        if derived.lr_step_iteration and iteration >= derived.lr_step_iteration:
+            factor = scaling_rule.LR_STEP_FACTOR
         # Outside the ramp (and its first step after) the rates are left as they are: the
         # optimizer's own, or what a caller set on purpose.
-        if iteration > derived.warmup_iterations + 1 or derived.warmup_iterations == 0:
+        elif iteration > derived.warmup_iterations + 1 or derived.warmup_iterations == 0:
             return
-        factor = scaling_rule.warmup_factor(iteration, derived.warmup_iterations, derived.warmup_start)
+        else:
+            factor = scaling_rule.warmup_factor(iteration, derived.warmup_iterations, derived.warmup_start)
         for group, lr in zip(self.optimizer.param_groups, self.full_lrs):
             group["lr"] = lr * factor
 

@@ -49,10 +49,11 @@ CONTINUES_RUN = "train.stages.{stage}.iterations"
 # Knobs added after runs were named, at the value that keeps what came before: at that value
 # they stay out of the run name's fingerprint, so those params name the same run as before.
 NEUTRAL = {"train.scaling": "none", "train.warmup_images": TrainParams.warmup_images,
-           "train.cpu_amp": TrainParams.cpu_amp}
+           "train.cpu_amp": TrainParams.cpu_amp, "train.stages.{stage}.lr_step_at": None}
 # What train.scaling derives (fields of scaling.Scaling), recorded as derived.* with the stage's
 # params; derived from RESULT_PARAMS, so they add nothing to what decides the result.
-DERIVED_PARAMS = ("global_batch", "lr", "iterations", "val_every", "warmup_iterations", "momentum", "beta2")
+DERIVED_PARAMS = ("global_batch", "lr", "iterations", "val_every", "warmup_iterations", "momentum", "beta2",
+                  "lr_step_iteration")
 # The code that decides a stage's result (paths from the project root): the networks,
 # the worker's loop, the data pipeline, this recipe and what of the package they
 # import, and the driver, which picks the checkpoint that becomes the output (but not
@@ -220,8 +221,9 @@ def run_name(params: Params, stage: str, init: StageInit, root: Path) -> str:
     therefore names another run, except the iteration count.
     """
     root = Path(root).resolve()
+    neutral = {key.format(stage=stage): value for key, value in NEUTRAL.items()}
     values = {k: _relative(v, root) for k, v in result_params(params, stage).items()
-              if k != CONTINUES_RUN.format(stage=stage) and not (k in NEUTRAL and NEUTRAL[k] == v)}
+              if k != CONTINUES_RUN.format(stage=stage) and not (k in neutral and neutral[k] == v)}
     shards_dir = Path(params.data.shards_dir)
     shards = []
     for split in SPLITS:

@@ -1,7 +1,7 @@
 """How a stage's schedule follows its global batch (train.scaling).
 
     derive(rule, workers=, images_per_worker=, loss=, lr=, iterations=, val_every=,
-           warmup_images=, momentum=) -> Scaling
+           warmup_images=, momentum=, lr_step_at=) -> Scaling
     for_stage(params, stage) -> Scaling                          the same, read from the params
     warmup_factor(iteration, warmup_iterations, start) -> float  the lr multiplier of one step
 
@@ -15,6 +15,8 @@ batch-1 run does per image:
     val_every   max(1, val_every / B to the nearest, halves up)   as often, counted in images
     warm-up     ceil(warmup_images / B) steps from lr up to the derived lr, when the lr grows
                 (train.warmup_images)
+    lr step     from step ceil(lr_step_at / B) + 1 on, LR_STEP_FACTOR x the lr
+                (train.stages.<stage>.lr_step_at; under "none" it counts steps, as iterations do)
 
 linear (Goyal et al. 2017, "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour"):
 
@@ -45,7 +47,9 @@ torch's 1e-8, far below the gradients' scale here.
 
 The warm-up is a fixed amount of data, as Goyal et al.'s 5 epochs are, never a share of the
 iteration count: more iterations continue a run (recipe.CONTINUES_RUN) and must not change
-how it started. It starts at the params' lr, as theirs starts at the small-batch rate.
+how it started. It starts at the params' lr, as theirs starts at the small-batch rate. The
+lr step is placed the same way, at a number of images and not a share of the stage: a run
+continued past it goes on at the lower rate.
 params refuses linear with Adam and sqrt with SGD.
 """
 from __future__ import annotations
@@ -57,6 +61,8 @@ from pipelines.core.params import Params
 # Adam's second-moment decay at batch 1 (its first is train.momentum).
 ADAM_BETA2 = 0.999
 RULES = ("none", "linear", "sqrt")
+# The lr multiplier from a stage's lr_step_at on (the classic step schedule's tenth).
+LR_STEP_FACTOR = 0.1
 
 @dataclasses.dataclass(frozen=True)
 class Scaling:
@@ -65,7 +71,8 @@ class Scaling:
     base_*: the params' values (one image a step); lr, iterations, val_every: what the stage
     runs with; warmup_iterations: steps whose lr ramps from base_lr up to lr (0: none);
     momentum, beta2: SGD's momentum or Adam's beta1, and Adam's beta2, as derived (the sqrt
-    rule moves them; the others keep them); note: one line saying what was derived from what.
+    rule moves them; the others keep them); note: one line saying what was derived from what;
+    lr_step_iteration: the first step at LR_STEP_FACTOR x the lr (0: none).
     """
     rule: str
     workers: int
@@ -83,6 +90,7 @@ class Scaling:
     momentum: float
     beta2: float
     note: str
+    lr_step_iteration: int = 0
 
     @property
     def warmup_start(self) -> float:
@@ -99,10 +107,10 @@ def _count(count: int, noun: str) -> str:
 
 
 def derive(rule: str, *, workers: int, images_per_worker: int, loss: str, lr: float, iterations: int,
-           val_every: int, warmup_images: int, momentum: float) -> Scaling:
-    """The stage's lr, iterations, val_every, warm-up (over warmup_images) and momentum (and
-    Adam's beta2) under `rule` ("none", "linear" or "sqrt"). ValueError when the sqrt rule
-    would take a beta to 0 or below."""
+           val_every: int, warmup_images: int, momentum: float, lr_step_at: int | None = None) -> Scaling:
+    """The stage's lr, iterations, val_every, warm-up (over warmup_images), lr step (after
+    lr_step_at images; None: none) and momentum (and Adam's beta2) under `rule` ("none",
+    "linear" or "sqrt"). ValueError when the sqrt rule would take a beta to 0 or below."""
     if rule not in RULES:
         raise ValueError(f"train.scaling {rule!r}: expected one of {', '.join(map(repr, RULES))}")
     if loss not in ("sum", "mean"):
@@ -110,11 +118,12 @@ def derive(rule: str, *, workers: int, images_per_worker: int, loss: str, lr: fl
     batch = workers * images_per_worker
     head = f"scaling {rule}: {_count(workers, 'worker')} x {_count(images_per_worker, 'image')} = global batch {batch}"
     if rule == "none":
+        step_at = lr_step_at + 1 if lr_step_at else 0
         note = (f"{head}; lr {lr:g}, iterations {iterations}, val_every {val_every} as the params give them"
                 + (f" (a stage sees {batch}x the reference's images; train.scaling linear or sqrt keeps them)"
-                   if batch > 1 else ""))
+                   if batch > 1 else "") + _step_note(step_at))
         return Scaling(rule, workers, images_per_worker, batch, loss, lr, iterations, val_every,
-                       1, lr, iterations, val_every, 0, momentum, ADAM_BETA2, note)
+                       1, lr, iterations, val_every, 0, momentum, ADAM_BETA2, note, step_at)
     why, betas = "", ""
     beta1, beta2 = momentum, ADAM_BETA2
     if rule == "linear":
@@ -136,10 +145,15 @@ def derive(rule: str, *, workers: int, images_per_worker: int, loss: str, lr: fl
     warmup = -(-warmup_images // batch) if factor > 1 and warmup_images else 0
     ramp = (f"warm-up {warmup} steps from lr {lr:g}" + (" (the whole stage)" if warmup >= steps else "")
             if warmup else "no warm-up (lr unchanged)")
+    step_at = -(-lr_step_at // batch) + 1 if lr_step_at else 0
     note = (f"{head}; lr {lr:g} -> {lr * factor:g}{why}, iterations {iterations} -> {steps}, "
-            f"val_every {val_every} -> {every}{betas}, {ramp}")
+            f"val_every {val_every} -> {every}{betas}, {ramp}" + _step_note(step_at))
     return Scaling(rule, workers, images_per_worker, batch, loss, lr, iterations, val_every,
-                   factor, lr * factor, steps, every, warmup, beta1, beta2, note)
+                   factor, lr * factor, steps, every, warmup, beta1, beta2, note, step_at)
+
+
+def _step_note(step_at: int) -> str:
+    return f", lr x {LR_STEP_FACTOR:g} from step {step_at}" if step_at else ""
 
 
 def for_stage(params: Params, stage: str) -> Scaling:
@@ -148,7 +162,7 @@ def for_stage(params: Params, stage: str) -> Scaling:
     entry = train.stages[stage]
     return derive(train.scaling, workers=params.ray.num_workers, images_per_worker=train.batch_size,
                   loss=train.loss, lr=entry.lr, iterations=entry.iterations, val_every=train.val_every,
-                  warmup_images=train.warmup_images, momentum=train.momentum)
+                  warmup_images=train.warmup_images, momentum=train.momentum, lr_step_at=entry.lr_step_at)
 
 
 def warmup_factor(iteration: int, warmup_iterations: int, start: float) -> float:

@@ -28,6 +28,7 @@ RANDOM = recipe.StageInit(source="random", path=None, note="random")
 # A different valid value for each leaf of RESULT_PARAMS.
 CHANGED = {
     "train.stages.fcn32s.init": "fcn16s", "train.stages.fcn32s.lr": 2e-3, "train.stages.fcn32s.fixed": True,
+    "train.stages.fcn32s.lr_step_at": 5,
     "train.seed": 1, "train.batch_mode": "crops", "train.batch_size": 4, "train.scaling": "linear",
     "train.warmup_images": 100,
     "train.loss": "sum",
@@ -142,7 +143,8 @@ def test_the_mlflow_run_records_exactly_the_result_params(root):
     # Beside them, what train.scaling derived from them (none: the same values).
     derived = {f"derived.{k}": v for k, v in
                {"global_batch": "2", "lr": "0.001", "iterations": "10", "val_every": "2",
-                "warmup_iterations": "0", "momentum": str(params.train.momentum), "beta2": "0.999"}.items()}
+                "warmup_iterations": "0", "momentum": str(params.train.momentum), "beta2": "0.999",
+                "lr_step_iteration": "0"}.items()}
     assert logged == {**expected, **derived}
     assert logged["stage.lr"] == "0.001" and logged["train.val_every"] == "2"
     # Runs of different stages share their keys.

@@ -16,9 +16,10 @@ LR, ITERATIONS, VAL_EVERY, WARMUP = 1e-10, 100_000, 4000, 5000
 
 
 def derive(rule="linear", workers=1, images=1, loss="sum", lr=LR, iterations=ITERATIONS, val_every=VAL_EVERY,
-           warmup=WARMUP, momentum=0.9):
+           warmup=WARMUP, momentum=0.9, lr_step_at=None):
     return scaling.derive(rule, workers=workers, images_per_worker=images, loss=loss, lr=lr,
-                          iterations=iterations, val_every=val_every, warmup_images=warmup, momentum=momentum)
+                          iterations=iterations, val_every=val_every, warmup_images=warmup, momentum=momentum,
+                          lr_step_at=lr_step_at)
 
 
 # (workers, images a worker, loss) -> (lr factor, iterations, val_every, warm-up steps) for the
@@ -266,7 +267,7 @@ def test_the_mlflow_params_record_the_rule_and_what_it_derived(root):
     assert {k: v for k, v in logged.items() if k.startswith("derived.")} == {
         "derived.global_batch": "4", "derived.lr": "0.004", "derived.iterations": "10",
         "derived.val_every": "2", "derived.warmup_iterations": "1250", "derived.momentum": "0.9",
-        "derived.beta2": "0.999"}
+        "derived.beta2": "0.999", "derived.lr_step_iteration": "0"}
     assert logged["stage.lr"] == "0.001" and logged["stage.iterations"] == "40"
 
 
@@ -332,3 +333,57 @@ def test_sqrt_refuses_a_batch_that_takes_beta1_to_zero_naming_the_key():
         parse_params({"train": knobs, "ray": {"num_workers": 10}})
     with pytest.raises(ParamsError, match=r"= 12, "):
         parse_params({"train": {**knobs, "batch_mode": "crops", "batch_size": 4}, "ray": {"num_workers": 3}})
+
+
+# --------------------------------------------------------------------------- the lr step
+
+def test_the_lr_step_is_placed_after_its_images_under_every_rule():
+    # sqrt, 4 images a step: 1,800 images are 450 steps, so step 451 is the first at a tenth.
+    sqrt = scaling.derive("sqrt", workers=1, images_per_worker=4, loss="mean", lr=1e-4, iterations=2400,
+                          val_every=800, warmup_images=100, momentum=0.9, lr_step_at=1800)
+    assert (sqrt.iterations, sqrt.lr_step_iteration) == (600, 451)
+    assert sqrt.note.endswith(", lr x 0.1 from step 451")
+    # A count that is not a whole number of steps rounds up, as iterations do.
+    assert derive(workers=4, images=2, loss="mean", lr_step_at=1001).lr_step_iteration == 127
+    # none counts steps, as its iterations: the step after the 30th.
+    none = derive("none", workers=4, lr_step_at=30)
+    assert none.lr_step_iteration == 31 and none.note.endswith("from step 31")
+    assert derive(lr_step_at=None).lr_step_iteration == 0 and "lr x" not in derive().note
+
+
+def test_from_its_step_on_every_group_trains_at_a_tenth_and_a_resumed_run_stays_there(root, tmp_path):
+    stages = {"fcn32s": {**STAGES["fcn32s"], "lr_step_at": 3}}
+    config = loop.stage_config(make_params(root, stages, workers=1, optimizer="sgd", val_every=4), "fcn32s", RANDOM)
+    assert config.scaling.lr_step_iteration == 4
+    config = dataclasses.replace(config, iterations=5, val_every=5)
+    seen, saved = [], tmp_path / "checkpoint"
+    worker = recording(loop.StageWorker(config, "cpu"), seen)
+    loop.run(worker, batches(), lambda: [next(batches())], lambda row, write: write(saved))
+    # Biases keep twice the weights' rate on both sides of the step.
+    assert sum(seen, []) == pytest.approx([1e-3, 2e-3] * 3 + [1e-4, 2e-4] * 2, rel=1e-12)
+    resumed_seen = []
+    resumed = recording(loop.StageWorker(dataclasses.replace(config, iterations=7), "cpu", checkpoint_dir=saved),
+                        resumed_seen)
+    loop.run(resumed, batches(), lambda: [next(batches())], lambda row, write: None)
+    assert sum(resumed_seen, []) == pytest.approx([1e-4, 2e-4] * 2, rel=1e-12)
+
+
+def test_the_lr_step_names_its_own_run_and_a_stage_without_one_keeps_its_name(root, monkeypatch):
+    plain = make_params(root, STAGES, workers=1, optimizer="sgd", val_every=4)
+    stepped = make_params(root, {"fcn32s": {**STAGES["fcn32s"], "lr_step_at": 30}}, workers=1, optimizer="sgd",
+                          val_every=4)
+    name = recipe.run_name(plain, "fcn32s", RANDOM, root)
+    assert recipe.run_name(stepped, "fcn32s", RANDOM, root) != name
+    assert recipe.stage_params(stepped, "fcn32s")["derived.lr_step_iteration"] == "31"
+    # Without an lr step the name is the one it had before the key existed.
+    assert recipe.result_params(plain, "fcn32s")["train.stages.fcn32s.lr_step_at"] is None
+    before = recipe.result_params
+    monkeypatch.setattr(recipe, "result_params", lambda params, stage: {
+        k: v for k, v in before(params, stage).items() if not k.endswith(".lr_step_at")})
+    assert recipe.run_name(plain, "fcn32s", RANDOM, root) == name
+
+
+def test_an_lr_step_before_the_first_image_is_refused():
+    with pytest.raises(ParamsError, match=r"lr_step_at = 0: must be >= 1"):
+        parse_params({"train": {"stages": {"fcn32s": {"init": "imagenet", "lr": 1e-3, "iterations": 10,
+                                                      "lr_step_at": 0}}}})
