@@ -24,6 +24,7 @@ import pytest
 import requests
 import yaml
 from support.project_copy import copy_project
+from support.ray_runs import checkpoints_on_disk, registered_iteration, registered_iterations
 from support.ray_nodes import (
     RAY,
     add_node,
@@ -142,11 +143,6 @@ def placements(log: str) -> list[tuple[int, dict[int, str]]]:
     return found
 
 
-def registered_checkpoints(run_dir: Path) -> list[int]:
-    """The iterations of the checkpoints Ray Train kept for the run, from the checkpoints themselves."""
-    return sorted(json.loads(meta.read_text())["iterations"] for meta in run_dir.glob("checkpoint_*/meta.json"))
-
-
 def one_run_dir(storage: Path) -> Path:
     runs = [d for d in storage.iterdir() if d.name.startswith("fcn32s-")]
     assert len(runs) == 1, sorted(storage.iterdir())
@@ -162,18 +158,19 @@ def mlflow_runs(project: Path):
     return client, client.search_runs([experiment.experiment_id])
 
 
-def kill_after_first_checkpoint(node: dict, run_dir_parent: Path, trace: Path, timeout_s: float = 600) -> int:
+def kill_after_first_checkpoint(node: dict, run_dir_parent: Path, trace: Path, timeout_s: float = 600) -> dict:
     """SIGKILL the node once Ray Train registered a checkpoint and attempt 1 is PAST_CHECKPOINT
-    steps beyond it; return the last step attempt 1 had taken."""
+    steps beyond it; return the last step attempt 1 had taken and the checkpoint registered then."""
     deadline = time.monotonic() + timeout_s
     log = trace / "iterations.log"
     while time.monotonic() < deadline:
-        registered = list(run_dir_parent.glob("fcn32s-*/checkpoint_manager_snapshot.json"))
-        if registered and log.exists():
+        runs = list(run_dir_parent.glob("fcn32s-*"))
+        registered = registered_iteration(runs[0]) if len(runs) == 1 else None
+        if registered is not None and log.exists():
             steps = Trace.read(log)["steps"].get(1, [])
             if steps and steps[-1] >= VAL_EVERY + PAST_CHECKPOINT:
                 kill_node(node)
-                return steps[-1]
+                return {"after": steps[-1], "registered": registered}
         time.sleep(0.02)
     raise AssertionError(f"no checkpoint registered in {timeout_s} s")
 
@@ -203,7 +200,7 @@ def test_workers_spread_over_two_nodes_in_a_ray_job(head, second_node, tmp_path)
     assert record["steps"] == {1: list(range(1, iterations + 1))}
     assert record["checkpoints"] == [(1, i) for i in range(val_every, iterations + 1, val_every)]
     run_dir = one_run_dir(storage)
-    assert registered_checkpoints(run_dir) == [iterations - val_every, iterations]
+    assert registered_iterations(run_dir) == checkpoints_on_disk(run_dir) == [iterations - val_every, iterations]
     assert not (project / "ray_results").exists()
 
     metrics = json.loads((project / "reports" / "fcn32s" / "metrics.json").read_text())
@@ -219,10 +216,10 @@ def test_losing_the_second_node_restarts_the_workers_on_the_head_from_the_last_c
     params_file, storage = make_project(tmp_path, "SPREAD", max_failures=1)
     project, trace = params_file.parent, tmp_path / "trace"
     submit(head, project, "fcn-node-lost", trace)
-    killed_after = kill_after_first_checkpoint(second_node, storage, trace)
+    killed = kill_after_first_checkpoint(second_node, storage, trace)
     status, log = wait_for_job(head, "fcn-node-lost")
     assert status == "SUCCEEDED", log[-6000:]
-    assert killed_after < ITERATIONS
+    assert killed["after"] < ITERATIONS
     nodes = {n["node_id"] for n in alive_nodes(head)}
     head_id = next(n["node_id"] for n in alive_nodes(head) if n["is_head_node"])
     assert nodes == {head_id}, "the killed node is still listed alive"
@@ -233,10 +230,11 @@ def test_losing_the_second_node_restarts_the_workers_on_the_head_from_the_last_c
     resumed_at = record["starts"][1][1]
     reported = [i for attempt, i in record["checkpoints"] if attempt == 1]
     first, second = record["steps"][1], record["steps"][2]
-    assert first == list(range(1, len(first) + 1)) and first[-1] >= killed_after
-    # The newest checkpoint attempt 1 logged as reported, or one reported in the instant
-    # between Ray's barrier and the log line.
-    assert reported and max(reported) <= resumed_at <= first[-1] and resumed_at % VAL_EVERY == 0
+    assert first == list(range(1, len(first) + 1)) and first[-1] >= killed["after"]
+    # The newest checkpoint Ray Train had registered at the kill, or one it took in before it
+    # noticed the node was gone; a reported one is not yet registered until the controller polls.
+    assert killed["registered"] <= resumed_at <= first[-1]
+    assert resumed_at in reported and resumed_at % VAL_EVERY == 0
     assert second == list(range(resumed_at + 1, ITERATIONS + 1))
     placed = placements(log)
     assert [start for start, _ in placed] == [0, resumed_at], log[-6000:]
@@ -249,7 +247,7 @@ def test_losing_the_second_node_restarts_the_workers_on_the_head_from_the_last_c
     history = read_history(project / "reports" / "fcn32s" / "history.csv")
     assert [row["iteration"] for row in history] == list(range(VAL_EVERY, ITERATIONS + 1, VAL_EVERY))
     # Ray keeps the best two by mean IU, and always the latest.
-    kept = registered_checkpoints(one_run_dir(storage))
+    kept = registered_iterations(one_run_dir(storage))
     assert len(kept) == 2 and kept[-1] == ITERATIONS and all(i % VAL_EVERY == 0 for i in kept)
     # One MLflow run through both attempts, each validation logged once.
     client, runs = mlflow_runs(project)
@@ -264,7 +262,7 @@ def test_without_room_for_the_workers_the_stage_stops_saying_what_it_needs_and_r
     project, trace = params_file.parent, tmp_path / "trace"
     # A restarted worker group waits this long for room before the attempt counts as failed.
     submit(head, project, "fcn-no-room", trace, {"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5"}})
-    kill_after_first_checkpoint(second_node, storage, trace)
+    killed = kill_after_first_checkpoint(second_node, storage, trace)
     status, log = wait_for_job(head, "fcn-no-room")
     assert status == "FAILED", log[-6000:]
     assert "the Ray cluster can no longer hold its workers: ray.placement_strategy STRICT_SPREAD puts each of " \
@@ -275,9 +273,12 @@ def test_without_room_for_the_workers_the_stage_stops_saying_what_it_needs_and_r
     record = Trace.read(trace / "iterations.log")
     assert [attempt for attempt, _ in record["starts"]] == [1]
     kept_run = one_run_dir(storage).name
-    kept = registered_checkpoints(one_run_dir(storage))
+    # The run resumes from the last checkpoint Ray Train registered (at the kill or after it); a
+    # newer one a worker reported, even if its directory was written, was never taken in.
+    resume_from = registered_iteration(one_run_dir(storage))
     reported = [i for attempt, i in record["checkpoints"] if attempt == 1]
-    assert kept and kept[-1] >= max(reported) and kept[-1] < ITERATIONS
+    assert resume_from is not None and killed["registered"] <= resume_from < ITERATIONS
+    assert resume_from in reported and resume_from in registered_iterations(one_run_dir(storage))
     _, runs = mlflow_runs(project)
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
 
@@ -290,10 +291,10 @@ def test_without_room_for_the_workers_the_stage_stops_saying_what_it_needs_and_r
     status, log = wait_for_job(head, "fcn-no-room-spread")
     assert status == "SUCCEEDED", log[-6000:]
     record = Trace.read(trace / "iterations.log")
-    assert record["starts"] == [(1, 0), (2, kept[-1])]
-    assert record["steps"][2] == list(range(kept[-1] + 1, ITERATIONS + 1))
+    assert record["starts"] == [(1, 0), (2, resume_from)]
+    assert record["steps"][2] == list(range(resume_from + 1, ITERATIONS + 1))
     placed = placements(log)
-    assert [start for start, _ in placed] == [kept[-1]]
+    assert [start for start, _ in placed] == [resume_from]
     assert set(placed[0][1].values()) == {head["node_id"]}
     assert one_run_dir(storage).name == kept_run
     metrics = json.loads((project / "reports" / "fcn32s" / "metrics.json").read_text())

@@ -18,21 +18,12 @@ import pytest
 from pipelines.track import store
 from pipelines.train import trainer
 from pipelines.train.loop import Trace
+from support.ray_runs import registered_iteration
 from support.training import make_params, read_history, write_shards
 
 ITERATIONS, VAL_EVERY = 12, 4
 # Iterations past the first checkpoint before the kill, so there is work to redo.
 PAST_CHECKPOINT = 2
-
-
-def registered_iteration(run_dir):
-    """The iteration of the newest checkpoint Ray Train has registered: its controller's
-    snapshot, written when it takes in a report (None: none yet, or the file half-written)."""
-    try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        return snapshot["latest_checkpoint_result"]["metrics"]["iteration"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
-        return None
 
 
 def kill_a_worker_after_the_first_checkpoint(run_dir, progress, killed, timeout_s=240):
