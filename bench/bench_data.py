@@ -49,7 +49,8 @@ from benchdoc import DOC, write_section  # noqa: E402
 from fcn_models.preprocess import normalize  # noqa: E402
 from fcn_models.summary import cpu_model  # noqa: E402
 from pipelines.core.params import input_norm, parse_params  # noqa: E402
-from pipelines.data.dataset import DecodeAugment, build_datasets, iter_train_batches  # noqa: E402
+from pipelines.data.batches import iter_train_batches  # noqa: E402
+from pipelines.data.dataset import DecodeAugment, build_datasets  # noqa: E402
 from pipelines.data.shards import shard_files  # noqa: E402
 
 SECTION = "## Data pipeline (bench/bench_data.py)"

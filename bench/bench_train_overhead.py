@@ -46,6 +46,7 @@ from fcn_models.summary import cpu_model  # noqa: E402
 from pipelines.train import cluster, loop, recipe  # noqa: E402
 from pipelines.core.params import input_norm, parse_params  # noqa: E402
 from pipelines.data import dataset  # noqa: E402
+from pipelines.data.batches import iter_train_batches  # noqa: E402
 from pipelines.data.shards import shard_files  # noqa: E402
 
 
@@ -127,10 +128,10 @@ def worker_loop(bench_config: dict) -> None:
     config: loop.StageConfig = bench_config["stage"]
     worker = loop.StageWorker(config, ray.train.torch.get_device(), wrap=ray.train.torch.prepare_model)
     if bench_config["batches"] is not None:
-        batches = cycle(bench_config["batches"])
+        train_batches = cycle(bench_config["batches"])
     else:
-        batches = iter(dataset.iter_train_batches(ray.train.get_dataset_shard("train"), config.params))
-    result = timed_steps(worker, batches, bench_config["steps"], bench_config["warmup"], time.perf_counter())
+        train_batches = iter(iter_train_batches(ray.train.get_dataset_shard("train"), config.params))
+    result = timed_steps(worker, train_batches, bench_config["steps"], bench_config["warmup"], time.perf_counter())
     # Ray Train keeps reported metrics only with a checkpoint: the worker (on this
     # machine) writes its timings where the driver reads them.
     Path(bench_config["result_file"]).write_text(json.dumps(result))

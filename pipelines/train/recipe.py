@@ -63,6 +63,7 @@ CODE_DEPS = (
     "pipelines/core/console.py",
     "pipelines/core/errors.py",
     "pipelines/core/params.py",
+    "pipelines/data/batches.py",
     "pipelines/data/dataset.py",
     "pipelines/train/loop.py",
     "pipelines/train/recipe.py",

@@ -44,7 +44,7 @@ from pipelines.core.console import say
 from pipelines.core.errors import StageError
 from pipelines.core.files import atomic_write_text, replace_dir, write_json
 from pipelines.core.params import Params
-from pipelines.data import dataset
+from pipelines.data import batches, dataset
 from pipelines.track import metrics_log, stage_runs, store
 from pipelines.train import cluster, loop, recipe, timing
 
@@ -134,9 +134,9 @@ def train_loop(loop_config: dict) -> None:
     val_shard = ray.train.get_dataset_shard("val")
     # One pass over the shard holds every epoch this attempt needs (dataset.training_datasets
     # plans them from the checkpoint it resumed from).
-    batches = iter(dataset.iter_train_batches(train_shard, params, worker.start))
+    train_batches = iter(batches.iter_train_batches(train_shard, params, worker.start))
     try:
-        loop.run(worker, batches, dataset.ValBatches(val_shard, params, all_agree=loop.all_agree(device)),
+        loop.run(worker, train_batches, batches.ValBatches(val_shard, params, all_agree=loop.all_agree(device)),
                  lambda row, write: report_checkpoint(row, rank, write),
                  metrics_log.MetricsLog(handles.tracking, rank, config.stage), trace_dir=handles.trace_dir)
     except loop.NonFiniteLoss as stop:

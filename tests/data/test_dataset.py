@@ -19,17 +19,14 @@ from support.shard_rows import sample_row, write_split
 
 from fcn_models.preprocess import CAFFE_BGR, TORCHVISION_RGB, normalize
 from pipelines.core.params import parse_params
+from pipelines.data.batches import ToTensors, ValBatches, iter_train_batches, iter_val_batches
 from pipelines.data.dataset import (
     DecodeAugment,
-    ToTensors,
     TrainDatasetFactory,
-    ValBatches,
     build_datasets,
     checkpoint_iteration,
     data_config,
     data_resources,
-    iter_train_batches,
-    iter_val_batches,
     resume_epoch,
     sample_seed,
     train_epochs,

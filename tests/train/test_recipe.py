@@ -15,7 +15,7 @@ import torch
 
 from fcn_models.norms import BACKBONE_NORMS, TORCHVISION_GOOGLENET, TORCHVISION_RGB
 from pipelines.core.params import PROJECT_ROOT, input_norm
-from pipelines.data import dataset, shards
+from pipelines.data import batches, dataset, shards
 from pipelines.data.shards import SPLITS, shard_files
 from pipelines.track import provenance
 from pipelines.train import loop, recipe
@@ -173,7 +173,7 @@ def test_googlenet_trains_on_its_own_normalisation(root):
     Image.fromarray(np.ones((40, 48), np.uint8)).save(png, "PNG")
     rows["image"], rows["label"] = [jpeg.getvalue()], [png.getvalue()]
     decoded = dataset.DecodeAugment(params, augment=False)(rows)
-    images, labels = dataset.to_model_input(decoded["image"], decoded["label"], params)
+    images, labels = batches.to_model_input(decoded["image"], decoded["label"], params)
     # 200 on the 0-255 scale is (200/255 - 0.5) / 0.5 in GoogLeNet's normalisation, not
     # (200/255 - 0.485) / 0.229 (torchvision's ImageNet one).
     assert images.mean().item() == pytest.approx((200 / 255 - 0.5) / 0.5, abs=0.02)
