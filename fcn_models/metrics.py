@@ -115,10 +115,19 @@ def stride_ceiling(label: torch.Tensor, stride: int, num_classes: int = NUM_CLAS
     Scored against `label`, it bounds what a network whose scores live on that grid can
     reach (the labels' own coarse version, not a learned one): the ceiling of FCN-32s,
     -16s and -8s on a val set."""
+    return stride_ceilings(label, (stride,), num_classes)[stride]
+
+
+def stride_ceilings(label: torch.Tensor, strides, num_classes: int = NUM_CLASSES) -> dict[int, torch.Tensor]:
+    """{stride: stride_ceiling(label, stride)} for several strides, the class shares made once."""
     label = torch.as_tensor(label).long()
     valid = label != VOID
-    onehot = torch.nn.functional.one_hot(label.clamp(0, num_classes - 1) * valid, num_classes)
-    onehot = (onehot * valid[..., None]).permute(2, 0, 1)[None].float()
-    shares = torch.nn.functional.avg_pool2d(onehot, stride, stride, ceil_mode=True)
-    back = torch.nn.functional.interpolate(shares, size=label.shape, mode="bilinear", align_corners=False)
-    return back[0].argmax(0)
+    onehot = torch.zeros(1, num_classes, *label.shape)
+    onehot[0].scatter_(0, label.clamp(0, num_classes - 1)[None], valid[None].float())
+    maps = {}
+    for stride in strides:
+        shares = torch.nn.functional.avg_pool2d(onehot, stride, stride, ceil_mode=True)
+        back = torch.nn.functional.interpolate(shares, size=label.shape, mode="bilinear", align_corners=False)
+        # The argmax over classes on a pixel-major copy: one pass over contiguous memory.
+        maps[stride] = back[0].permute(1, 2, 0).contiguous().argmax(-1)
+    return maps

@@ -1,7 +1,7 @@
 """What an output stride allows: the labels reduced to a stride-s grid and brought back."""
 import torch
 
-from fcn_models.metrics import ConfusionMatrix, stride_ceiling
+from fcn_models.metrics import ConfusionMatrix, stride_ceiling, stride_ceilings
 from fcn_models.voc import VOID
 
 
@@ -37,3 +37,25 @@ def test_void_pixels_vote_for_no_class():
     label = torch.full((32, 32), VOID, dtype=torch.long)
     label[:, :4] = 7
     assert set(stride_ceiling(label, 32).unique().tolist()) == {7}
+
+
+def test_all_strides_at_once_are_the_definition_pixel_for_pixel():
+    # The definition written out: each class's share of a cell (void counting for none),
+    # upsampled bilinearly, the most likely class per pixel (ties to the lower class id).
+    def defined(label, stride):
+        valid = label != VOID
+        onehot = torch.stack([((label == c) & valid).float() for c in range(21)])[None]
+        shares = torch.nn.functional.avg_pool2d(onehot, stride, stride, ceil_mode=True)
+        back = torch.nn.functional.interpolate(shares, size=label.shape, mode="bilinear", align_corners=False)
+        return back[0].argmax(0)
+
+    generator = torch.Generator().manual_seed(0)
+    for height, width in ((150, 160), (97, 45), (33, 200)):
+        # Blocks of a few classes and of void, so cells hold ties and mixtures, and scattered void.
+        blocks = torch.tensor([0, 5, 20, VOID])[torch.randint(0, 4, (height // 8 + 1, width // 8 + 1),
+                                                              generator=generator)]
+        label = blocks.repeat_interleave(8, 0).repeat_interleave(8, 1)[:height, :width]
+        label[torch.rand(label.shape, generator=generator) < 0.1] = VOID
+        maps = stride_ceilings(label, (32, 16, 8))
+        for stride in (32, 16, 8):
+            assert torch.equal(maps[stride], defined(label, stride)), (height, width, stride)
