@@ -16,6 +16,7 @@ import yaml
 
 from pipelines import cli
 from pipelines.core.params import PROJECT_ROOT
+from support.process_trees import ctrl_c_reaches_children
 from support.stages import one_line, stage
 from support.training import WIDTH, write_shards
 
@@ -89,10 +90,12 @@ def test_ctrl_c_is_status_130_with_a_line_saying_how_to_resume(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH"))
                                                        if p)}
     # A mirror large enough to be interrupted while it is written.
-    process = subprocess.Popen([sys.executable, "-m", "pipelines.commands.demo_data", "--out", str(tmp_path / "m"),
-                                "--train", "4000", "--val", "100", "--max-side", "160", "--workers", "1"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                               start_new_session=True)
+    with ctrl_c_reaches_children():
+        process = subprocess.Popen([sys.executable, "-m", "pipelines.commands.demo_data", "--out",
+                                    str(tmp_path / "m"), "--train", "4000", "--val", "100", "--max-side", "160",
+                                    "--workers", "1"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                   start_new_session=True)
     try:
         line = process.stderr.readline()  # the first progress line: it is working
         assert line.startswith("images: "), line

@@ -1,10 +1,28 @@
 """The processes a command started, and whether any is left once it is stopped."""
 from __future__ import annotations
 
+import contextlib
+import signal
 import socket
 import time
 
 import psutil
+
+
+@contextlib.contextmanager
+def ctrl_c_reaches_children():
+    """Children started inside take Ctrl-C as from a terminal.
+
+    A shell without job control starts a background command with SIGINT ignored, the
+    ignoring is inherited through exec, and Python installs its KeyboardInterrupt handler only
+    where SIGINT is not ignored: under `bash .ci/run &` a child would ignore the SIGINT a test
+    sends it. A handled signal is back to its default in an exec'd child, so handling it here
+    while the child starts gives the child Python's usual handler."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def descendants(pid: int) -> list[psutil.Process]:
