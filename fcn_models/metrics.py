@@ -115,10 +115,10 @@ def stride_ceiling(label: torch.Tensor, stride: int, num_classes: int = NUM_CLAS
     Scored against `label`, it bounds what a network whose scores live on that grid can
     reach (the labels' own coarse version, not a learned one): the ceiling of FCN-32s,
     -16s and -8s on a val set."""
-    return stride_ceilings(label, (stride,), num_classes)[stride]
+    return stride_ceiling_maps(label, (stride,), num_classes)[stride]
 
 
-def stride_ceilings(label: torch.Tensor, strides, num_classes: int = NUM_CLASSES) -> dict[int, torch.Tensor]:
+def stride_ceiling_maps(label: torch.Tensor, strides, num_classes: int = NUM_CLASSES) -> dict[int, torch.Tensor]:
     """{stride: stride_ceiling(label, stride)} for several strides, the class shares made once."""
     label = torch.as_tensor(label).long()
     valid = label != VOID

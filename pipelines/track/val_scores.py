@@ -24,7 +24,7 @@ from fcn_models.checkpoint import FIXED_SUFFIX, MODEL_FILE, load_checkpoint, sta
 from fcn_models.errors import FCNError
 from fcn_models.fcn import VARIANTS, optimize_for_inference
 from fcn_models.limits import MAX_PIXELS, too_large
-from fcn_models.metrics import SCORE_HEADINGS, SCORE_KEYS, ConfusionMatrix, stride_ceilings as ceiling_maps
+from fcn_models.metrics import SCORE_HEADINGS, SCORE_KEYS, ConfusionMatrix, stride_ceiling_maps
 from fcn_models.preprocess import normalize
 from fcn_models.published import CONVERTED, NAMES, PAPER, REFERENCE
 from fcn_models.reference import reference_network
@@ -127,7 +127,7 @@ def stride_ceilings(samples, num_classes: int, strides=CEILING_STRIDES) -> dict[
     matrices = {s: ConfusionMatrix(num_classes) for s in strides}
     for _, _, _, label in samples:
         truth = torch.from_numpy(label)
-        for stride, ceiling in ceiling_maps(truth, strides, num_classes).items():
+        for stride, ceiling in stride_ceiling_maps(truth, strides, num_classes).items():
             matrices[stride].update(ceiling, truth)
     return {s: {k: _finite_or_none(m.scores()[k]) for k in SCORE_KEYS} for s, m in matrices.items()}
 

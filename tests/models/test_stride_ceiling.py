@@ -1,7 +1,7 @@
 """What an output stride allows: the labels reduced to a stride-s grid and brought back."""
 import torch
 
-from fcn_models.metrics import ConfusionMatrix, stride_ceiling, stride_ceilings
+from fcn_models.metrics import ConfusionMatrix, stride_ceiling, stride_ceiling_maps
 from fcn_models.voc import VOID
 
 
@@ -56,6 +56,6 @@ def test_all_strides_at_once_are_the_definition_pixel_for_pixel():
                                                               generator=generator)]
         label = blocks.repeat_interleave(8, 0).repeat_interleave(8, 1)[:height, :width]
         label[torch.rand(label.shape, generator=generator) < 0.1] = VOID
-        maps = stride_ceilings(label, (32, 16, 8))
+        maps = stride_ceiling_maps(label, (32, 16, 8))
         for stride in (32, 16, 8):
             assert torch.equal(maps[stride], defined(label, stride)), (height, width, stride)
